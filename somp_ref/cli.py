@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from importlib.metadata import entry_points
 
 from somp_ref import __version__
+from somp_ref.store import StoreError
 
 ENTRY_POINT_GROUP = "somp_ref.commands"
 
@@ -43,6 +44,136 @@ def _add_demo(subparsers) -> None:
     parser.set_defaults(func=_run_demo)
 
 
+def _parse_layers(text: str) -> list[int]:
+    """'0,1,5-7' -> [0, 1, 5, 6, 7]."""
+    layers: list[int] = []
+    for part in filter(None, text.split(",")):
+        first, _, last = part.partition("-")
+        layers += list(range(int(first), int(last or first) + 1))
+    return layers
+
+
+def _parse_head(text: str) -> tuple[int, int]:
+    layer, sep, head = text.partition(".")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"a head is LAYER.HEAD, e.g. 12.3, got {text!r}")
+    return int(layer), int(head)
+
+
+def _run_rank(args: argparse.Namespace) -> int:
+    from somp_ref.concepts import store_concept_ids
+    from somp_ref.heads import format_top_heads, rank_heads
+    from somp_ref.store import ActivationStore
+
+    store = ActivationStore.open(args.store)
+    concept = store_concept_ids(store.vocab(), args.concept)
+    print(f"concept {args.concept}: {concept.report()}", file=sys.stderr)
+    scores = rank_heads(
+        store,
+        concept.ids,
+        args.atoms,
+        args.method,
+        criterion=args.criterion,
+        exclude_layers=args.exclude_layers,
+    )
+    scores.to_csv(args.out)
+    if args.json:
+        scores.to_json(args.json)
+    print(format_top_heads(scores, args.show))
+    print(f"\nwrote {args.out}" + (f" and {args.json}" if args.json else ""))
+    if args.plot:
+        from somp_ref.plots import head_heatmap
+
+        head_heatmap(
+            scores.explained_variance,
+            args.plot,
+            title=f"{args.concept}: {args.method} ({args.atoms} atoms)",
+        )
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _add_rank(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "rank",
+        help="rank a store's heads by how well a concept's tokens explain them",
+        description=(
+            "Score every head of an activation store: SOMP over the concept's unembedding "
+            "rows (explained variance after --atoms atoms) or the Logit Lens head score. "
+            "Writes one CSV row per head, best first."
+        ),
+        epilog="example: somp-ref rank runs/colors --concept colors --out colors.csv",
+    )
+    parser.add_argument("store", help="activation store directory (from 'somp-ref export')")
+    parser.add_argument(
+        "--concept",
+        required=True,
+        help="a shipped concept (colors, countries, capitals, numbers, months, "
+        "positive, negative, toxic, animals) or a file with one word a line",
+    )
+    parser.add_argument("--atoms", type=int, default=50, help="SOMP atoms per head (default 50)")
+    parser.add_argument(
+        "--method",
+        choices=("somp", "ll"),
+        default="somp",
+        help="somp (default) or ll, the Logit Lens baseline",
+    )
+    parser.add_argument(
+        "--criterion",
+        choices=("l1", "l2"),
+        default="l1",
+        help="norm across samples in SOMP's atom score (default l1)",
+    )
+    parser.add_argument(
+        "--exclude-layers",
+        type=_parse_layers,
+        default=[],
+        metavar="LAYERS",
+        help="layers to skip, e.g. 0 or 0,1 or 0-2",
+    )
+    parser.add_argument("--out", required=True, help="CSV to write (one row per head)")
+    parser.add_argument("--json", help="also write the full scores as JSON")
+    parser.add_argument("--plot", help="also write a layer x head heatmap (PNG; needs matplotlib)")
+    parser.add_argument("--show", type=int, default=10, help="heads to print (default 10)")
+    parser.set_defaults(func=_run_rank)
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    from somp_ref.heads import head_signature
+    from somp_ref.store import ActivationStore
+
+    store = ActivationStore.open(args.store)
+    if args.head is None:
+        print(store.summary())
+        return 0
+    layer, head = args.head
+    rows = head_signature(store, layer, head, args.top)
+    print(f"head {layer}.{head}: SOMP signature over the whole vocabulary")
+    print(f"{'step':>4}  {'token':<20} {'EV added':>9}  {'EV total':>8}")
+    total = 0.0
+    for step, (_, text, gain) in enumerate(rows, start=1):
+        total += gain
+        print(f"{step:>4}  {text!r:<20} {gain:>9.4f}  {total:>8.4f}")
+    return 0
+
+
+def _add_inspect(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "inspect",
+        help="summarise a store, or show one head's SOMP signature",
+        description=(
+            "Without --head: the store's shapes, model and sample count. With --head L.H: "
+            "the tokens SOMP selects for that head over the whole vocabulary, with the "
+            "explained variance each adds (the paper's head-signature tables)."
+        ),
+        epilog="example: somp-ref inspect runs/colors --head 12.3 --top 20",
+    )
+    parser.add_argument("store", help="activation store directory")
+    parser.add_argument("--head", type=_parse_head, help="LAYER.HEAD, 0-based, e.g. 12.3")
+    parser.add_argument("--top", type=int, default=20, help="atoms to show (default 20)")
+    parser.set_defaults(func=_run_inspect)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full parser: core subcommands plus those registered by entry points."""
     parser = argparse.ArgumentParser(
@@ -55,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"somp-ref {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(subparsers)
+    _add_rank(subparsers)
+    _add_inspect(subparsers)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         entry.load()(subparsers)
     return parser
@@ -67,7 +200,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except (StoreError, ValueError, FileNotFoundError, ImportError) as err:
+        print(f"somp-ref {args.command}: error: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

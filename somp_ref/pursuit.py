@@ -129,6 +129,7 @@ def _pursue(
     ----------
     Ct : ndarray of shape (v, n)
         Correlations ``D H^T`` of every atom with the (centered) samples, one atom a row.
+        Overwritten: rows become residual correlations as they are brought up to date.
     gram_row : callable
         ``gram_row(j)`` returns row j of ``D D^T``, shape (v,).
     sq_norms : ndarray of shape (v,)
@@ -146,20 +147,16 @@ def _pursue(
 
     Notes
     -----
-    The residual correlations are never stored: atom j's at step t is
-    ``Ct[j] - U[:t, j] @ At[:t]``. Each atom keeps an upper bound on its score (the
-    triangle inequality gives ``score_t+1 <= score_t + |U[t, j]| ||At[t]||_p``), and the
-    argmax scores exactly only the atoms whose bound could still beat the best exact score,
-    so a step rarely costs a pass over all ``v x n`` correlations.
+    Atom j's residual correlations after step t are ``Ct[j] - U[:t, j] @ At[:t]``. They
+    are brought up to date lazily, row by row, only for the atoms the argmax must score
+    (``_Scorer``): each atom keeps an upper bound on its score (the triangle inequality
+    gives ``score_t+1 <= score_t + |U[t, j]| ||At[t]||_p``), and only atoms whose bound
+    could beat the best exact score are scored, so a step rarely touches all v x n
+    correlations.
     """
     v, n = Ct.shape
-    scale = _score_scale(sq_norms, normalize)
-    blocked = sq_norms <= 0.0
-    bound = np.linalg.norm(Ct, ord=order, axis=1) / scale
-    fresh = np.ones(v, dtype=bool)
+    scorer = _Scorer(Ct, n_atoms, sq_norms, order=order, normalize=normalize)
     rho2 = sq_norms.copy()
-    At = np.empty((n_atoms, n))
-    U = np.empty((n_atoms, v))
     support: list[int] = []
     gains: list[float] = []
     remaining = energy
@@ -170,11 +167,12 @@ def _pursue(
             reason = "tol"
             break
         if refit:
-            blocked |= rho2 <= DEPENDENT_TOL * sq_norms
-        j, r = _best_atom(Ct, At[:t], U[:t], bound, fresh, blocked, order, scale)
+            scorer.blocked |= rho2 <= DEPENDENT_TOL * sq_norms
+        j = scorer.best_atom()
         if j < 0:
             reason = "exhausted"
             break
+        r = scorer.Ct[j]
         gain = float(r @ r) / (rho2[j] if refit else sq_norms[j])
         if gain <= GAIN_FLOOR * energy:
             reason = "converged"
@@ -182,58 +180,95 @@ def _pursue(
         if refit:
             rho = np.sqrt(rho2[j])
             a = r / rho
-            u = (gram_row(j) - U[:t, j] @ U[:t]) / rho
+            u = (gram_row(j) - scorer.U[:t, j] @ scorer.U[:t]) / rho
             rho2 -= u * u
             rho2[j] = 0.0
         else:
             a = r / sq_norms[j]
             u = gram_row(j)
-        At[t] = a
-        U[t] = u
-        bound += np.abs(u) * (np.linalg.norm(a, ord=order) / scale)
-        bound *= 1.0 + _BOUND_SLACK
-        fresh[:] = False
+        scorer.add_step(a, u)
         support.append(j)
         gains.append(gain)
         remaining = max(remaining - gain, 0.0)
     t = len(support)
-    return np.asarray(support, dtype=np.int64), At[:t], U[:t], np.asarray(gains), reason
+    return (
+        np.asarray(support, dtype=np.int64),
+        scorer.At[:t],
+        scorer.U[:t],
+        np.asarray(gains),
+        reason,
+    )
 
 
-def _best_atom(
-    Ct: np.ndarray,
-    At: np.ndarray,
-    U: np.ndarray,
-    bound: np.ndarray,
-    fresh: np.ndarray,
-    blocked: np.ndarray,
-    order: int,
-    scale: np.ndarray,
-) -> tuple[int, np.ndarray | None]:
-    """Exact argmax of the scores (lowest index on ties) using the upper bounds.
+class _Scorer:
+    """Exact argmax of the pursuit scores with lazily updated residual correlations.
 
-    Updates ``bound`` and ``fresh`` in place for the atoms it scores exactly. Returns the
-    atom and its residual correlations (n,), or ``(-1, None)`` when every atom is blocked.
+    ``Ct[j]`` holds atom j's residual correlations after ``stamp[j]`` steps; ``bound[j]``
+    is an upper bound on its current score, exact where ``fresh[j]``.
     """
-    masked = np.where(blocked, -np.inf, bound)
-    size = masked.shape[0]
-    while True:
-        j = int(np.argmax(masked))
-        if masked[j] == -np.inf:
-            return -1, None
-        if fresh[j]:
-            # Every other bound is <= masked[j] (strictly below for lower indices), and
-            # bounds cover scores: j is the exact argmax with ties to the lowest index.
-            return j, Ct[j] - U[:, j] @ At
-        stale = np.where(fresh, -np.inf, masked)
-        k = min(_SCORE_BATCH, size)
-        picked = np.argpartition(stale, size - k)[size - k :]
-        picked = picked[stale[picked] > -np.inf]
-        scores = np.linalg.norm(Ct[picked] - U[:, picked].T @ At, ord=order, axis=1)
-        scores /= scale[picked]
-        bound[picked] = scores
-        masked[picked] = scores
-        fresh[picked] = True
+
+    def __init__(
+        self, Ct: np.ndarray, n_atoms: int, sq_norms: np.ndarray, *, order: int, normalize: bool
+    ):
+        v, n = Ct.shape
+        self.Ct = Ct
+        self.order = order
+        self.scale = _score_scale(sq_norms, normalize)
+        self.blocked = sq_norms <= 0.0
+        self.bound = np.linalg.norm(Ct, ord=order, axis=1) / self.scale
+        self.fresh = np.ones(v, dtype=bool)
+        self.stamp = np.zeros(v, dtype=np.int64)
+        self.At = np.empty((n_atoms, n))
+        self.U = np.empty((n_atoms, v))
+        self.steps = 0
+
+    def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
+        """Record step ``R <- R - a q^T`` (``u = q^T D^T``) and loosen the bounds."""
+        t = self.steps
+        self.At[t] = a
+        self.U[t] = u
+        self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
+        self.bound *= 1.0 + _BOUND_SLACK
+        self.fresh[:] = False
+        self.steps += 1
+
+    def _refresh(self, atoms: np.ndarray) -> None:
+        """Bring ``Ct[atoms]`` up to the current step and score them exactly."""
+        t, stamps = self.steps, self.stamp[atoms]
+        first = int(stamps.min())
+        if first < t:
+            coeff = self.U[first:t, atoms]
+            coeff = np.where(np.arange(first, t)[:, None] >= stamps, coeff, 0.0)
+            rows = self.Ct[atoms]
+            rows -= coeff.T @ self.At[first:t]
+            self.Ct[atoms] = rows
+        else:
+            rows = self.Ct[atoms]
+        self.stamp[atoms] = t
+        self.bound[atoms] = np.linalg.norm(rows, ord=self.order, axis=1) / self.scale[atoms]
+        self.fresh[atoms] = True
+
+    def best_atom(self) -> int:
+        """The unblocked atom with the largest score (lowest index on ties), or -1.
+
+        On return ``Ct`` of that atom is up to date.
+        """
+        masked = np.where(self.blocked, -np.inf, self.bound)
+        size = masked.shape[0]
+        while True:
+            j = int(np.argmax(masked))
+            if masked[j] == -np.inf:
+                return -1
+            if self.fresh[j]:
+                # Every other bound is <= masked[j] (strictly below for lower indices) and
+                # bounds cover scores: j is the exact argmax, ties to the lowest index.
+                return j
+            stale = np.where(self.fresh, -np.inf, masked)
+            k = min(_SCORE_BATCH, size)
+            picked = np.argpartition(stale, size - k)[size - k :]
+            picked = picked[stale[picked] > -np.inf]
+            self._refresh(picked)
+            masked[picked] = self.bound[picked]
 
 
 def _somp_naive(

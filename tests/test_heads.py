@@ -1,0 +1,195 @@
+"""Factored per-head SOMP, ranking, and head selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numpy.testing import assert_allclose
+from problems import assert_same_selection
+from stores import write_planted_store
+
+from somp_ref import ll_head_score, somp
+from somp_ref.heads import (
+    HeadScores,
+    head_signature,
+    head_somp,
+    jaccard,
+    random_heads_like,
+    rank_heads,
+    top_heads,
+)
+
+#: Factored and materialised pursuits differ only in the order of float64 sums (E Z^T vs
+#: (Z W^T) D^T): rounding of ~eps * d per entry, far below this.
+EV_ATOL = 1e-9
+CONCEPT = (3, 7, 11, 19, 23)
+
+
+@st.composite
+def factored_heads(draw):
+    n = draw(st.integers(1, 15))
+    d_head = draw(st.integers(1, 6))
+    d_model = draw(st.integers(d_head, 20))
+    v = draw(st.integers(1, 25))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    z = rng.standard_normal((n, d_head)) + rng.standard_normal(d_head) * draw(
+        st.sampled_from([0.0, 3.0])
+    )
+    o_proj_head = rng.standard_normal((d_model, d_head))
+    D = rng.standard_normal((v, d_model))
+    return z, o_proj_head, D
+
+
+@given(factored_heads(), st.integers(1, 12), st.booleans(), st.sampled_from(["l1", "l2"]))
+def test_factored_somp_equals_somp_on_materialised_head(case, n_atoms, center, criterion):
+    z, o_proj_head, D = case
+    H = z @ o_proj_head.T
+    factored = head_somp(z, o_proj_head, D, n_atoms, center=center, criterion=criterion)
+    direct = somp(H, D, n_atoms, center=center, criterion=criterion)
+    prefix = assert_same_selection(
+        factored.support, direct.support, H - direct.mean, D, criterion=criterion
+    )
+    assert_allclose(factored.mean, direct.mean, rtol=1e-12, atol=1e-12 * np.abs(H).max())
+    if prefix == factored.n_selected == direct.n_selected:
+        assert_allclose(
+            factored.explained_variance, direct.explained_variance, rtol=0, atol=EV_ATOL
+        )
+        scale = max(np.abs(direct.coef).max(initial=0.0), 1e-300)
+        assert_allclose(factored.coef, direct.coef, rtol=0, atol=1e-7 * scale)
+
+
+def test_head_somp_rejects_mismatched_factors():
+    with pytest.raises(ValueError, match=r"o_proj_head must have d_head=3 columns like z"):
+        head_somp(np.ones((4, 3)), np.ones((5, 2)), np.ones((6, 5)))
+    with pytest.raises(ValueError, match=r"o_proj_head must have d_model=4 rows like D"):
+        head_somp(np.ones((4, 3)), np.ones((5, 3)), np.ones((6, 4)))
+
+
+@pytest.fixture(scope="module")
+def planted_store(tmp_path_factory):
+    return write_planted_store(tmp_path_factory.mktemp("store") / "s", concept=CONCEPT)
+
+
+@pytest.mark.parametrize("method", ["somp", "ll"])
+def test_planted_concept_heads_rank_first(planted_store, method):
+    scores = rank_heads(planted_store, list(CONCEPT), 5, method, show_progress=False)
+    assert set(top_heads(scores, 2)) == {(1, 2), (2, 0)}
+    if method == "somp":
+        assert set(scores.supports[1, 2].tolist()) == set(CONCEPT)
+
+
+def test_rank_scores_are_somp_and_ll_of_each_materialised_head(planted_store):
+    ids = [3, 7, 11, 40, 41, 42]
+    D = np.asarray(planted_store.unembed()[ids], np.float64)
+    ranked = rank_heads(planted_store, ids, 4, show_progress=False)
+    ll = rank_heads(planted_store, ids, 4, "ll", show_progress=False)
+    for layer in range(planted_store.n_layers):
+        for head in range(planted_store.n_heads):
+            H = planted_store.head_output(layer, head)
+            expected = somp(H, D, 4)
+            assert (
+                abs(ranked.explained_variance[layer, head] - expected.explained_variance[-1])
+                <= EV_ATOL
+            )
+            assert abs(ll.explained_variance[layer, head] - ll_head_score(H, D)) <= 1e-12
+
+
+def test_excluded_layers_are_nan_and_never_selected(planted_store):
+    scores = rank_heads(planted_store, list(CONCEPT), 3, exclude_layers=[1], show_progress=False)
+    assert np.isnan(scores.explained_variance[1]).all()
+    assert not np.isnan(scores.explained_variance[[0, 2]]).any()
+    assert all(layer != 1 for layer, _ in top_heads(scores, 12))
+    assert scores.params["exclude_layers"] == [1]
+
+
+def test_rank_rejects_bad_token_ids(planted_store):
+    with pytest.raises(ValueError, match=r"token_ids must be in \[0, 60\)"):
+        rank_heads(planted_store, [1, 60], show_progress=False)
+    with pytest.raises(ValueError, match=r"non-empty 1-D"):
+        rank_heads(planted_store, [], show_progress=False)
+    with pytest.raises(ValueError, match=r"method must be one of 'somp', 'll'"):
+        rank_heads(planted_store, [1], method="pca", show_progress=False)
+
+
+def test_duplicate_token_ids_are_dropped_keeping_order(planted_store):
+    scores = rank_heads(planted_store, [7, 3, 7, 11, 3], 2, show_progress=False)
+    assert scores.token_ids.tolist() == [7, 3, 11]
+    assert scores.tokens == ["green", "red", "blue"]
+
+
+def test_scores_round_trip_through_json_and_csv(planted_store, tmp_path):
+    scores = rank_heads(planted_store, list(CONCEPT), 3, exclude_layers=[0], show_progress=False)
+    scores.to_json(tmp_path / "s.json")
+    back = HeadScores.from_json(tmp_path / "s.json")
+    assert np.array_equal(back.explained_variance, scores.explained_variance, equal_nan=True)
+    assert back.supports.keys() == scores.supports.keys()
+    for key in scores.supports:
+        assert np.array_equal(back.supports[key], scores.supports[key])
+        assert np.array_equal(back.increments[key], scores.increments[key])
+    assert back.params == scores.params and back.tokens == scores.tokens
+    scores.to_csv(tmp_path / "s.csv")
+    from_csv = HeadScores.from_csv(tmp_path / "s.csv")
+    assert np.array_equal(
+        from_csv.explained_variance, scores.explained_variance, equal_nan=True
+    )  # repr() keeps every bit of a float
+    assert top_heads(from_csv, 5) == top_heads(scores, 5)
+
+
+def test_head_signature_lists_the_tokens_a_planted_head_writes(planted_store):
+    rows = head_signature(planted_store, 1, 2, n_atoms=5)
+    assert {text for _, text, _ in rows} == {"red", "green", "blue", "yellow", "purple"}
+    gains = [gain for *_, gain in rows]
+    assert all(g >= 0 for g in gains) and sum(gains) > 0.99
+
+
+# ------------------------------------------------------------------ selection
+
+
+def scores_from(values: np.ndarray) -> HeadScores:
+    return HeadScores(values, {}, {}, "somp", {}, np.zeros(0, dtype=np.int64))
+
+
+def test_top_heads_orders_best_first_ties_by_position_and_skips_nan():
+    values = np.array([[0.5, np.nan, 0.9], [0.9, 0.1, 0.5]])
+    assert top_heads(scores_from(values), 4) == [(0, 2), (1, 0), (0, 0), (1, 2)]
+    assert top_heads(scores_from(values), 0) == []
+    assert len(top_heads(scores_from(values), 99)) == 5
+    with pytest.raises(ValueError, match=r"k must be an integer >= 0, got -1"):
+        top_heads(scores_from(values), -1)
+
+
+heads_strategy = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7)), max_size=20, unique=True)
+
+
+@given(heads_strategy, st.integers(0, 2**31))
+def test_random_heads_like_keeps_the_count_per_layer(heads, seed):
+    drawn = random_heads_like(heads, 6, 8, seed)
+    count = lambda hs, layer: sum(1 for lay, _ in hs if lay == layer)  # noqa: E731
+    assert all(count(drawn, layer) == count(heads, layer) for layer in range(6))
+    assert len(set(drawn)) == len(drawn)
+    assert drawn == random_heads_like(heads, 6, 8, seed)  # reproducible
+
+
+def test_random_heads_like_varies_with_seed_and_checks_bounds():
+    heads = [(0, 0), (0, 1), (2, 3)]
+    assert len({tuple(random_heads_like(heads, 3, 8, s)) for s in range(20)}) > 1
+    with pytest.raises(ValueError, match=r"head \(3, 0\) is outside 3 x 8"):
+        random_heads_like([(3, 0)], 3, 8, 0)
+
+
+@given(heads_strategy, heads_strategy)
+def test_jaccard_is_a_symmetric_similarity(a, b):
+    value = jaccard(a, b)
+    assert 0.0 <= value <= 1.0
+    assert value == jaccard(b, a)
+    assert jaccard(a, a) == 1.0
+    union = set(a) | set(b)
+    assert value == (1.0 if not union else len(set(a) & set(b)) / len(union))
+
+
+def test_jaccard_examples():
+    assert jaccard([(0, 1), (2, 3)], [(2, 3), (4, 5)]) == 1 / 3
+    assert jaccard([(0, 1)], [(1, 0)]) == 0.0
+    assert jaccard([], []) == 1.0
