@@ -221,6 +221,8 @@ class _Scorer:
         self.At = np.empty((n_atoms, n))
         self.U = np.empty((n_atoms, v))
         self.steps = 0
+        self._rows = np.empty((min(_SCORE_BATCH, v), n))
+        self._work = np.empty_like(self._rows)
 
     def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
         """Record step ``R <- R - a q^T`` (``u = q^T D^T``) and loosen the bounds."""
@@ -233,19 +235,27 @@ class _Scorer:
         self.steps += 1
 
     def _refresh(self, atoms: np.ndarray) -> None:
-        """Bring ``Ct[atoms]`` up to the current step and score them exactly."""
-        t, stamps = self.steps, self.stamp[atoms]
+        """Bring ``Ct[atoms]`` up to the current step and score them exactly.
+
+        Works in two preallocated buffers: fresh (B, n) temporaries would be new mmap'd
+        pages each call, and those page faults cost more than the arithmetic.
+        """
+        t, stamps, size = self.steps, self.stamp[atoms], atoms.shape[0]
+        rows, work = self._rows[:size], self._work[:size]
+        np.take(self.Ct, atoms, axis=0, out=rows)
         first = int(stamps.min())
         if first < t:
             coeff = self.U[first:t, atoms]
             coeff = np.where(np.arange(first, t)[:, None] >= stamps, coeff, 0.0)
-            rows = self.Ct[atoms]
-            rows -= coeff.T @ self.At[first:t]
+            np.matmul(coeff.T, self.At[first:t], out=work)
+            np.subtract(rows, work, out=rows)
             self.Ct[atoms] = rows
-        else:
-            rows = self.Ct[atoms]
         self.stamp[atoms] = t
-        self.bound[atoms] = np.linalg.norm(rows, ord=self.order, axis=1) / self.scale[atoms]
+        if self.order == 1:
+            scores = np.abs(rows, out=work).sum(axis=1)
+        else:
+            scores = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        self.bound[atoms] = scores / self.scale[atoms]
         self.fresh[atoms] = True
 
     def best_atom(self) -> int:
