@@ -156,3 +156,116 @@ def register(subparsers) -> None:
         "--raw", action="store_true", help="feed prompts as raw text, without the chat template"
     )
     gen.set_defaults(func=_needs_torch(_run_generate))
+    register_experiment(subparsers)
+
+
+def _run_experiment(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from adapters.experiment import Settings, run_experiments
+    from adapters.tasks import TASK_NAMES
+
+    names = list(TASK_NAMES) if args.names == ["all"] else args.names
+    settings = Settings(
+        heads=tuple(args.heads),
+        alpha=args.alpha,
+        seeds=args.seeds,
+        rank=args.rank,
+        exclude_layers=tuple(args.exclude_layers),
+        atoms=args.atoms,
+        n_null=args.null,
+        n_train=args.train,
+        n_test=args.test,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        model=args.model,
+    )
+    out = Path(args.out)
+    _, text = run_experiments(names, settings, out)
+    print(text)
+    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and a plot per experiment")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 3,8,16, got {text!r}") from None
+
+
+def register_experiment(subparsers) -> None:
+    """Add ``experiment`` to the ``somp-ref`` command."""
+    from adapters.tasks import TASK_NAMES
+
+    parser = subparsers.add_parser(
+        "experiment",
+        help="the paper's protocol end to end: export, rank, intervene, evaluate",
+        description=(
+            "Export the train prompts, rank heads (SOMP specificity or raw explained "
+            "variance, and the Logit Lens), then for each k scale the top-k heads by alpha "
+            "(and random heads with the same count per layer, over several seeds) and "
+            "evaluate on disjoint test prompts: the target effect next to collateral damage "
+            "(KL on neutral prompts, degenerate answers). Greedy decoding, fixed seeds."
+        ),
+        epilog="experiments: " + ", ".join(TASK_NAMES) + ", or all. "
+        "example: somp-ref experiment colors --out runs/colors",
+    )
+    parser.add_argument(
+        "names",
+        nargs="+",
+        metavar="NAME",
+        choices=[*TASK_NAMES, "all"],
+        help="experiment(s) to run",
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="'default' (embedded SmolLM2), a local checkpoint, or a hub id",
+    )
+    parser.add_argument(
+        "--heads",
+        type=_int_list,
+        default=[3, 8, 16],
+        help="values of k, comma-separated (default 3,8,16)",
+    )
+    parser.add_argument(
+        "--alpha",
+        type=float,
+        default=None,
+        help="scale of the selected heads (default: -1; 5 for amplification)",
+    )
+    parser.add_argument("--seeds", type=int, default=5, help="random-head seeds (default 5)")
+    parser.add_argument(
+        "--rank",
+        choices=("specificity", "somp", "ll"),
+        default="specificity",
+        help="how the main column's heads are ranked: SOMP specificity "
+        "(z-score against random token dictionaries, default), raw SOMP "
+        "explained variance, or the Logit Lens",
+    )
+    parser.add_argument(
+        "--exclude-layers",
+        type=_int_list,
+        default=[],
+        metavar="LAYERS",
+        help="layers never selected, e.g. 0",
+    )
+    parser.add_argument("--atoms", type=int, default=20, help="SOMP atoms per head (default 20)")
+    parser.add_argument(
+        "--null",
+        type=int,
+        default=6,
+        help="random dictionaries for the specificity score (default 6)",
+    )
+    parser.add_argument("--train", type=int, default=64, help="train prompts (default 64)")
+    parser.add_argument("--test", type=int, default=24, help="test prompts (default 24)")
+    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens generated per answer (default: 24, or 8 for QA)",
+    )
+    parser.add_argument("--out", default="runs/experiment", help="output directory")
+    parser.set_defaults(func=_needs_torch(_run_experiment))

@@ -12,6 +12,7 @@ import csv
 import json
 import os
 import random
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +57,11 @@ class HeadScores:
         The dictionary: unembedding rows used as atoms.
     tokens : list of str, optional
         Strings of ``token_ids`` when the store knows its vocabulary.
+    source : dict
+        Where the activations came from (store path, model id, positions rule).
+    details : dict of str -> ndarray of shape (n_layers, n_heads)
+        Method-specific per-head arrays (for "specificity": the concept EV and the null
+        distribution's mean and standard deviation).
     """
 
     explained_variance: np.ndarray
@@ -66,6 +72,7 @@ class HeadScores:
     token_ids: np.ndarray
     tokens: list[str] | None = None
     source: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -95,9 +102,8 @@ class HeadScores:
             "source": self.source,
             "token_ids": self.token_ids.tolist(),
             "tokens": self.tokens,
-            "explained_variance": [
-                [None if np.isnan(x) else float(x) for x in row] for row in self.explained_variance
-            ],
+            "details": {key: _nan_to_none(value) for key, value in self.details.items()},
+            "explained_variance": _nan_to_none(self.explained_variance),
             "heads": [
                 {
                     "layer": layer,
@@ -116,10 +122,7 @@ class HeadScores:
         payload = json.loads(Path(path).read_text("utf-8"))
         if payload.get("format") != "somp_ref.head_scores":
             raise ValueError(f"{path}: not a somp_ref head-scores JSON file")
-        ev = np.array(
-            [[np.nan if x is None else x for x in row] for row in payload["explained_variance"]],
-            dtype=np.float64,
-        )
+        ev = _none_to_nan(payload["explained_variance"])
         supports, increments = {}, {}
         for entry in payload["heads"]:
             key = (entry["layer"], entry["head"])
@@ -134,6 +137,7 @@ class HeadScores:
             token_ids=np.asarray(payload["token_ids"], dtype=np.int64),
             tokens=payload["tokens"],
             source=payload.get("source", {}),
+            details={k: _none_to_nan(v) for k, v in payload.get("details", {}).items()},
         )
 
     def to_csv(self, path: str | os.PathLike) -> None:
@@ -184,6 +188,14 @@ class HeadScores:
             {},
             np.zeros(0, dtype=np.int64),
         )
+
+
+def _nan_to_none(values: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(x) else float(x) for x in row] for row in values]
+
+
+def _none_to_nan(rows: list[list[float | None]]) -> np.ndarray:
+    return np.array([[np.nan if x is None else x for x in row] for row in rows], dtype=np.float64)
 
 
 # ------------------------------------------------------------------ per-head pursuit
@@ -455,6 +467,96 @@ def rank_heads(
             if key in store.meta
         }
         | {"store": str(store.path)},
+    )
+
+
+_WORD_TOKEN = re.compile(r"^ ?[A-Za-z]{3,}$")
+
+
+def word_token_pool(vocab: list[str] | None, vocab_size: int) -> np.ndarray:
+    """Token ids that look like words (an optional leading space, then 3+ ASCII letters);
+    all ids when the vocabulary strings are unknown. The null dictionaries of
+    :func:`specificity_scores` are drawn from it, so that they resemble concept tokens."""
+    if vocab is None:
+        return np.arange(vocab_size)
+    return np.asarray(
+        [i for i, text in enumerate(vocab) if _WORD_TOKEN.match(text)], dtype=np.int64
+    )
+
+
+def specificity_scores(
+    store: ActivationStore,
+    token_ids: Sequence[int],
+    n_atoms: int = 50,
+    *,
+    n_null: int = 8,
+    seed: int = 0,
+    exclude_layers: Iterable[int] = (),
+    show_progress: bool = True,
+    **somp_options: Any,
+) -> HeadScores:
+    """How much better a concept explains each head than random token sets of its size.
+
+    ``score = (EV_concept - mean(EV_null)) / std(EV_null)``: a z-score of the head's SOMP
+    explained variance with the concept's dictionary against ``n_null`` dictionaries of
+    the same number of random word-like tokens (see :func:`word_token_pool`, concept tokens
+    excluded). Heads that explain *any* token set well, such as layer-0 heads that copy
+    input embeddings in a model with tied embeddings, get a high raw EV but a low
+    specificity; heads that write the concept stand out.
+
+    Parameters
+    ----------
+    store : ActivationStore
+    token_ids : sequence of int
+    n_atoms : int, default=50
+    n_null : int, default=8
+        Random dictionaries in the null distribution (>= 2).
+    seed : int, default=0
+    exclude_layers : iterable of int
+    show_progress : bool
+    **somp_options
+        Passed to :func:`rank_heads` (center, normalize, criterion, tol).
+
+    Returns
+    -------
+    HeadScores
+        ``method="specificity"``; ``details`` holds "concept_ev", "null_mean", "null_std".
+    """
+    if n_null < 2:
+        raise ValueError(f"n_null must be >= 2 to estimate a spread, got {n_null}")
+    options = dict(exclude_layers=exclude_layers, show_progress=show_progress, **somp_options)
+    concept = rank_heads(store, token_ids, n_atoms, "somp", **options)
+    pool = word_token_pool(store.vocab(), store.unembed().shape[0])
+    pool = np.setdiff1d(pool, concept.token_ids)
+    if pool.size < concept.token_ids.size:
+        raise ValueError(
+            f"only {pool.size} candidate tokens for null dictionaries of {concept.token_ids.size}"
+        )
+    rng = np.random.default_rng(seed)
+    nulls = np.stack(
+        [
+            rank_heads(
+                store,
+                rng.choice(pool, concept.token_ids.size, replace=False),
+                n_atoms,
+                "somp",
+                **options,
+            ).explained_variance
+            for _ in range(n_null)
+        ]
+    )
+    mean, std = nulls.mean(axis=0), nulls.std(axis=0, ddof=1)
+    z = (concept.explained_variance - mean) / np.maximum(std, np.finfo(np.float64).tiny)
+    return HeadScores(
+        explained_variance=z,
+        supports=concept.supports,
+        increments=concept.increments,
+        method="specificity",
+        params={**concept.params, "n_null": n_null, "seed": seed},
+        token_ids=concept.token_ids,
+        tokens=concept.tokens,
+        source=concept.source,
+        details={"concept_ev": concept.explained_variance, "null_mean": mean, "null_std": std},
     )
 
 
