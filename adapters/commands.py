@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+from pathlib import Path
 
 INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
 
@@ -47,7 +48,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
     records = read_prompts(args.prompts)
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
-    export_activations(
+    store = export_activations(
         model,
         tokenizer,
         records,
@@ -58,6 +59,17 @@ def _run_export(args: argparse.Namespace) -> int:
         dtype=args.store_dtype,
         overwrite=args.overwrite,
     )
+    if args.rank:
+        from adapters.torch_somp import rank_heads_torch
+        from somp_ref.concepts import store_concept_ids
+        from somp_ref.heads import format_top_heads
+
+        concept = store_concept_ids(store.vocab(), args.rank)
+        scores = rank_heads_torch(store, concept.ids, args.atoms, device=args.device)
+        out = args.rank_out or f"{args.out}-{Path(args.rank).stem}.csv"
+        scores.to_csv(out)
+        print(format_top_heads(scores))
+        print(f"wrote {out}")
     return 0
 
 
@@ -132,6 +144,14 @@ def register(subparsers) -> None:
         help="how z is stored (default float32)",
     )
     export.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    export.add_argument(
+        "--rank",
+        metavar="CONCEPT",
+        help="also rank the heads for this concept with the torch port of "
+        "SOMP on --device (GPU ranking), writing --rank-out",
+    )
+    export.add_argument("--rank-out", help="CSV for --rank (default STORE-CONCEPT.csv)")
+    export.add_argument("--atoms", type=int, default=50, help="SOMP atoms for --rank")
     export.set_defaults(func=_needs_torch(_run_export))
 
     gen = subparsers.add_parser(
@@ -160,8 +180,6 @@ def register(subparsers) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from adapters.experiment import Settings, run_experiments
     from adapters.tasks import TASK_NAMES
 

@@ -276,26 +276,30 @@ def test_real_model_export_rank_generate_from_the_command_line(tmp_path, capsys)
     from somp_ref.cli import main
 
     store = tmp_path / "colors"
-    assert (
-        main(
-            [
-                "export",
-                "--model",
-                "default",
-                "--prompts",
-                "builtin:colors",
-                "--chat-template",
-                "--out",
-                str(store),
-            ]
-        )
-        == 0
-    )
+    export = [
+        "export",
+        "--model",
+        "default",
+        "--prompts",
+        "builtin:colors",
+        "--chat-template",
+        "--out",
+        str(store),
+        "--rank",
+        "colors",
+        "--atoms",
+        "10",
+    ]
+    assert main(export) == 0  # also ranks with the torch port ("GPU ranking" path, on CPU)
     scores = tmp_path / "colors.csv"
-    assert (
-        main(["rank", str(store), "--concept", "colors", "--atoms", "10", "--out", str(scores)])
-        == 0
-    )
+    rank = ["rank", str(store), "--concept", "colors", "--atoms", "10", "--out", str(scores)]
+    assert main(rank) == 0
+    from somp_ref.heads import HeadScores
+
+    by_torch = HeadScores.from_csv(tmp_path / "colors-colors.csv")
+    by_numpy = HeadScores.from_csv(scores)
+    gap = np.nanmax(np.abs(by_torch.explained_variance - by_numpy.explained_variance))
+    assert gap <= 1e-9, f"torch and numpy rankings differ by {gap:.2e}"
     rows = scores.read_text().splitlines()
     assert len(rows) == 1 + 30 * 9
     assert (

@@ -82,3 +82,19 @@ def test_cli_reports_bad_stores_without_traceback(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["inspect", str(tmp_path), "--head", "12"])
     assert "a head is LAYER.HEAD" in capsys.readouterr().err
+
+
+def test_adapter_commands_answer_with_the_install_line_without_torch(monkeypatch, capsys):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
+    assert main(["export", "--prompts", "builtin:colors", "--out", "x"]) == 1
+    assert "pip install torch==2.13.0 'somp-ref[hf]'" in capsys.readouterr().err
+
+
+def test_experiment_help_teaches_the_options(capsys):
+    with pytest.raises(SystemExit, match="0"):
+        main(["experiment", "--help"])
+    out = capsys.readouterr().out
+    for word in ("--rank", "specificity", "--exclude-layers", "--seeds", "countries"):
+        assert word in out

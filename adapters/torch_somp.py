@@ -1,0 +1,240 @@
+"""A torch port of SOMP's fast engine, batched over heads and device-agnostic (CPU, CUDA).
+
+Same mathematics and rules as ``somp_ref.pursuit`` (DESIGN.md): residual correlations from
+``D H^T``, the support's Cholesky factor grown one row per step (left-looking: ``U``), ties
+to the lowest index, dependent and zero atoms never selected, the same stopping rules. It
+keeps the full (heads, atoms, samples) residual correlations and updates them by a rank-1
+product per step, which is what a GPU does best; the numpy engine's lazy scoring is a CPU
+optimisation and changes nothing in the result. ``verify`` holds it to the numpy engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+from somp_ref.heads import HeadScores, _check_token_ids
+from somp_ref.pursuit import DEPENDENT_TOL, GAIN_FLOOR, SompResult
+from somp_ref.store import ActivationStore
+
+_ORDER = {"l1": 1, "l2": 2}
+
+
+@torch.no_grad()
+def somp_batched(
+    Ct: torch.Tensor,
+    gram: torch.Tensor,
+    energy: torch.Tensor,
+    n_atoms: int,
+    *,
+    criterion: str = "l1",
+    normalize: bool = True,
+    tol: float = 0.0,
+) -> dict[str, torch.Tensor]:
+    """SOMP for a batch of problems sharing one dictionary.
+
+    Parameters
+    ----------
+    Ct : Tensor of shape (batch, v, n)
+        Correlations ``D H_b^T`` of each (centered) problem with every atom.
+    gram : Tensor of shape (v, v)
+        ``D D^T``.
+    energy : Tensor of shape (batch,)
+        ``||H_b||_F^2``.
+    n_atoms : int
+    criterion, normalize, tol
+        As in :func:`somp_ref.somp`.
+
+    Returns
+    -------
+    dict
+        "support" (batch, k) int64 padded with -1, "coef" (batch, n, k) zero-padded,
+        "gains" (batch, k) zero-padded, "n_selected" (batch,), "reason" (batch,) codes
+        0 n_atoms, 1 tol, 2 converged, 3 exhausted.
+    """
+    batch, v, n = Ct.shape
+    dtype, device = Ct.dtype, Ct.device
+    k = min(n_atoms, v)
+    R = Ct.clone()
+    sq_norms = torch.diagonal(gram).clone()
+    scale = torch.where(sq_norms > 0, sq_norms, torch.ones_like(sq_norms)).sqrt()
+    if not normalize:
+        scale = torch.ones_like(scale)
+    rho2 = sq_norms.expand(batch, v).clone()
+    blocked = (sq_norms <= 0).expand(batch, v).clone()
+    U = torch.zeros(batch, k, v, dtype=dtype, device=device)
+    At = torch.zeros(batch, k, n, dtype=dtype, device=device)
+    support = torch.full((batch, k), -1, dtype=torch.long, device=device)
+    gains = torch.zeros(batch, k, dtype=dtype, device=device)
+    remaining = energy.clone()
+    active = energy > 0
+    reason = torch.where(active, 0, 2).to(torch.long)
+    rows = torch.arange(batch, device=device)
+    for t in range(k):
+        if tol > 0:
+            met = active & (remaining <= tol * energy)
+            reason[met] = 1
+            active = active & ~met
+        blocked |= rho2 <= DEPENDENT_TOL * sq_norms
+        scores = torch.linalg.vector_norm(R, ord=_ORDER[criterion], dim=-1) / scale
+        scores = scores.masked_fill(blocked, -torch.inf)
+        best, j = scores.max(dim=-1)  # first maximum: lowest index on ties
+        exhausted = active & (best == -torch.inf)
+        reason[exhausted] = 3
+        active = active & ~exhausted
+        j = torch.where(active, j, 0)
+        r = R[rows, j]  # (batch, n)
+        rho2_j = rho2[rows, j]
+        gain = (r * r).sum(-1) / torch.where(active, rho2_j, torch.ones_like(rho2_j))
+        converged = active & (gain <= GAIN_FLOOR * energy)
+        reason[converged] = 2
+        active = active & ~converged
+        if not bool(active.any()):
+            break
+        rho = torch.where(active, rho2_j, torch.ones_like(rho2_j)).sqrt()
+        a = r / rho[:, None] * active[:, None]
+        prior = torch.einsum("bt,btv->bv", U[rows, :t, j], U[:, :t]) if t else 0.0
+        u = (gram[j] - prior) / rho[:, None] * active[:, None]
+        rho2 = rho2 - u * u
+        rho2[rows[active], j[active]] = 0.0
+        R -= u[:, :, None] * a[:, None, :]
+        U[:, t], At[:, t] = u, a
+        support[active, t] = j[active]
+        gains[:, t] = torch.where(active, gain, torch.zeros_like(gain))
+        remaining = remaining - gains[:, t]
+    n_selected = (support >= 0).sum(-1)
+    coef = torch.zeros(batch, n, k, dtype=dtype, device=device)
+    for b in range(batch):
+        t = int(n_selected[b])
+        if t:
+            L = U[b, :t, support[b, :t]].T  # lower Cholesky factor of the support's Gram
+            coef[b, :, :t] = torch.linalg.solve_triangular(L.T, At[b, :t], upper=True).T
+    return {
+        "support": support,
+        "coef": coef,
+        "gains": gains,
+        "n_selected": n_selected,
+        "reason": reason,
+    }
+
+
+_REASONS = ("n_atoms", "tol", "converged", "exhausted")
+
+
+def somp_torch(
+    H: Any,
+    D: Any,
+    n_atoms: int = 50,
+    *,
+    center: bool = True,
+    normalize: bool = True,
+    criterion: str = "l1",
+    tol: float = 0.0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> SompResult:
+    """Single-problem SOMP on any torch device, same calling convention as
+    :func:`somp_ref.somp` (usable as a port: ``somp-ref verify --port
+    adapters.torch_somp:somp_torch``). Returns a numpy :class:`SompResult`."""
+    H = torch.as_tensor(np.asarray(H, dtype=np.float64), device=device).to(dtype)
+    D = torch.as_tensor(np.asarray(D, dtype=np.float64), device=device).to(dtype)
+    mean = H.mean(dim=0) if center else torch.zeros(H.shape[1], dtype=dtype, device=device)
+    Hc = H - mean
+    out = somp_batched(
+        (D @ Hc.T)[None],
+        D @ D.T,
+        (Hc * Hc).sum()[None],
+        n_atoms,
+        criterion=criterion,
+        normalize=normalize,
+        tol=tol,
+    )
+    t = int(out["n_selected"][0])
+    energy = float((Hc.double() * Hc.double()).sum())
+    gains = out["gains"][0, :t].double().cpu().numpy()
+    energies = np.maximum(energy - np.concatenate([[0.0], np.cumsum(gains)]), 0.0)
+    ev = 1.0 - energies / energy if energy > 0 else np.zeros_like(energies)
+    ev[0] = 0.0
+    return SompResult(
+        support=out["support"][0, :t].cpu().numpy().astype(np.int64),
+        coef=out["coef"][0, :, :t].double().cpu().numpy(),
+        explained_variance=ev,
+        residual_norm=np.sqrt(energies),
+        stop_reason=_REASONS[int(out["reason"][0])],
+        mean=mean.double().cpu().numpy(),
+    )
+
+
+@torch.no_grad()
+def rank_heads_torch(
+    store: ActivationStore,
+    token_ids: Sequence[int],
+    n_atoms: int = 50,
+    *,
+    center: bool = True,
+    normalize: bool = True,
+    criterion: str = "l1",
+    exclude_layers: Iterable[int] = (),
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float64,
+) -> HeadScores:
+    """:func:`somp_ref.heads.rank_heads` (method "somp") with every layer's heads pursued
+    together on a torch device; the factored form, as the numpy ranking."""
+    unembed = store.unembed()
+    ids = _check_token_ids(token_ids, unembed.shape[0])
+    D = torch.as_tensor(np.array(unembed[ids], dtype=np.float64), device=device).to(dtype)
+    gram = D @ D.T
+    excluded = set(exclude_layers)
+    scores = np.full((store.n_layers, store.n_heads), np.nan)
+    supports, increments = {}, {}
+    dh = store.d_head
+    for layer in range(store.n_layers):
+        if layer in excluded:
+            continue
+        z_layer, o_proj = store.layer(layer)
+        z = torch.as_tensor(np.array(z_layer, dtype=np.float64), device=device).to(dtype)
+        W = torch.as_tensor(np.array(o_proj, dtype=np.float64), device=device).to(dtype)
+        z = z.permute(1, 0, 2)  # (heads, n, d_head)
+        if center:
+            z = z - z.mean(dim=1, keepdim=True)
+        W = W.reshape(store.d_model, store.n_heads, dh).permute(1, 0, 2)  # (heads, dm, dh)
+        E = torch.einsum("vm,hmd->hvd", D, W)
+        Ct = E @ z.transpose(1, 2)  # (heads, v, n)
+        energy = torch.einsum("hnd,hde,hne->h", z, W.transpose(1, 2) @ W, z)
+        out = somp_batched(
+            Ct,
+            gram,
+            energy.clamp(min=0),
+            min(n_atoms, len(ids)),
+            criterion=criterion,
+            normalize=normalize,
+        )
+        for head in range(store.n_heads):
+            t = int(out["n_selected"][head])
+            gains = out["gains"][head, :t].double().cpu().numpy()
+            total = float(energy[head])
+            ev = gains / total if total > 0 else np.zeros(t)
+            scores[layer, head] = float(ev.sum())
+            supports[layer, head] = ids[out["support"][head, :t].cpu().numpy()]
+            increments[layer, head] = ev
+    vocab = store.vocab()
+    return HeadScores(
+        explained_variance=scores,
+        supports=supports,
+        increments=increments,
+        method="somp",
+        params={
+            "n_atoms": n_atoms,
+            "center": center,
+            "normalize": normalize,
+            "criterion": criterion,
+            "engine": f"torch:{device}",
+            "exclude_layers": sorted(excluded),
+        },
+        token_ids=ids,
+        tokens=None if vocab is None else [vocab[i] for i in ids],
+        source={"store": str(store.path)},
+    )

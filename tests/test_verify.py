@@ -1,0 +1,126 @@
+"""verify/: the agreement suite, the golden vectors and port checking."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from problems import assert_same_selection, gaussian_problems
+
+from somp_ref import somp
+from somp_ref.cli import main
+from verify.ports import check_port, golden_cases
+
+
+def uncentered(H, D, n_atoms, **options):
+    """A deliberately wrong port: it never centers."""
+    options["center"] = False
+    return somp(H, D, n_atoms, **options)
+
+
+def highest_index_ties(H, D, n_atoms, **options):
+    """Another wrong port: ties go to the highest index (reverse the atoms, map back)."""
+    res = somp(H, D[::-1], n_atoms, **options)
+    return {
+        "support": D.shape[0] - 1 - res.support,
+        "coef": res.coef,
+        "explained_variance": res.explained_variance,
+    }
+
+
+def test_golden_files_regenerate_bit_identically():
+    done = subprocess.run(
+        [sys.executable, "-m", "verify.golden.regenerate", "--check"],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "golden vectors identical" in done.stdout
+
+
+def test_reference_passes_every_golden_case():
+    reports = check_port(somp)
+    assert len(reports) == len(golden_cases()) >= 10
+    assert all(r.passed for r in reports), [r for r in reports if not r.passed]
+
+
+def test_wrong_ports_fail_exactly_the_cases_they_break():
+    centered = {
+        name
+        for name, (_, meta) in golden_cases().items()
+        if json.loads(meta["params"]).get("center", True)
+    }
+    failed = {r.case for r in check_port(uncentered) if not r.passed}
+    assert failed == centered - {"constant"} | {"constant"}
+    failed = {r.case for r in check_port(highest_index_ties) if not r.passed}
+    assert failed == {"ties", "rank_deficient"}
+
+
+def test_port_reports_exceptions_and_bad_specs():
+    def broken(*args, **kwargs):
+        raise RuntimeError("not implemented")
+
+    assert all("raised RuntimeError: not implemented" in r.detail for r in check_port(broken))
+    with pytest.raises(ValueError, match=r"a port is 'package.module:function'"):
+        check_port("somp_ref.somp")
+
+
+def test_verify_command_passes_and_reports_a_failing_port(capsys):
+    assert main(["verify", "--model", "none", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["failed"] == []
+    assert {row["status"] for row in report["checks"]} <= {"pass", "skip"}
+    assert main(["verify", "--port", "test_verify:uncentered"]) == 1
+    out = capsys.readouterr().out
+    assert "random_l1_centered" in out and "FAIL" in out and "failed: " in out
+
+
+torch = pytest.importorskip("torch")
+
+
+@given(
+    gaussian_problems(max_n=8, max_d=10, max_v=14),
+    st.integers(1, 10),
+    st.sampled_from(["l1", "l2"]),
+    st.booleans(),
+)
+def test_torch_port_equals_numpy_engine(problem, n_atoms, criterion, center):
+    from adapters.torch_somp import somp_torch
+
+    H, D = problem
+    ref = somp(H, D, n_atoms, criterion=criterion, center=center)
+    port = somp_torch(H, D, n_atoms, criterion=criterion, center=center)
+    prefix = assert_same_selection(port.support, ref.support, H - ref.mean, D, criterion=criterion)
+    if prefix == ref.n_selected == port.n_selected:
+        assert port.stop_reason == ref.stop_reason
+        scale = max(np.abs(ref.coef).max(initial=0.0), 1e-300)
+        # Full-pass vs lazy scoring only reorders float64 sums: rounding, far below 1e-9.
+        assert np.max(np.abs(port.coef - ref.coef), initial=0.0) <= 1e-9 * scale
+        assert np.max(np.abs(port.explained_variance - ref.explained_variance)) <= 1e-9
+
+
+def test_torch_ranking_equals_numpy_ranking(tmp_path):
+    from stores import write_planted_store
+
+    from adapters.torch_somp import rank_heads_torch
+    from somp_ref.heads import rank_heads
+
+    store = write_planted_store(tmp_path / "s")
+    ids = [3, 7, 11, 19, 23, 40, 41, 42]
+    a = rank_heads(store, ids, 6, show_progress=False)
+    b = rank_heads_torch(store, ids, 6)
+    assert np.max(np.abs(a.explained_variance - b.explained_variance)) <= 1e-9
+    assert all(np.array_equal(a.supports[key], b.supports[key]) for key in a.supports)
+
+
+@pytest.mark.model
+def test_verify_with_the_embedded_model_passes(capsys):
+    assert main(["verify", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    model_rows = [r for r in report["checks"] if r["name"].startswith("default:")]
+    assert len(model_rows) == 3 and all(r["status"] == "pass" for r in model_rows)

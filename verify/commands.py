@@ -1,0 +1,79 @@
+"""The ``verify`` subcommand (registered through the ``somp_ref.commands`` entry points)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _format(rows: list[dict]) -> str:
+    width = max(len(r["name"]) for r in rows) + 2
+    lines = [f"{'check':<{width}}{'error':>10}  {'tolerance':>9}  status"]
+    for r in rows:
+        error = "-" if r["error"] is None else f"{r['error']:.2e}"
+        tol = "-" if r["tolerance"] is None else f"{r['tolerance']:.0e}"
+        note = f"  ({r['detail']})" if r["detail"] and r["status"] != "pass" else ""
+        lines.append(f"{r['name']:<{width}}{error:>10}  {tol:>9}  {r['status']}{note}")
+    return "\n".join(lines)
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    if args.port:
+        from verify.ports import check_port
+
+        reports = check_port(args.port)
+        rows = [
+            {
+                "name": r.case,
+                "error": None,
+                "tolerance": None,
+                "status": "pass" if r.passed else "FAIL",
+                "detail": r.detail,
+            }
+            for r in reports
+        ]
+    else:
+        from verify.checks import all_checks
+
+        rows = [c.as_dict() for c in all_checks(None if args.model == "none" else args.model)]
+    failed = [r["name"] for r in rows if r["status"] == "FAIL"]
+    if args.json:
+        print(json.dumps({"checks": rows, "failed": failed}, indent=1))
+    else:
+        print(_format(rows))
+        print(
+            f"\n{len(rows) - len(failed)} passed or skipped, {len(failed)} failed"
+            + (f": {', '.join(failed)}" if failed else "")
+        )
+    return 1 if failed else 0
+
+
+def register(subparsers) -> None:
+    """Add ``verify`` to the ``somp-ref`` command."""
+    parser = subparsers.add_parser(
+        "verify",
+        help="numerical agreement checks, or check a port against the golden vectors",
+        description=(
+            "Run every agreement check (naive vs fast engine, factored vs materialised "
+            "pursuit, scikit-learn's OMP and SPAMS when installed, Logit Lens vs MP, the "
+            "torch port in float64/float32 and on CUDA when present, model internals, store "
+            "round trip, golden vectors) and print measured error, tolerance and status. "
+            "With --port, run an implementation against the golden vectors instead. Exit "
+            "status 1 on any failure."
+        ),
+        epilog="a port is called as port(H, D, n_atoms, *, center, normalize, criterion, "
+        "tol) and returns support, coef, explained_variance (attributes or keys). "
+        "example: somp-ref verify --port adapters.torch_somp:somp_torch",
+    )
+    parser.add_argument(
+        "--port",
+        metavar="MODULE:FUNCTION",
+        help="check this implementation against the golden vectors",
+    )
+    parser.add_argument(
+        "--model",
+        default="default",
+        help="model for the internals checks ('default', a path, a hub id, or 'none' to skip)",
+    )
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.set_defaults(func=_run_verify)
