@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from adapters.capture import capture_z, select_positions
-from adapters.families import family_of, head_layout, o_proj_modules, resolve
+from adapters.capture import capture_z, effective_o_proj, select_positions
+from adapters.families import family_of, head_layout, o_proj_modules, resolve, text_config
 from adapters.inputs import encode
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
@@ -41,7 +41,6 @@ def unembedding(model: Any) -> tuple[np.ndarray, np.ndarray | None]:
     return weight, norm
 
 
-@torch.no_grad()
 def export_activations(
     model: Any,
     tokenizer: Any,
@@ -89,10 +88,57 @@ def export_activations(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not records:
         raise ValueError("records must not be empty")
+    device = next(model.parameters()).device
+
+    def batches():
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            inputs = encode(
+                tokenizer,
+                [str(r["prompt"]) for r in chunk],
+                chat_template=chat_template,
+                padding_side=padding_side,
+                device=device,
+            )
+            yield chunk, inputs, None
+
+    return export_batches(
+        model,
+        tokenizer,
+        batches(),
+        out,
+        positions=positions,
+        dtype=dtype,
+        overwrite=overwrite,
+        show_progress=show_progress,
+        n_batches=-(-len(records) // batch_size),
+        meta={"chat_template": chat_template},
+    )
+
+
+@torch.no_grad()
+def export_batches(
+    model: Any,
+    tokenizer: Any,
+    batches: Iterable[tuple[Sequence[dict[str, Any]], dict[str, Any], Any]],
+    out: str | Path,
+    *,
+    positions: str = "last",
+    dtype: str = "float32",
+    overwrite: bool = False,
+    show_progress: bool = True,
+    n_batches: int | None = None,
+    meta: dict[str, Any] | None = None,
+) -> ActivationStore:
+    """Export from prebuilt model inputs: each batch is ``(records, inputs, image_mask)``
+    with ``inputs`` passed as ``model(**inputs)`` (an ``attention_mask`` is required) and
+    ``image_mask`` (batch, pos) marking image tokens, or None for text-only inputs.
+
+    Heads' contributions are stored as factors: z (normalised under an attention-output
+    norm, see :mod:`adapters.capture`) and the matching effective o_proj weight.
+    """
     family = family_of(model)
     layout = head_layout(model, family)
-    device = next(model.parameters()).device
-    prompts = [str(r["prompt"]) for r in records]
     store = ActivationStore.create(
         out,
         n_layers=layout.n_layers,
@@ -106,31 +152,29 @@ def export_activations(
             or getattr(model.config, "_name_or_path", "unknown"),
             "family": family.name,
             "positions": positions,
-            "chat_template": chat_template,
             "hook": "o_proj input (hook_z)",
+            "contribution": "post-attention-norm share"
+            if family.attn_out_norm
+            else "z @ W_O[:, head]^T",
             "model_dtype": str(next(model.parameters()).dtype),
+            "final_logit_softcapping": getattr(
+                text_config(model, family), "final_logit_softcapping", None
+            ),
+            **(meta or {}),
         },
     )
     per_layer: list[list[np.ndarray]] = [[] for _ in range(layout.n_layers)]
     samples: list[dict[str, Any]] = []
-    starts = range(0, len(prompts), batch_size)
-    with capture_z(model) as captured:
-        for start in progress(starts, desc="export (batches)", enabled=show_progress):
-            batch = encode(
-                tokenizer,
-                prompts[start : start + batch_size],
-                chat_template=chat_template,
-                padding_side=padding_side,
-                device=device,
-            )
-            model(**batch, use_cache=False)
-            mask = batch["attention_mask"]
+    with capture_z(model, contributions=True) as captured:
+        for records, inputs, image_mask in progress(
+            batches, desc="export (batches)", enabled=show_progress, total=n_batches
+        ):
+            model(**inputs, use_cache=False)
+            mask = inputs["attention_mask"]
             for layer in range(layout.n_layers):
-                rows = select_positions(captured[layer], mask, positions)
+                rows = select_positions(captured[layer], mask, positions, image_mask)
                 per_layer[layer].append(rows.float().cpu().numpy().astype(dtype))
-            samples += _sample_records(
-                records[start : start + batch_size], batch, tokenizer, positions
-            )
+            samples += _sample_records(records, inputs, tokenizer, positions, image_mask)
     for layer, module in enumerate(
         progress(o_proj_modules(model, family), desc="write layers", enabled=show_progress)
     ):
@@ -138,7 +182,7 @@ def export_activations(
         store.write_layer(
             layer,
             z=np.concatenate(per_layer[layer]),
-            o_proj=module.weight.detach().float().cpu().numpy(),
+            o_proj=effective_o_proj(model, layer).cpu().numpy(),
             bias=bias,
         )
         per_layer[layer] = []
@@ -154,13 +198,26 @@ def export_activations(
     return ActivationStore.open(out)
 
 
-def _sample_records(records, batch, tokenizer, positions) -> list[dict[str, Any]]:
-    """One record per stored row; with positions="all", one per real token."""
-    if positions != "all":
+def _sample_records(records, inputs, tokenizer, positions, image_mask) -> list[dict[str, Any]]:
+    """One record per stored row; with a per-token rule, one per kept token."""
+    if positions in ("last", "mean"):
         return [dict(r) for r in records]
     rows = []
-    for record, ids, mask in zip(records, batch["input_ids"], batch["attention_mask"], strict=True):
-        real = ids[mask.bool()].tolist()
-        for position, token in enumerate(real):
-            rows.append({**record, "position": position, "token": tokenizer.decode([token])})
+    attention = inputs["attention_mask"].bool()
+    real_index = attention.long().cumsum(-1) - 1  # position among real tokens: no padding
+    masks = attention
+    if positions != "all":
+        image = image_mask.to(masks.device).bool()
+        masks = masks & (image if positions == "image" else ~image)
+    for row, (record, ids, mask) in enumerate(
+        zip(records, inputs["input_ids"], masks, strict=True)
+    ):
+        for index in mask.nonzero().squeeze(-1).tolist():
+            rows.append(
+                {
+                    **record,
+                    "position": int(real_index[row, index]),
+                    "token": tokenizer.decode([int(ids[index])]),
+                }
+            )
     return rows

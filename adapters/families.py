@@ -35,7 +35,10 @@ class Family:
     text_config : str or None
         Attribute of ``config`` holding the language model's config (VLMs), or None.
     norm_weight_offset : float
-        Added to the final norm's stored weight to get its effective scale (Gemma: 1).
+        Added to a norm's stored weight to get its effective scale (Gemma: 1).
+    attn_out_norm : str or None
+        Dotted path from a decoder layer to a norm applied to the attention output before
+        it joins the residual stream (Gemma3's ``post_attention_layernorm``), or None.
     """
 
     name: str
@@ -46,11 +49,27 @@ class Family:
     final_norm: str = "model.norm"
     text_config: str | None = None
     norm_weight_offset: float = 0.0
+    attn_out_norm: str | None = None
 
+
+_VLM_TEXT = {
+    "layers": "model.language_model.layers",
+    "final_norm": "model.language_model.norm",
+    "text_config": "text_config",
+}
 
 FAMILIES: tuple[Family, ...] = (
     Family("llama", ("llama",)),
     Family("mistral", ("mistral",)),
+    Family("llava", ("llava",), **_VLM_TEXT),
+    Family(
+        "gemma3",
+        ("gemma3",),
+        **_VLM_TEXT,
+        norm_weight_offset=1.0,
+        attn_out_norm="post_attention_layernorm",
+    ),
+    Family("qwen2_5_vl", ("qwen2_5_vl",), **_VLM_TEXT),
 )
 
 
@@ -115,6 +134,14 @@ def head_layout(model: Any, family: Family | None = None) -> HeadLayout:
             f"{n_heads} heads x {d_head} -> {d_model}"
         )
     return HeadLayout(n_layers, n_heads, d_head, d_model)
+
+
+def attn_out_norms(model: Any, family: Family | None = None) -> list[Any] | None:
+    """The attention-output norm of every decoder layer, or None for families without."""
+    family = family or family_of(model)
+    if family.attn_out_norm is None:
+        return None
+    return [resolve(layer, family.attn_out_norm) for layer in resolve(model, family.layers)]
 
 
 def o_proj_modules(model: Any, family: Family | None = None) -> list[Any]:

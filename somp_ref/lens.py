@@ -29,7 +29,7 @@ class LogitLensResult:
     logits: np.ndarray
 
 
-def logit_lens(X, D, top: int = 10) -> LogitLensResult:
+def logit_lens(X, D, top: int = 10, *, softcap: float | None = None) -> LogitLensResult:
     """Project samples onto the dictionary and keep the ``top`` largest logits.
 
     Parameters
@@ -40,6 +40,10 @@ def logit_lens(X, D, top: int = 10) -> LogitLensResult:
         Dictionary, usually the unembedding matrix.
     top : int, default=10
         How many atoms to keep per sample (capped by the dictionary size).
+    softcap : float, optional
+        Final logit soft-capping (Gemma: ``cap * tanh(logit / cap)``, the store's
+        ``final_logit_softcapping``). Monotonic, so it changes the reported logits, never
+        the ranking.
 
     Returns
     -------
@@ -56,6 +60,8 @@ def logit_lens(X, D, top: int = 10) -> LogitLensResult:
     D = as_matrix(D, "D")
     check_same_width(X, D, ("X", "D"))
     top = min(check_positive_int(top, "top"), D.shape[0])
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0, got {softcap}")
     indices = np.empty((X.shape[0], top), dtype=np.int64)
     values = np.empty((X.shape[0], top))
     for start in range(0, X.shape[0], _ROW_BLOCK):
@@ -64,6 +70,8 @@ def logit_lens(X, D, top: int = 10) -> LogitLensResult:
         order = np.argsort(-logits, axis=1, kind="stable")[:, :top]
         indices[start : start + _ROW_BLOCK] = order
         values[start : start + _ROW_BLOCK] = np.take_along_axis(logits, order, axis=1)
+    if softcap is not None:
+        values = softcap * np.tanh(values / softcap)
     return LogitLensResult(indices=indices, logits=values)
 
 

@@ -27,3 +27,93 @@ def tiny_mistral(vocab_size: int, *, seed: int = 0, dtype=torch.float32):
     model = transformers.MistralForCausalLM(config).to(dtype)
     model.eval()
     return model
+
+
+#: Placeholder token ids of the tiny VLMs (unused ids at the top of SmolLM2's vocabulary,
+#: whose tokenizer the tests share).
+IMAGE, BOI, EOI, VISION_START, VISION_END = 49100, 49101, 49102, 49103, 49104
+
+
+def _text(**extra):
+    return dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        **extra,
+    )
+
+
+def tiny_vlm(family: str, vocab_size: int, *, seed: int = 0):
+    """A randomly initialised LLaVA (Llama text), Gemma3 or Qwen2.5-VL, eager attention."""
+    torch.manual_seed(seed)
+    T = transformers
+    if family == "llava":
+        config = T.LlavaConfig(
+            vision_config=T.CLIPVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            text_config=T.LlamaConfig(vocab_size=vocab_size, **_text()),
+            image_token_index=IMAGE,
+        )
+        model_class = T.LlavaForConditionalGeneration
+    elif family == "gemma3":
+        config = T.Gemma3Config(
+            text_config=T.Gemma3TextConfig(vocab_size=vocab_size, sliding_window=16, **_text()),
+            vision_config=T.SiglipVisionConfig(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=1,
+                num_attention_heads=2,
+                image_size=28,
+                patch_size=14,
+            ),
+            mm_tokens_per_image=4,
+            image_token_index=IMAGE,
+            boi_token_index=BOI,
+            eoi_token_index=EOI,
+        )
+        model_class = T.Gemma3ForConditionalGeneration
+    elif family == "qwen2_5_vl":
+        config = T.Qwen2_5_VLConfig(
+            text_config=dict(
+                vocab_size=vocab_size,
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                # mrope_section must sum to head_dim / 2 = 4
+                rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]},
+            ),
+            vision_config=dict(
+                depth=1,
+                hidden_size=32,
+                intermediate_size=64,
+                num_heads=2,
+                out_hidden_size=32,
+                patch_size=14,
+                spatial_merge_size=2,
+                temporal_patch_size=2,
+                window_size=28,
+                fullatt_block_indexes=[0],
+            ),
+            image_token_id=IMAGE,
+            vision_start_token_id=VISION_START,
+            vision_end_token_id=VISION_END,
+            video_token_id=49105,
+        )
+        model_class = T.Qwen2_5_VLForConditionalGeneration
+    else:
+        raise ValueError(family)
+    config._attn_implementation = "eager"
+    for sub in ("text_config", "vision_config"):
+        getattr(config, sub)._attn_implementation = "eager"
+    return model_class(config).eval()

@@ -80,3 +80,13 @@ def test_ll_head_score_counts_zero_samples_as_zero():
     D = np.eye(3)
     H = np.array([[0.0, 0.0, 0.0], [1.0, 0.0, 0.0]])
     assert ll_head_score(H, D) == 0.5
+
+
+def test_softcap_changes_values_not_ranking():
+    rng = np.random.default_rng(4)
+    X, D = rng.standard_normal((3, 5)) * 10, rng.standard_normal((9, 5))
+    plain = logit_lens(X, D, top=9)
+    capped = logit_lens(X, D, top=9, softcap=5.0)
+    assert_array_equal(capped.indices, plain.indices)
+    assert_allclose(capped.logits, 5.0 * np.tanh(plain.logits / 5.0), rtol=1e-15, atol=0)
+    assert np.all(np.abs(capped.logits) < 5.0)

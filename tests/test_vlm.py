@@ -1,0 +1,184 @@
+"""Vision-language adapters (LLaVA, Gemma3, Qwen2.5-VL) on tiny random models: the same
+checks as the text families, with images."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from models import IMAGE, tiny_vlm  # noqa: E402
+
+from adapters.capture import capture_z, effective_o_proj  # noqa: E402
+from adapters.families import attn_out_norms, head_layout, o_proj_modules  # noqa: E402
+from adapters.intervene import scale_heads  # noqa: E402
+from adapters.vision import (  # noqa: E402
+    check_image_tokens,
+    classify_images,
+    digits_dataset,
+    export_vision,
+    image_inputs,
+)
+from somp_ref.heads import rank_heads, top_heads  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+#: float32: summing 4 heads' contributions against one o_proj GEMM (and, for Gemma3, an
+#: RMSNorm computed in float32): a few ulps of the output's magnitude.
+FLOAT32_REL = 1e-5
+FAMILIES = ["llava", "gemma3", "qwen2_5_vl"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    from adapters.models import load_model
+
+    return load_model("default")[1]
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def vlm(request, tokenizer):
+    return tiny_vlm(request.param, len(tokenizer)), request.param
+
+
+def inputs_for(model, tokenizer, text="What digit is this?", seed=0):
+    image = np.random.default_rng(seed).random((20, 20, 3))
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return image_inputs(model, ids, image)
+
+
+def logits(model, inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_head_contributions_sum_to_what_joins_the_residual_stream(vlm, tokenizer):
+    model, family = vlm
+    layout = head_layout(model)
+    inputs = inputs_for(model, tokenizer)
+    norms = attn_out_norms(model)
+    targets = norms if norms is not None else o_proj_modules(model)
+    seen = {}
+    handles = [
+        m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
+        for i, m in enumerate(targets)
+    ]
+    try:
+        with capture_z(model, contributions=True) as captured:
+            logits(model, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert (norms is not None) == (family == "gemma3")
+    for layer in range(layout.n_layers):
+        W = effective_o_proj(model, layer).reshape(layout.d_model, layout.n_heads, layout.d_head)
+        total = torch.einsum("bphd,mhd->bpm", captured[layer].float(), W)
+        diff = (total - seen[layer]).abs().max().item()
+        scale = seen[layer].abs().max().item()
+        assert diff <= FLOAT32_REL * scale, f"{family} layer {layer}: {diff:.3e}"
+
+
+def test_alpha_one_is_bit_identical_with_images(vlm, tokenizer):
+    model, _ = vlm
+    layout = head_layout(model)
+    inputs = inputs_for(model, tokenizer)
+    before = logits(model, inputs)
+    every = {(layer, h): 1.0 for layer in range(layout.n_layers) for h in range(layout.n_heads)}
+    with scale_heads(model, every) as calls:
+        during = logits(model, inputs)
+    assert all(count == 1 for count in calls.values())
+    assert torch.equal(before, during)
+
+
+def test_alpha_zero_equals_zeroed_o_proj_columns(vlm, tokenizer):
+    model, _ = vlm
+    layout = head_layout(model)
+    heads = [(0, 1), (1, 3)]
+    inputs = inputs_for(model, tokenizer)
+    with scale_heads(model, {h: 0.0 for h in heads}):
+        ablated = logits(model, inputs)
+    edited = copy.deepcopy(model)
+    with torch.no_grad():
+        for layer, head in heads:
+            cols = slice(head * layout.d_head, (head + 1) * layout.d_head)
+            o_proj_modules(edited)[layer].weight[:, cols] = 0.0
+    expected = logits(edited, inputs)
+    diff = (ablated - expected).abs().max().item()
+    assert diff <= FLOAT32_REL * expected.abs().max().item(), f"{diff:.3e}"
+    assert not torch.allclose(ablated, logits(model, inputs))
+
+
+def test_vision_tower_is_never_hooked(vlm):
+    model, _ = vlm
+    ours = {id(m) for m in o_proj_modules(model)}
+    vision = (
+        model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual
+    )
+    assert not ours & {id(m) for m in vision.modules()}
+
+
+@pytest.mark.parametrize("positions", ["last", "text", "image", "all", "mean"])
+def test_export_rank_intervene_end_to_end(vlm, tokenizer, tmp_path, positions):
+    model, family = vlm
+    items = [
+        {"prompt": f"Describe picture number {i}.", "image": item["image"], "id": i}
+        for i, item in enumerate(digits_dataset(4, size=24))
+    ]
+    store = export_vision(
+        model, tokenizer, items, tmp_path / "s", positions=positions, show_progress=False
+    )
+    image_tokens = int((inputs_for(model, tokenizer)["input_ids"] == IMAGE).sum())
+    if positions == "image":
+        assert store.n_samples == 4 * image_tokens
+        assert all(s["token"] == tokenizer.decode([IMAGE]) for s in store.samples())
+    if positions in ("last", "mean"):
+        assert store.n_samples == 4 and [s["id"] for s in store.samples()] == [0, 1, 2, 3]
+    assert store.meta["family"] == family
+    scores = rank_heads(store, list(range(100, 160)), 5, show_progress=False)
+    heads = top_heads(scores, 2)
+    assert len(heads) == 2 and np.isfinite(scores.explained_variance).all()
+    inputs = inputs_for(model, tokenizer)
+    with scale_heads(model, {h: -1.0 for h in heads}):
+        steered = logits(model, inputs)
+    assert not torch.equal(steered, logits(model, inputs))
+
+
+def test_image_token_mismatch_is_a_clear_error(vlm, tokenizer, tmp_path):
+    model, family = vlm
+    inputs = inputs_for(model, tokenizer)
+    ids = inputs["input_ids"][0].tolist()
+    position = ids.index(IMAGE)
+    broken = dict(inputs)
+    broken["input_ids"] = torch.tensor([ids[:position] + ids[position + 1 :]])
+    broken["attention_mask"] = torch.ones_like(broken["input_ids"])
+    needed = int((inputs["input_ids"] == IMAGE).sum())
+    with pytest.raises(
+        ValueError,
+        match=rf"{family}: the input has {needed - 1} image "
+        rf"tokens .* need {needed}",
+    ):
+        check_image_tokens(model, broken)
+    with pytest.raises(ValueError, match=r"image tokens"):
+        export_vision(
+            model,
+            tokenizer,
+            [{"prompt": "x", "inputs": broken}],
+            tmp_path / "s",
+            show_progress=False,
+        )
+
+
+def test_digits_classification_helper(vlm, tokenizer):
+    model, _ = vlm
+    items = digits_dataset(5, size=16, seed=1)
+    assert all(item["image"].shape == (16, 16, 3) for item in items)
+    assert all(0.0 <= item["image"].min() <= item["image"].max() <= 1.0 for item in items)
+    result = classify_images(model, tokenizer, items, [str(d) for d in range(10)])
+    assert len(result["predictions"]) == 5
+    assert set(result["predictions"]) <= {str(d) for d in range(10)}
+    truth = [p == item["label"] for p, item in zip(result["predictions"], items, strict=True)]
+    assert result["accuracy"] == np.mean(truth)
