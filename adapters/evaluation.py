@@ -106,7 +106,7 @@ class Evaluator:
         return sequences
 
     @torch.no_grad()
-    def _concept_mass(self) -> float:
+    def _concept_mass(self) -> float | None:
         """Mean probability on concept tokens where the baseline answer says one."""
         masses = []
         for start in range(0, len(self.forced), self.batch_size):
@@ -125,7 +125,7 @@ class Evaluator:
                 predicting = real[[p - 1 for p in positions]]  # logits at p-1 predict p
                 probs = torch.softmax(logits[row, predicting], dim=-1)
                 masses += probs[:, self.ids].sum(dim=-1).tolist()
-        return float(np.mean(masses)) if masses else float("nan")
+        return float(np.mean(masses)) if masses else None  # no concept token to measure
 
     # ------------------------------------------------------------------ metrics
 

@@ -41,11 +41,13 @@ def describe(result: dict[str, Any]) -> str:
     """One line saying what the table's numbers mean."""
     base = result["baseline"]["metrics"]
     if result["kind"] == "generation":
+        mass = base["concept_mass"]
+        mass = "n/a: no concept token in the answers" if mass is None else f"{mass:.3f}"
         return (
             f"target: {result['concept']} words per answer relative to the unmodified "
             f"model ({base['concept_words']:.2f} per answer); mass: probability on "
             f"{result['concept']} tokens where the baseline answer has one (baseline "
-            f"{base['concept_mass']:.3f}); KL: next-token KL on neutral prompts (nats); "
+            f"{mass}); KL: next-token KL on neutral prompts (nats); "
             "degen: degenerate answers"
         )
     return (
