@@ -443,7 +443,7 @@ def rank_heads(
                 scores[layer, head] = score
                 supports[layer, head] = ids[best]
                 increments[layer, head] = freq
-    vocab = store.vocab()
+    vocab, meta = store.vocab(), store.meta  # meta is a fresh copy each access: read once
     return HeadScores(
         explained_variance=scores,
         supports=supports,
@@ -461,11 +461,7 @@ def rank_heads(
         },
         token_ids=ids,
         tokens=None if vocab is None else [vocab[i] for i in ids],
-        source={
-            key: store.meta.get(key)
-            for key in ("model_id", "family", "positions")
-            if key in store.meta
-        }
+        source={key: meta[key] for key in ("model_id", "family", "positions") if key in meta}
         | {"store": str(store.path)},
     )
 
