@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from somp_ref.heads import HeadScores, _check_token_ids
-from somp_ref.pursuit import DEPENDENT_TOL, GAIN_FLOOR, SompResult
+from somp_ref.pursuit import DEPENDENT_TOL, GAIN_FLOOR, SompResult, _result
 from somp_ref.store import ActivationStore
 
 _ORDER = {"l1": 1, "l2": 2}
@@ -155,16 +155,12 @@ def somp_torch(
     t = int(out["n_selected"][0])
     energy = float((Hc.double() * Hc.double()).sum())
     gains = out["gains"][0, :t].double().cpu().numpy()
-    energies = np.maximum(energy - np.concatenate([[0.0], np.cumsum(gains)]), 0.0)
-    ev = 1.0 - energies / energy if energy > 0 else np.zeros_like(energies)
-    ev[0] = 0.0
-    return SompResult(
-        support=out["support"][0, :t].cpu().numpy().astype(np.int64),
-        coef=out["coef"][0, :, :t].double().cpu().numpy(),
-        explained_variance=ev,
-        residual_norm=np.sqrt(energies),
-        stop_reason=_REASONS[int(out["reason"][0])],
-        mean=mean.double().cpu().numpy(),
+    return _result(
+        out["support"][0, :t].cpu().numpy().astype(np.int64),
+        out["coef"][0, :, :t].double().cpu().numpy(),
+        energy - np.concatenate([[0.0], np.cumsum(gains)]),
+        _REASONS[int(out["reason"][0])],
+        mean.double().cpu().numpy(),
     )
 
 

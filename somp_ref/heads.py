@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from somp_ref.inputs import as_matrix, check_choice, check_positive_int, check_tolerance
+from somp_ref.lens import best_atoms
 from somp_ref.progress import progress
 from somp_ref.pursuit import (
     _NORM_ORDER,
@@ -312,16 +313,10 @@ def _factored_ll(
 ) -> tuple[float, np.ndarray, np.ndarray]:
     """LL head score of ``z @ o_proj_head.T``; also the most frequent best atoms."""
     energy = np.einsum("ij,ij->i", z @ (o_proj_head.T @ o_proj_head), z)
-    logits = z @ projected.T  # (n, v)
-    inv_norms = np.zeros_like(dictionary.sq_norms)
-    np.divide(1.0, dictionary.sq_norms, out=inv_norms, where=dictionary.sq_norms > 0)
-    explained = logits * logits * inv_norms
-    best = np.argmax(explained, axis=1)
-    fractions = np.zeros(z.shape[0])
-    np.divide(explained[np.arange(z.shape[0]), best], energy, out=fractions, where=energy > 0)
+    best, fractions = best_atoms(z @ projected.T, energy, dictionary.sq_norms)
     counts = np.bincount(best[energy > 0], minlength=projected.shape[0])
     ranked = np.argsort(-counts, kind="stable")[: min(n_atoms, np.count_nonzero(counts))]
-    return float(np.mean(np.minimum(fractions, 1.0))), ranked, counts[ranked] / z.shape[0]
+    return float(np.mean(fractions)), ranked, counts[ranked] / z.shape[0]
 
 
 # ------------------------------------------------------------------ ranking

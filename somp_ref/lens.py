@@ -99,17 +99,47 @@ def ll_head_score(H, D) -> float:
     return float(np.mean(best_atom_fraction(H, D)))
 
 
+def best_atoms(
+    logits: np.ndarray, sample_energy: np.ndarray, sq_norms: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each sample's best single atom and the fraction of its energy that atom explains.
+
+    Parameters
+    ----------
+    logits : ndarray of shape (n_samples, n_atoms_total)
+        ``D x`` for every sample x (in any factored form).
+    sample_energy : ndarray of shape (n_samples,)
+        ``||x||^2``.
+    sq_norms : ndarray of shape (n_atoms_total,)
+        ``||D_j||^2``; zero atoms are never the best.
+
+    Returns
+    -------
+    best : ndarray of shape (n_samples,), int64
+        ``argmax_j (D_j x)^2 / ||D_j||^2``.
+    fractions : ndarray of shape (n_samples,)
+        That maximum over ``||x||^2``, in [0, 1]; 0 for zero samples.
+    """
+    inv_norms = np.zeros_like(sq_norms)
+    np.divide(1.0, sq_norms, out=inv_norms, where=sq_norms > 0)
+    explained = logits * logits * inv_norms
+    best = np.argmax(explained, axis=1)
+    fractions = np.zeros(logits.shape[0])
+    np.divide(
+        explained[np.arange(logits.shape[0]), best],
+        sample_energy,
+        out=fractions,
+        where=sample_energy > 0,
+    )
+    return best, np.minimum(fractions, 1.0)
+
+
 def best_atom_fraction(H: np.ndarray, D: np.ndarray) -> np.ndarray:
     """Per-sample best single-atom explained fraction, shape (n_samples,). Trusts inputs."""
     sq_norms = np.einsum("ij,ij->i", D, D)
-    inv_norms = np.zeros_like(sq_norms)
-    np.divide(1.0, sq_norms, out=inv_norms, where=sq_norms > 0)
-    fractions = np.zeros(H.shape[0])
     sample_energy = np.einsum("ij,ij->i", H, H)
+    fractions = np.zeros(H.shape[0])
     for start in range(0, H.shape[0], _ROW_BLOCK):
         block = slice(start, start + _ROW_BLOCK)
-        logits = H[block] @ D.T
-        best = np.max(logits * logits * inv_norms, axis=1)
-        energy = sample_energy[block]
-        np.divide(best, energy, out=fractions[block], where=energy > 0)
-    return np.minimum(fractions, 1.0)
+        fractions[block] = best_atoms(H[block] @ D.T, sample_energy[block], sq_norms)[1]
+    return fractions
