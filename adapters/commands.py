@@ -109,7 +109,7 @@ def register(subparsers) -> None:
         "export",
         help="run prompts through a model and store what every head writes",
         description=(
-            "Forward the prompts in batches with a pre-hook on every attention o_proj, keep "
+            "Forward the prompts in batches with a hook on every attention o_proj, keep "
             "each head's output (hook_z) at the chosen positions, and write an activation "
             "store with the o_proj weights, the unembedding, the final norm and the "
             "vocabulary. Results do not depend on batch size or padding."

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from adapters.generation import generate
-from adapters.inputs import encode, render
+from adapters.inputs import encode, real_positions, render
 from adapters.intervene import scale_heads
 from adapters.tasks import Task
 from somp_ref.metrics import (
@@ -117,7 +117,7 @@ class Evaluator:
                 padding=True,
                 return_tensors="pt",
             )
-            batch["position_ids"] = (batch["attention_mask"].cumsum(1) - 1).clamp(min=0)
+            batch["position_ids"] = real_positions(batch["attention_mask"])
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
             logits = self.model(**batch).logits.double()
             for row, (_, positions) in enumerate(chunk):

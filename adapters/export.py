@@ -12,7 +12,7 @@ import torch
 
 from adapters.capture import capture_z, effective_o_proj, select_positions
 from adapters.families import family_of, head_layout, o_proj_modules, resolve, text_config
-from adapters.inputs import encode
+from adapters.inputs import encode, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
 
@@ -204,7 +204,7 @@ def _sample_records(records, inputs, tokenizer, positions, image_mask) -> list[d
         return [dict(r) for r in records]
     rows = []
     attention = inputs["attention_mask"].bool()
-    real_index = attention.long().cumsum(-1) - 1  # position among real tokens: no padding
+    real_index = real_positions(attention)
     masks = attention
     if positions != "all":
         image = image_mask.to(masks.device).bool()

@@ -47,9 +47,14 @@ def encode(
     mask = batch["attention_mask"]
     if (mask.sum(dim=1) == 0).any():
         raise ValueError("a prompt encodes to no tokens")
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
     return {
         "input_ids": batch["input_ids"].to(device),
         "attention_mask": mask.to(device),
-        "position_ids": positions.to(device),
+        "position_ids": real_positions(mask).to(device),
     }
+
+
+def real_positions(mask: Any) -> Any:
+    """Each token's index among the real (unpadded) tokens of its row, (batch, pos); pads
+    get 0. Used as position ids, it makes a prompt's computation independent of padding."""
+    return (mask.long().cumsum(dim=-1) - 1).clamp(min=0)
