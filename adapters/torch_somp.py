@@ -17,7 +17,14 @@ import numpy as np
 import torch
 
 from somp_ref.heads import HeadScores, _check_token_ids
-from somp_ref.pursuit import DEPENDENT_TOL, GAIN_FLOOR, SompResult, _result
+from somp_ref.pursuit import (
+    DEPENDENT_TOL,
+    GAIN_FLOOR,
+    TIE_RTOL,
+    ZERO_RESIDUAL,
+    SompResult,
+    pursuit_result,
+)
 from somp_ref.store import ActivationStore
 
 _ORDER = {"l1": 1, "l2": 2}
@@ -70,6 +77,10 @@ def somp_batched(
     support = torch.full((batch, k), -1, dtype=torch.long, device=device)
     gains = torch.zeros(batch, k, dtype=dtype, device=device)
     remaining = energy.clone()
+    # somp_ref.pursuit._tie_unit and _window_scale: the tie window is unit * window_scale
+    # of the best atom.
+    unit = TIE_RTOL * energy.sqrt() * (n**0.5 if criterion == "l1" else 1.0)
+    window_scale = torch.ones_like(sq_norms) if normalize else sq_norms.sqrt()
     active = energy > 0
     reason = torch.where(active, 0, 2).to(torch.long)
     rows = torch.arange(batch, device=device)
@@ -81,7 +92,10 @@ def somp_batched(
         blocked |= rho2 <= DEPENDENT_TOL * sq_norms
         scores = torch.linalg.vector_norm(R, ord=_ORDER[criterion], dim=-1) / scale
         scores = scores.masked_fill(blocked, -torch.inf)
-        best, j = scores.max(dim=-1)  # first maximum: lowest index on ties
+        best, top = scores.max(dim=-1)
+        # The tie rule: the lowest index within the tie window of the best score.
+        tied = scores >= (best - unit * window_scale[top])[:, None]
+        j = tied.to(torch.uint8).argmax(dim=-1)  # argmax returns the first maximum
         exhausted = active & (best == -torch.inf)
         reason[exhausted] = 3
         active = active & ~exhausted
@@ -143,19 +157,22 @@ def somp_torch(
     D = torch.as_tensor(np.asarray(D, dtype=np.float64), device=device).to(dtype)
     mean = H.mean(dim=0) if center else torch.zeros(H.shape[1], dtype=dtype, device=device)
     Hc = H - mean
+    energy = (Hc * Hc).sum()
+    if center and energy <= ZERO_RESIDUAL * (H * H).sum():
+        energy = torch.zeros_like(energy)  # zero to rounding, as somp_ref.pursuit
     out = somp_batched(
         (D @ Hc.T)[None],
         D @ D.T,
-        (Hc * Hc).sum()[None],
+        energy[None],
         n_atoms,
         criterion=criterion,
         normalize=normalize,
         tol=tol,
     )
     t = int(out["n_selected"][0])
-    energy = float((Hc.double() * Hc.double()).sum())
+    energy = float(energy.double())
     gains = out["gains"][0, :t].double().cpu().numpy()
-    return _result(
+    return pursuit_result(
         out["support"][0, :t].cpu().numpy().astype(np.int64),
         out["coef"][0, :, :t].double().cpu().numpy(),
         energy - np.concatenate([[0.0], np.cumsum(gains)]),
@@ -194,12 +211,16 @@ def rank_heads_torch(
         z = torch.as_tensor(np.array(z_layer, dtype=np.float64), device=device).to(dtype)
         W = torch.as_tensor(np.array(o_proj, dtype=np.float64), device=device).to(dtype)
         z = z.permute(1, 0, 2)  # (heads, n, d_head)
+        W = W.reshape(store.d_model, store.n_heads, dh).permute(1, 0, 2)  # (heads, dm, dh)
+        gram_w = W.transpose(1, 2) @ W
+        raw = torch.einsum("hnd,hde,hne->h", z, gram_w, z)
         if center:
             z = z - z.mean(dim=1, keepdim=True)
-        W = W.reshape(store.d_model, store.n_heads, dh).permute(1, 0, 2)  # (heads, dm, dh)
         E = torch.einsum("vm,hmd->hvd", D, W)
         Ct = E @ z.transpose(1, 2)  # (heads, v, n)
-        energy = torch.einsum("hnd,hde,hne->h", z, W.transpose(1, 2) @ W, z)
+        energy = torch.einsum("hnd,hde,hne->h", z, gram_w, z)
+        if center:  # zero to rounding, as somp_ref.pursuit
+            energy = torch.where(energy <= ZERO_RESIDUAL * raw, 0.0, energy)
         out = somp_batched(
             Ct,
             gram,

@@ -27,10 +27,11 @@ from somp_ref.pursuit import (
     _NORM_ORDER,
     SompResult,
     _pursue,
-    _result,
+    _signal_energy,
+    pursuit_result,
     solve_factored_coef,
 )
-from somp_ref.store import ActivationStore
+from somp_ref.store import ActivationStore, StoreError
 
 Head = tuple[int, int]
 METHODS = ("somp", "ll")
@@ -231,13 +232,16 @@ def _factored_somp(
     """SOMP of ``z @ o_proj_head.T`` given ``projected = D @ o_proj_head`` (v, d_head)."""
     mean_z = z.mean(axis=0) if center else np.zeros(z.shape[1])
     zc = z - mean_z
-    energy = float(np.einsum("ij,ij->", zc @ (o_proj_head.T @ o_proj_head), zc))
+    gram_w = o_proj_head.T @ o_proj_head
+    energy = max(float(np.einsum("ij,ij->", zc @ gram_w, zc)), 0.0)
+    if center:
+        energy = _signal_energy(energy, float(np.einsum("ij,ij->", z @ gram_w, z)))
     Ct = projected @ zc.T
     support, At, U, gains, reason = _pursue(
         Ct,
         dictionary.gram.__getitem__,
         dictionary.sq_norms,
-        max(energy, 0.0),
+        energy,
         min(n_atoms, Ct.shape[0]),
         order=order,
         normalize=normalize,
@@ -245,8 +249,8 @@ def _factored_somp(
         refit=True,
     )
     coef = solve_factored_coef(At, U, support)
-    energies = max(energy, 0.0) - np.concatenate([[0.0], np.cumsum(gains)])
-    return _result(support, coef, energies, reason, mean_z @ o_proj_head.T)
+    energies = energy - np.concatenate([[0.0], np.cumsum(gains)])
+    return pursuit_result(support, coef, energies, reason, mean_z @ o_proj_head.T)
 
 
 def head_somp(
@@ -337,6 +341,21 @@ def _check_token_ids(token_ids, vocab_size: int) -> np.ndarray:
     return ids[np.sort(first)].astype(np.int64)  # duplicates dropped, order kept
 
 
+def _finite(values: np.ndarray, store: ActivationStore, what: str) -> np.ndarray:
+    """``values`` unchanged, or a StoreError naming the first NaN/Inf entry.
+
+    Stores refuse non-finite values when written; one that holds them was altered or
+    written by other code, and no score computed from it would mean anything.
+    """
+    bad = ~np.isfinite(values)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise StoreError(
+            f"{store.path}: {what} holds {values[index]} at {index}; the store is corrupt"
+        )
+    return values
+
+
 def rank_heads(
     store: ActivationStore,
     token_ids: Sequence[int],
@@ -388,7 +407,7 @@ def rank_heads(
     center = (method == "somp") if center is None else bool(center)
     unembed = store.unembed()
     ids = _check_token_ids(token_ids, unembed.shape[0])
-    atoms = np.asarray(unembed[ids], dtype=np.float64)
+    atoms = _finite(np.asarray(unembed[ids], dtype=np.float64), store, "unembed (token, d_model)")
     if fold_final_norm:
         norm = store.final_norm()
         if norm is None:
@@ -411,11 +430,12 @@ def rank_heads(
     dh = store.d_head
     for layer in progress(chosen, desc=f"rank ({method})", enabled=show_progress):
         z_layer, o_proj = store.layer(layer)
-        o_proj = np.asarray(o_proj, dtype=np.float64)
+        o_proj = _finite(np.asarray(o_proj, dtype=np.float64), store, f"layer {layer}: o_proj")
         projected = atoms @ o_proj  # (v, n_heads * d_head): E_h for every head at once
         for head in range(store.n_heads):
             cols = slice(head * dh, (head + 1) * dh)
             z = np.asarray(z_layer[:, head], dtype=np.float64)
+            _finite(z, store, f"layer {layer}, head {head}: z (sample, d_head)")
             if method == "somp":
                 res = _factored_somp(
                     z,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 from scipy.linalg import lstsq, solve_triangular
@@ -28,22 +29,48 @@ from somp_ref.inputs import (
 
 EPS = float(np.finfo(np.float64).eps)
 
-#: Relative residual energy below which the residual counts as zero to rounding
-#: (DESIGN.md). Only the naive engine can measure it: the fast one tracks the energy by
-#: subtraction, whose rounding (~ t * eps) is far above it, and relies on GAIN_FLOOR.
+# Every discrete decision of a pursuit (which atom, whether it is dependent, whether to stop)
+# compares a computed number with a threshold. The thresholds below sit orders of magnitude
+# above the rounding of any BLAS kernel (a dot product of length d is exact to ~d * eps of
+# the magnitudes it sums, whatever its blocking, vector width or FMA use), so a decision
+# never depends on the CPU it runs on. Inputs are first rescaled by powers of two
+# (``_binary_exponents``), which is exact, so no threshold depends on the data's units.
+
+#: Relative residual energy below which a signal counts as zero to rounding (DESIGN.md).
+#: Centering ``n`` equal samples leaves ~eps * |mean| per entry, an energy ~1e-32 of the
+#: raw one; ``somp`` treats a centered signal whose energy is at most ZERO_RESIDUAL times
+#: the raw energy as zero (empty support, "converged") instead of pursuing rounding noise.
 ZERO_RESIDUAL = 1e-24
 
-#: An atom whose best possible energy gain is at most GAIN_FLOOR * ||H||^2 is not taken:
-#: explained variance is a float64 number in [0, 1] and cannot resolve a change below eps.
-#: This is what stops both engines once the residual is zero to rounding (its correlations
-#: are then ~eps^2 ||H||^2) or orthogonal to every atom left.
-GAIN_FLOOR = EPS
+#: An atom whose energy gain is at most GAIN_FLOOR * ||H||^2 is not taken ("converged").
+#: Once the residual is zero to rounding, its correlations are noise of at most
+#: ~d * eps * ||D_j|| ||H|| (the fast engine derives them from ``D H^T`` by subtraction) and
+#: the gain of an admissible atom (squared orthogonal part >= DEPENDENT_TOL of its own) is
+#: at most (d * eps)^2 / DEPENDENT_TOL ~ 1e-18 of ||H||^2 for d = 8192: 1e-12 is far above
+#: that worst case, and a real atom adding less than 1e-12 of the variance is below
+#: anything explained variance reports.
+GAIN_FLOOR = 1e-12
 
 #: An atom whose component orthogonal to the support has squared norm <= DEPENDENT_TOL
-#: times its own is linearly dependent on the support and never selected. The fast engine
-#: computes that component by cancellation with error ~ t * eps ~ 1e-14, four orders
-#: below the threshold, so both engines classify atoms alike.
-DEPENDENT_TOL = 1e-10
+#: times its own (an angle under 0.06 degrees to the support's span) is treated as
+#: linearly dependent and never selected. Its gain and coefficients would be computed
+#: through a division by that squared norm, amplifying rounding by up to 1 / DEPENDENT_TOL:
+#: at 1e-6 the explained variance stays exact to ~1e-10 (the contract's 1e-9), where a
+#: smaller threshold would let two kernels report gains that differ in the eighth digit.
+#: Both engines compute the component by cancellation with error ~ t * eps ~ 1e-14, eight
+#: orders below the threshold, so every kernel classifies atoms alike. Real unembedding
+#: rows are never that close to the span of 50 others in d_model dimensions; exact
+#: duplicates (tokens with identical rows) are excluded as they must be.
+DEPENDENT_TOL = 1e-6
+
+#: Scores within the tie window of the best score are a tie, and a tie goes to the lowest
+#: index (the documented rule; DESIGN.md). The window is TIE_RTOL times a bound on the best
+#: atom's score and on the rounding of every score compared with it: ``_tie_unit`` (||H||_F,
+#: times sqrt(n) for "l1") times ``_window_scale`` (the best atom's norm when scores are
+#: not normalised, else 1). A score's rounding error is at most ~(d + t) * eps of that
+#: bound, ~1e-12 for d = 4096, t = 50: a window 1e3 times wider makes the choice the rule's,
+#: not the last bit's, while scores a billionth of the bound apart are told apart.
+TIE_RTOL = 1e-9
 
 #: Relative slack added to the score upper bounds of the fast engine so that rounding in
 #: the bound update can never make a bound fall below the score it covers.
@@ -95,20 +122,81 @@ class SompResult:
         """Number of pursuit steps taken (``len(support)``)."""
         return int(self.support.shape[0])
 
-    def reconstruct(self, D: np.ndarray) -> np.ndarray:
-        """Return the approximation of ``H`` (mean added back), shape (n_samples, d_model)."""
-        D = np.asarray(D, dtype=np.float64)
-        return self.coef @ D[self.support] + self.mean
-
 
 # --------------------------------------------------------------------------- kernels
 
 
-def _score_scale(sq_norms: np.ndarray, normalize: bool) -> np.ndarray:
-    """Divisor of each atom's score: its norm (1 for zero atoms, which are never scored)."""
-    if not normalize:
+def _score_scale(
+    sq_norms: np.ndarray, normalize: bool, atom_exp: np.ndarray | None = None
+) -> np.ndarray:
+    """Divisor of each atom's score, shape (v,).
+
+    Normalised: the atom's norm (1 for zero atoms, which are never scored). Otherwise 1,
+    or ``2**-atom_exp[j]`` when atom j was rescaled by that power of two (so that the score
+    is that of the atom as given).
+    """
+    if normalize:
+        return np.sqrt(np.where(sq_norms > 0.0, sq_norms, 1.0))
+    if atom_exp is None:
         return np.ones_like(sq_norms)
-    return np.sqrt(np.where(sq_norms > 0.0, sq_norms, 1.0))
+    return np.ldexp(1.0, -atom_exp)
+
+
+def _tie_unit(energy: float, n_samples: int, order: int) -> float:
+    """``TIE_RTOL`` times the largest possible score of a unit atom.
+
+    A score is ``||D_j R^T||_p / s_j`` with ``||R||_F <= ||H||_F``; by Cauchy-Schwarz a
+    unit atom's is at most ``||H||_F`` (l2) or ``sqrt(n) ||H||_F`` (l1), and the rounding of
+    the correlations scales with the same product.
+    """
+    return TIE_RTOL * float(np.sqrt(energy)) * (float(np.sqrt(n_samples)) if order == 1 else 1.0)
+
+
+def _window_scale(
+    sq_norms: np.ndarray, normalize: bool, atom_exp: np.ndarray | None = None
+) -> np.ndarray:
+    """Per-atom factor of the tie window, shape (v,): 1 for normalised scores, else the
+    norm of the atom as given (an unnormalised score, and its rounding, grow with it)."""
+    if normalize:
+        return np.ones_like(sq_norms)
+    norms = np.sqrt(sq_norms)
+    return norms if atom_exp is None else np.ldexp(norms, atom_exp)
+
+
+def _first_within_window(scores: np.ndarray, unit: float, window_scale: np.ndarray) -> int:
+    """Lowest index whose score is within the tie window of the best (-1 if all are -inf).
+
+    This is the tie rule of every engine: the window is ``unit * window_scale[best]``.
+    """
+    j = int(np.argmax(scores))
+    if scores[j] == -np.inf:
+        return -1
+    return int(np.flatnonzero(scores >= scores[j] - unit * window_scale[j])[0])
+
+
+class PursuitPath(NamedTuple):
+    """What the fast kernel returns.
+
+    Attributes
+    ----------
+    support : ndarray of shape (t,), int64
+        Chosen atoms in order.
+    At : ndarray of shape (t, n)
+        With refit, ``At[i] = (H q_i)^T`` for the orthonormal directions ``q_i`` of the
+        support; without refit, the MP coefficients of step i.
+    U : ndarray of shape (t, v)
+        With refit, ``U[i] = q_i^T D^T`` (``U[:, support]^T`` is the lower Cholesky factor
+        of the support's Gram matrix); without refit, the Gram row of the atom of step i.
+    gains : ndarray of shape (t,)
+        Residual energy removed by each step.
+    stop_reason : str
+    """
+
+    support: np.ndarray
+    At: np.ndarray
+    U: np.ndarray
+    gains: np.ndarray
+    stop_reason: str
 
 
 def _pursue(
@@ -122,7 +210,8 @@ def _pursue(
     normalize: bool,
     tol: float,
     refit: bool,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+    atom_exp: np.ndarray | None = None,
+) -> PursuitPath:
     """Fast pursuit from correlations (Batch-OMP style), SOMP when ``refit`` else MP.
 
     Parameters
@@ -135,15 +224,13 @@ def _pursue(
     sq_norms : ndarray of shape (v,)
         Squared atom norms, the diagonal of ``D D^T``.
     energy : float
-        ``||H||_F^2``.
+        ``||H||_F^2`` (0 when the signal is zero to rounding: nothing is selected).
+    atom_exp : ndarray of shape (v,), optional
+        Atom j is the given atom times ``2**-atom_exp[j]`` (see ``_prepare``).
 
     Returns
     -------
-    support : (t,) int64; At : (t, n); U : (t, v); gains : (t,); stop_reason : str
-        With refit, ``At[i] = (H q_i)^T`` and ``U[i] = q_i^T D^T`` for the orthonormal
-        directions ``q_i`` of the support (left-looking Cholesky: ``U[:, support]^T`` is
-        the Cholesky factor of the support's Gram matrix). Without refit, ``At[i]`` are
-        the MP coefficients and ``U[i]`` the Gram row of the atom chosen at step i.
+    PursuitPath
 
     Notes
     -----
@@ -151,11 +238,12 @@ def _pursue(
     are brought up to date lazily, row by row, only for the atoms the argmax must score
     (``_Scorer``): each atom keeps an upper bound on its score (the triangle inequality
     gives ``score_t+1 <= score_t + |U[t, j]| ||At[t]||_p``), and only atoms whose bound
-    could beat the best exact score are scored, so a step rarely touches all v x n
-    correlations.
+    could reach the best exact score (or its tie window) are scored, so a step rarely
+    touches all v x n correlations.
     """
     v, n = Ct.shape
-    scorer = _Scorer(Ct, n_atoms, sq_norms, order=order, normalize=normalize)
+    unit = _tie_unit(energy, n, order)
+    scorer = _Scorer(Ct, n_atoms, sq_norms, order=order, normalize=normalize, atom_exp=atom_exp)
     rho2 = sq_norms.copy()
     support: list[int] = []
     gains: list[float] = []
@@ -168,7 +256,7 @@ def _pursue(
             break
         if refit:
             scorer.blocked |= rho2 <= DEPENDENT_TOL * sq_norms
-        j = scorer.best_atom()
+        j = scorer.best_atom(unit)
         if j < 0:
             reason = "exhausted"
             break
@@ -191,12 +279,8 @@ def _pursue(
         gains.append(gain)
         remaining = max(remaining - gain, 0.0)
     t = len(support)
-    return (
-        np.asarray(support, dtype=np.int64),
-        scorer.At[:t],
-        scorer.U[:t],
-        np.asarray(gains),
-        reason,
+    return PursuitPath(
+        np.asarray(support, dtype=np.int64), scorer.At[:t], scorer.U[:t], np.asarray(gains), reason
     )
 
 
@@ -208,12 +292,20 @@ class _Scorer:
     """
 
     def __init__(
-        self, Ct: np.ndarray, n_atoms: int, sq_norms: np.ndarray, *, order: int, normalize: bool
+        self,
+        Ct: np.ndarray,
+        n_atoms: int,
+        sq_norms: np.ndarray,
+        *,
+        order: int,
+        normalize: bool,
+        atom_exp: np.ndarray | None,
     ):
         v, n = Ct.shape
         self.Ct = Ct
         self.order = order
-        self.scale = _score_scale(sq_norms, normalize)
+        self.scale = _score_scale(sq_norms, normalize, atom_exp)
+        self.window_scale = _window_scale(sq_norms, normalize, atom_exp)
         self.blocked = sq_norms <= 0.0
         self.bound = np.linalg.norm(Ct, ord=order, axis=1) / self.scale
         self.fresh = np.ones(v, dtype=bool)
@@ -235,7 +327,7 @@ class _Scorer:
         self.steps += 1
 
     def _refresh(self, atoms: np.ndarray) -> None:
-        """Bring ``Ct[atoms]`` up to the current step and score them exactly.
+        """Bring ``Ct[atoms]`` (at most ``_SCORE_BATCH``) up to date and score them exactly.
 
         Works in two preallocated buffers: fresh (B, n) temporaries would be new mmap'd
         pages each call, and those page faults cost more than the arithmetic.
@@ -258,40 +350,67 @@ class _Scorer:
         self.bound[atoms] = scores / self.scale[atoms]
         self.fresh[atoms] = True
 
-    def best_atom(self) -> int:
-        """The unblocked atom with the largest score (lowest index on ties), or -1.
+    def best_atom(self, unit: float) -> int:
+        """The tie rule's choice among unblocked atoms, or -1 when none is left.
 
-        On return ``Ct`` of that atom is up to date.
+        The lowest index whose exact score is within the tie window (``unit`` times the
+        best atom's window scale) of the largest. On return ``Ct`` of that atom is up to
+        date.
         """
         masked = np.where(self.blocked, -np.inf, self.bound)
         size = masked.shape[0]
-        while True:
+        while True:  # the exact maximum
             j = int(np.argmax(masked))
             if masked[j] == -np.inf:
                 return -1
             if self.fresh[j]:
-                # Every other bound is <= masked[j] (strictly below for lower indices) and
-                # bounds cover scores: j is the exact argmax, ties to the lowest index.
-                return j
+                # Every other bound is <= masked[j] and bounds cover scores: exact maximum.
+                break
             stale = np.where(self.fresh, -np.inf, masked)
             k = min(_SCORE_BATCH, size)
             picked = np.argpartition(stale, size - k)[size - k :]
             picked = picked[stale[picked] > -np.inf]
             self._refresh(picked)
             masked[picked] = self.bound[picked]
+        threshold = masked[j] - unit * self.window_scale[j]
+        while True:  # lower indices that may be inside the tie window
+            lower = np.flatnonzero(masked[:j] >= threshold)
+            stale = lower[~self.fresh[lower]]
+            if stale.size == 0:
+                return int(lower[0]) if lower.size else j
+            picked = stale[:_SCORE_BATCH]
+            self._refresh(picked)
+            masked[picked] = self.bound[picked]
+
+
+def _orthogonal_sq_norms(D: np.ndarray, support: list[int]) -> np.ndarray:
+    """Squared norm of each atom's component orthogonal to ``D[support]``, shape (v,)."""
+    if not support:
+        return np.einsum("ij,ij->i", D, D)
+    Q = np.linalg.qr(D[support].T)[0]  # (d, t): the support is independent by construction
+    orthogonal = D - (D @ Q) @ Q.T
+    return np.einsum("ij,ij->i", orthogonal, orthogonal)
 
 
 def _somp_naive(
-    H: np.ndarray, D: np.ndarray, n_atoms: int, *, order: int, normalize: bool, tol: float
+    H: np.ndarray,
+    D: np.ndarray,
+    n_atoms: int,
+    *,
+    order: int,
+    normalize: bool,
+    tol: float,
+    atom_exp: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """SOMP exactly as written in the paper: score, select, least-squares refit, repeat.
 
     Returns ``support``, ``coef`` (n, t), the residual energies (t + 1,) and the reason.
     """
     sq_norms = np.einsum("ij,ij->i", D, D)
-    scale = _score_scale(sq_norms, normalize)
-    unusable = sq_norms <= 0.0
+    scale = _score_scale(sq_norms, normalize, atom_exp)
     energy = float(np.sum(H * H))
+    unit = _tie_unit(energy, H.shape[0], order)
+    window_scale = _window_scale(sq_norms, normalize, atom_exp)
     energies = [energy]
     support: list[int] = []
     coef = np.zeros((H.shape[0], 0))
@@ -302,32 +421,20 @@ def _somp_naive(
         if tol > 0.0 and remaining <= tol * energy:
             reason = "tol"
             break
+        # Atoms already chosen, zero, or linearly dependent on the support are excluded.
+        rho2 = _orthogonal_sq_norms(D, support)
+        usable = (sq_norms > 0.0) & (rho2 > DEPENDENT_TOL * sq_norms)
         correlations = R @ D.T
         scores = np.linalg.norm(correlations, ord=order, axis=0) / scale
-        scores[unusable] = -np.inf
-        while True:
-            j = int(np.argmax(scores))
-            if scores[j] == -np.inf:
-                break
-            # Component of atom j orthogonal to the atoms already chosen.
-            if support:
-                fit = lstsq(D[support].T, D[j])[0]
-                rho2 = float(np.sum((D[j] - D[support].T @ fit) ** 2))
-            else:
-                rho2 = float(sq_norms[j])
-            if rho2 > DEPENDENT_TOL * sq_norms[j]:
-                break
-            unusable[j] = True
-            scores[j] = -np.inf
-        if scores[j] == -np.inf:
+        j = _first_within_window(np.where(usable, scores, -np.inf), unit, window_scale)
+        if j < 0:
             reason = "exhausted"
             break
-        gain = float(correlations[:, j] @ correlations[:, j]) / rho2
+        gain = float(correlations[:, j] @ correlations[:, j]) / rho2[j]
         if remaining <= ZERO_RESIDUAL * energy or gain <= GAIN_FLOOR * energy:
             reason = "converged"
             break
         support.append(j)
-        unusable[j] = True
         coef = lstsq(D[support].T, H.T)[0].T
         R = H - coef @ D[support]
         energies.append(float(np.sum(R * R)))
@@ -335,13 +442,22 @@ def _somp_naive(
 
 
 def _mp_naive(
-    H: np.ndarray, D: np.ndarray, n_atoms: int, *, order: int, normalize: bool, tol: float
+    H: np.ndarray,
+    D: np.ndarray,
+    n_atoms: int,
+    *,
+    order: int,
+    normalize: bool,
+    tol: float,
+    atom_exp: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, str]:
     """Matching Pursuit as written: score, select, deflate by that atom alone, repeat."""
     sq_norms = np.einsum("ij,ij->i", D, D)
-    scale = _score_scale(sq_norms, normalize)
+    scale = _score_scale(sq_norms, normalize, atom_exp)
     unusable = sq_norms <= 0.0
     energy = float(np.sum(H * H))
+    unit = _tie_unit(energy, H.shape[0], order)
+    window_scale = _window_scale(sq_norms, normalize, atom_exp)
     energies = [energy]
     support: list[int] = []
     columns: list[np.ndarray] = []
@@ -354,9 +470,8 @@ def _mp_naive(
             break
         correlations = R @ D.T
         scores = np.linalg.norm(correlations, ord=order, axis=0) / scale
-        scores[unusable] = -np.inf
-        j = int(np.argmax(scores))
-        if scores[j] == -np.inf:
+        j = _first_within_window(np.where(unusable, -np.inf, scores), unit, window_scale)
+        if j < 0:
             reason = "exhausted"
             break
         c = correlations[:, j] / sq_norms[j]
@@ -375,8 +490,39 @@ def _mp_naive(
 # ------------------------------------------------------------------------ public API
 
 
-def _prepare(H, D, n_atoms, center, criterion, tol, engine):
-    """Validate the shared arguments; return float64 H, D, the mean to remove and options."""
+#: Inputs whose largest magnitude is outside 2**-SAFE_EXPONENT .. 2**SAFE_EXPONENT are
+#: rescaled by a power of two before pursuing (exact, undone on the outputs): the scores
+#: square products of H and D entries, which would overflow float64 (max ~2**1024) or
+#: lose every digit to underflow for data scaled by ~1e150 or ~1e-150. Inside the range
+#: nothing is copied and the arithmetic is bit for bit that of the unscaled problem.
+SAFE_EXPONENT = 100
+
+
+@dataclass(frozen=True)
+class _Problem:
+    """Validated, float64 inputs, rescaled into the safe range.
+
+    ``H == H_in * 2**-h_exp`` and ``D[j] == D_in[j] * 2**-d_exp[j]`` exactly.
+    """
+
+    H: np.ndarray  # (n, d)
+    D: np.ndarray  # (v, d)
+    mean: np.ndarray  # (d,) of the rescaled H, zeros without centering
+    h_exp: int
+    d_exp: np.ndarray  # (v,) int
+    n_atoms: int
+    order: int
+    tol: float
+
+
+def _binary_exponent(values: np.ndarray, axis: int | None = None) -> np.ndarray:
+    """Exponent e of ``max|values|`` (``2**(e-1) <= max < 2**e``), 0 inside the safe range."""
+    exponent = np.frexp(np.max(np.abs(values), axis=axis))[1]
+    return np.where(np.abs(exponent) > SAFE_EXPONENT, exponent, 0)
+
+
+def _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine) -> _Problem:
+    """Validate the shared arguments and rescale the inputs (see SAFE_EXPONENT)."""
     H = as_matrix(H, "H")
     D = as_matrix(D, "D")
     check_same_width(H, D, ("H", "D"))
@@ -384,25 +530,62 @@ def _prepare(H, D, n_atoms, center, criterion, tol, engine):
     order = _NORM_ORDER[check_choice(criterion, "criterion", _NORM_ORDER)]
     tol = check_tolerance(tol)
     check_choice(engine, "engine", ("fast", "naive"))
+    h_exp = int(_binary_exponent(H))
+    if h_exp:
+        H = np.ldexp(H, -h_exp)
+    # Atoms are rescaled one by one; unnormalised scores put the factor back
+    # (_score_scale), so that atoms of very different norms are compared as given.
+    d_exp = _binary_exponent(D, axis=1)
+    if d_exp.any():
+        D = np.ldexp(D, -d_exp[:, None])
     mean = H.mean(axis=0) if center else np.zeros(H.shape[1])
-    return H, D, mean, n_atoms, order, tol
+    return _Problem(H, D, mean, h_exp, d_exp, n_atoms, order, tol)
 
 
-def _result(support, coef, energies, reason, mean) -> SompResult:
+def _signal_energy(centered: float, raw: float) -> float:
+    """The centered energy, or 0.0 when it is zero to rounding (see ZERO_RESIDUAL)."""
+    return 0.0 if centered <= ZERO_RESIDUAL * raw else centered
+
+
+def pursuit_result(
+    support: np.ndarray,
+    coef: np.ndarray,
+    energies: np.ndarray,
+    reason: str,
+    mean: np.ndarray,
+    *,
+    energy_exponent: int = 0,
+) -> SompResult:
+    """Build a :class:`SompResult` from an engine's output.
+
+    ``energies`` (t + 1,) are the residual energies after 0..t steps, in units of
+    ``4**energy_exponent`` (so that rescaled problems report unscaled norms without
+    squaring huge numbers).
+    """
     energies = np.maximum(np.asarray(energies, dtype=np.float64), 0.0)
+    explained = np.zeros_like(energies)
     if energies[0] > 0.0:
-        explained = 1.0 - energies / energies[0]
-    else:
-        explained = np.zeros_like(energies)
-    explained[0] = 0.0
+        explained[1:] = 1.0 - energies[1:] / energies[0]
     return SompResult(
         support=support,
         coef=coef,
         explained_variance=explained,
-        residual_norm=np.sqrt(energies),
+        residual_norm=np.ldexp(np.sqrt(energies), energy_exponent),
         stop_reason=reason,
         mean=mean,
     )
+
+
+def _result(problem: _Problem, support, coef, energies, reason) -> SompResult:
+    """Package an engine's output, undoing the rescaling of the inputs."""
+    coef = np.ldexp(coef, problem.h_exp - problem.d_exp[support])
+    if not np.isfinite(coef).all():
+        raise ValueError(
+            f"the coefficients overflow float64: H is about 2**{problem.h_exp} and the "
+            f"chosen atoms about 2**{int(problem.d_exp.min())}; rescale H or D"
+        )
+    mean = np.ldexp(problem.mean, problem.h_exp)
+    return pursuit_result(support, coef, energies, reason, mean, energy_exponent=problem.h_exp)
 
 
 def _centered_correlations(
@@ -424,23 +607,39 @@ def _centered_correlations(
     return Ct, energy
 
 
-def _run_fast(H, D, mean, n_atoms, *, order, normalize, tol, refit):
+def _run_fast(problem: _Problem, n_atoms: int, *, normalize: bool, refit: bool) -> SompResult:
+    H, D, mean = problem.H, problem.D, problem.mean
     Ct, energy = _centered_correlations(H, D, mean)
+    if mean.any():
+        energy = _signal_energy(energy, float(np.einsum("ij,ij->", H, H)))
     sq_norms = np.einsum("ij,ij->i", D, D)
-    support, At, U, gains, reason = _pursue(
+    path = _pursue(
         Ct,
         lambda j: D @ D[j],
         sq_norms,
         energy,
         n_atoms,
-        order=order,
+        order=problem.order,
         normalize=normalize,
-        tol=tol,
+        tol=problem.tol,
         refit=refit,
+        atom_exp=problem.d_exp,
     )
-    coef = solve_factored_coef(At, U, support) if refit else At.T
-    energies = energy - np.concatenate([[0.0], np.cumsum(gains)])
-    return support, coef, energies, reason
+    coef = solve_factored_coef(path.At, path.U, path.support) if refit else path.At.T
+    energies = energy - np.concatenate([[0.0], np.cumsum(path.gains)])
+    return _result(problem, path.support, coef, energies, path.stop_reason)
+
+
+def _run_naive(problem: _Problem, n_atoms: int, *, normalize: bool, refit: bool) -> SompResult:
+    Hc = problem.H - problem.mean
+    if problem.mean.any():
+        raw = float(np.einsum("ij,ij->", problem.H, problem.H))
+        if _signal_energy(float(np.einsum("ij,ij->", Hc, Hc)), raw) == 0.0:
+            Hc = np.zeros_like(Hc)
+    engine = _somp_naive if refit else _mp_naive
+    options = {"order": problem.order, "normalize": normalize, "tol": problem.tol}
+    out = engine(Hc, problem.D, n_atoms, atom_exp=problem.d_exp, **options)
+    return _result(problem, *out)
 
 
 def solve_factored_coef(At: np.ndarray, U: np.ndarray, support: np.ndarray) -> np.ndarray:
@@ -533,13 +732,9 @@ def somp(
     >>> res.support.tolist(), res.stop_reason
     ([0, 2], 'converged')
     """
-    H, D, mean, n_atoms, order, tol = _prepare(H, D, n_atoms, center, criterion, tol, engine)
-    n_atoms = min(n_atoms, D.shape[0])
-    if engine == "naive":
-        out = _somp_naive(H - mean, D, n_atoms, order=order, normalize=normalize, tol=tol)
-    else:
-        out = _run_fast(H, D, mean, n_atoms, order=order, normalize=normalize, tol=tol, refit=True)
-    return _result(*out, mean)
+    problem = _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine)
+    run = _run_naive if engine == "naive" else _run_fast
+    return run(problem, min(problem.n_atoms, problem.D.shape[0]), normalize=normalize, refit=True)
 
 
 def matching_pursuit(
@@ -579,9 +774,6 @@ def matching_pursuit(
     somp : with the refit.
     somp_ref.lens.logit_lens : one step of MP on one sample ranks atoms by |logit|.
     """
-    H, D, mean, n_atoms, order, tol = _prepare(H, D, n_atoms, center, criterion, tol, engine)
-    if engine == "naive":
-        out = _mp_naive(H - mean, D, n_atoms, order=order, normalize=normalize, tol=tol)
-    else:
-        out = _run_fast(H, D, mean, n_atoms, order=order, normalize=normalize, tol=tol, refit=False)
-    return _result(*out, mean)
+    problem = _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine)
+    run = _run_naive if engine == "naive" else _run_fast
+    return run(problem, problem.n_atoms, normalize=normalize, refit=False)

@@ -193,3 +193,23 @@ def test_jaccard_examples():
     assert jaccard([(0, 1), (2, 3)], [(2, 3), (4, 5)]) == 1 / 3
     assert jaccard([(0, 1)], [(1, 0)]) == 0.0
     assert jaccard([], []) == 1.0
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(tmp_path, bad):
+    import json
+    import struct
+
+    from somp_ref.store import StoreError, layer_file
+
+    store = write_planted_store(tmp_path / "s")
+    path = store.path / layer_file(1)
+    raw = bytearray(path.read_bytes())
+    (length,) = struct.unpack("<Q", raw[:8])
+    start = 8 + length + json.loads(raw[8 : 8 + length])["z"]["data_offsets"][0]
+    # z is (n_samples, n_heads, d_head) float32: sample 5, head 2, first coordinate.
+    where = start + 4 * (5 * store.n_heads * store.d_head + 2 * store.d_head)
+    raw[where : where + 4] = struct.pack("<f", bad)
+    path.write_bytes(bytes(raw))  # same size: open() cannot tell, the ranking must
+    with pytest.raises(StoreError, match=r"layer 1, head 2: z .* at \(5, 0\)"):
+        rank_heads(store, list(CONCEPT), 4, show_progress=False)

