@@ -167,7 +167,7 @@ def test_create_refuses_existing_paths_unless_overwrite(tmp_path):
         (
             {"z": np.full((4, 1, 2), np.nan), "o_proj": np.ones((3, 2))},
             ValueError,
-            r"z must be finite",
+            r"layer 0: z is not finite at sample 0, head 0 \(nan\)",
         ),
         (
             {"z": np.ones((4, 1, 2)).astype(complex), "o_proj": np.ones((3, 2))},
