@@ -1,28 +1,55 @@
-"""The ``export`` and ``generate`` subcommands, registered through the entry-point group
-``somp_ref.commands``. Nothing here imports torch until a command runs, so ``somp-ref
---help`` works without the ``hf`` extra and these commands answer with the install line."""
+"""The ``export``, ``generate`` and ``experiment`` subcommands, registered through the
+entry-point group ``somp_ref.commands``. Nothing here imports torch until a model loads, so
+``somp-ref --help`` works without the ``hf`` extra, these commands answer with the install
+line, and bad arguments (files, numbers, output paths) are reported before a model loads.
+"""
 
 from __future__ import annotations
 
 import argparse
-import sys
+import errno
+import importlib.util
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
+
+from somp_ref.cli import int_at_least, layer_list, non_negative_int, positive_int
 
 INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
 
 
-def _needs_torch(run):
+def _needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     def wrapped(args: argparse.Namespace) -> int:
-        try:
-            import torch  # noqa: F401
-            import transformers  # noqa: F401
-        except ImportError:
-            print(f"somp-ref {args.command}: {INSTALL_LINE}", file=sys.stderr)
-            return 1
+        # find_spec, not import: importing torch takes seconds, and the checks that come
+        # before the model loads should answer at once.
+        if not all(importlib.util.find_spec(name) for name in ("torch", "transformers")):
+            raise ImportError(INSTALL_LINE)
         return run(args)
 
     return wrapped
+
+
+def _check_store_target(out: str, overwrite: bool) -> None:
+    """Raise before the model loads if ``export`` could not create its store at ``out``
+    (the same rules as :meth:`somp_ref.store.ActivationStore.create`)."""
+    from somp_ref.files import check_output_dir
+    from somp_ref.store import META_FILE, StoreError
+
+    path = check_output_dir(out)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(errno.EEXIST, "already exists (pass --overwrite to replace it)", out)
+    if any(path.iterdir()) and not (path / META_FILE).is_file():
+        raise StoreError(f"{out} exists and is not a store: refusing to overwrite it")
+
+
+def _check_model(name: str) -> None:
+    """Raise for a local model path that does not exist, before torch is imported."""
+    from adapters.models import DEFAULT_MODEL, local_checkpoint
+
+    if name != DEFAULT_MODEL:
+        local_checkpoint(name)
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -42,11 +69,20 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from adapters.export import export_activations
-    from adapters.models import load_model
     from adapters.prompts import read_prompts
+    from somp_ref.concepts import load_concept
+    from somp_ref.files import check_output_file
 
     records = read_prompts(args.prompts)
+    _check_store_target(args.out, args.overwrite)
+    rank_out = None
+    if args.rank:
+        load_concept(args.rank)
+        rank_out = check_output_file(args.rank_out or f"{args.out}-{Path(args.rank).stem}.csv")
+    _check_model(args.model)
+    from adapters.export import export_activations  # imports torch: after the checks
+    from adapters.models import load_model
+
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     store = export_activations(
         model,
@@ -66,21 +102,22 @@ def _run_export(args: argparse.Namespace) -> int:
 
         concept = store_concept_ids(store.vocab(), args.rank)
         scores = rank_heads_torch(store, concept.ids, args.atoms, device=args.device)
-        out = args.rank_out or f"{args.out}-{Path(args.rank).stem}.csv"
-        scores.to_csv(out)
+        scores.to_csv(rank_out)
         print(format_top_heads(scores))
-        print(f"wrote {out}")
+        print(f"wrote {rank_out}")
     return 0
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from adapters.generation import generate
-    from adapters.intervene import scale_heads
-    from adapters.models import load_model
     from somp_ref.heads import HeadScores, top_heads
 
     scores = HeadScores.from_csv(args.heads)
     heads = top_heads(scores, args.top)
+    _check_model(args.model)
+    from adapters.generation import generate  # imports torch: after the checks
+    from adapters.intervene import scale_heads
+    from adapters.models import load_model
+
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     options = {"max_new_tokens": args.max_new_tokens, "chat_template": not args.raw}
     baseline = generate(model, tokenizer, args.prompts, **options)
@@ -131,7 +168,9 @@ def register(subparsers) -> None:
         help="which tokens become rows: the last prompt token (default), all tokens, or their mean",
     )
     export.add_argument("--out", required=True, help="store directory to create")
-    export.add_argument("--batch-size", type=int, default=8, help="prompts per forward pass")
+    export.add_argument(
+        "--batch-size", type=positive_int, default=8, help="prompts per forward pass"
+    )
     export.add_argument(
         "--chat-template",
         action="store_true",
@@ -151,7 +190,7 @@ def register(subparsers) -> None:
         "SOMP on --device (GPU ranking), writing --rank-out",
     )
     export.add_argument("--rank-out", help="CSV for --rank (default STORE-CONCEPT.csv)")
-    export.add_argument("--atoms", type=int, default=50, help="SOMP atoms for --rank")
+    export.add_argument("--atoms", type=positive_int, default=50, help="SOMP atoms for --rank")
     export.set_defaults(func=_needs_torch(_run_export))
 
     gen = subparsers.add_parser(
@@ -169,9 +208,9 @@ def register(subparsers) -> None:
     _add_model_options(gen)
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
     gen.add_argument("--heads", required=True, help="ranking CSV from 'somp-ref rank'")
-    gen.add_argument("--top", type=int, default=8, help="how many top heads (default 8)")
+    gen.add_argument("--top", type=positive_int, default=8, help="how many top heads (default 8)")
     gen.add_argument("--alpha", type=float, default=-1.0, help="scale factor (default -1)")
-    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=40)
     gen.add_argument(
         "--raw", action="store_true", help="feed prompts as raw text, without the chat template"
     )
@@ -180,8 +219,12 @@ def register(subparsers) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from adapters.experiment import Settings, run_experiments
     from adapters.tasks import TASK_NAMES
+    from somp_ref.files import check_output_dir
+
+    check_output_dir(args.out)
+    _check_model(args.model)
+    from adapters.experiment import Settings, run_experiments  # imports torch: after the checks
 
     names = list(TASK_NAMES) if args.names == ["all"] else args.names
     settings = Settings(
@@ -205,11 +248,12 @@ def _run_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int_list(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected integers like 3,8,16, got {text!r}") from None
+def _head_counts(text: str) -> list[int]:
+    """'3,8,16' -> [3, 8, 16]: values of k, each >= 1."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 3,8,16, got {text!r}")
+    return [int(part) for part in parts]
 
 
 def register_experiment(subparsers) -> None:
@@ -243,7 +287,7 @@ def register_experiment(subparsers) -> None:
     )
     parser.add_argument(
         "--heads",
-        type=_int_list,
+        type=_head_counts,
         default=[3, 8, 16],
         help="values of k, comma-separated (default 3,8,16)",
     )
@@ -253,7 +297,9 @@ def register_experiment(subparsers) -> None:
         default=None,
         help="scale of the selected heads (default: -1; 5 for amplification)",
     )
-    parser.add_argument("--seeds", type=int, default=5, help="random-head seeds (default 5)")
+    parser.add_argument(
+        "--seeds", type=non_negative_int, default=5, help="random-head seeds (default 5)"
+    )
     parser.add_argument(
         "--rank",
         choices=("specificity", "somp", "ll"),
@@ -264,24 +310,26 @@ def register_experiment(subparsers) -> None:
     )
     parser.add_argument(
         "--exclude-layers",
-        type=_int_list,
+        type=layer_list,
         default=[],
         metavar="LAYERS",
-        help="layers never selected, e.g. 0",
+        help="layers never selected, e.g. 0 or 0,1 or 0-2",
     )
-    parser.add_argument("--atoms", type=int, default=20, help="SOMP atoms per head (default 20)")
+    parser.add_argument(
+        "--atoms", type=positive_int, default=20, help="SOMP atoms per head (default 20)"
+    )
     parser.add_argument(
         "--null",
-        type=int,
+        type=int_at_least(2),
         default=6,
         help="random dictionaries for the specificity score (default 6)",
     )
-    parser.add_argument("--train", type=int, default=64, help="train prompts (default 64)")
-    parser.add_argument("--test", type=int, default=24, help="test prompts (default 24)")
-    parser.add_argument("--batch-size", type=int, default=24)
+    parser.add_argument("--train", type=positive_int, default=64, help="train prompts (default 64)")
+    parser.add_argument("--test", type=positive_int, default=24, help="test prompts (default 24)")
+    parser.add_argument("--batch-size", type=positive_int, default=24)
     parser.add_argument(
         "--max-new-tokens",
-        type=int,
+        type=positive_int,
         default=None,
         help="tokens generated per answer (default: 24, or 8 for QA)",
     )

@@ -18,6 +18,7 @@ from adapters.evaluation import Evaluator
 from adapters.export import export_activations
 from adapters.tasks import Task, build_task
 from somp_ref.concepts import load_concept, store_concept_ids
+from somp_ref.files import write_text_atomically
 from somp_ref.heads import (
     HeadScores,
     jaccard,
@@ -156,8 +157,8 @@ def run_task(
         "seconds": time.perf_counter() - started,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
     }
-    (folder / "results.json").write_text(
-        json.dumps(results, indent=1, ensure_ascii=False), encoding="utf-8"
+    write_text_atomically(
+        folder / "results.json", json.dumps(results, indent=1, ensure_ascii=False)
     )
     return results
 
@@ -218,12 +219,12 @@ def run_experiments(
     from adapters.models import load_model
     from adapters.report import write_report
 
+    out.mkdir(parents=True, exist_ok=True)  # before the model loads: a bad --out fails fast
     tasks = [
         build_task(name, n_train=settings.n_train, n_test=settings.n_test, seed=settings.data_seed)
         for name in names
     ]
     model, tokenizer = load_model(settings.model)
-    out.mkdir(parents=True, exist_ok=True)
     results = [
         run_task(model, tokenizer, task, settings, out, show_progress=show_progress)
         for task in tasks

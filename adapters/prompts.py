@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from somp_ref.files import read_user_text
+
 _COLOR_OBJECTS = (
     "a ripe banana",
     "a fire truck",
@@ -60,13 +62,15 @@ def read_prompts(spec: str) -> list[dict[str, Any]]:
             raise ValueError(f"unknown built-in prompts {name!r}; have: {', '.join(BUILTIN)}")
         return [dict(r) for r in BUILTIN[name]]
     path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} does not exist")
-    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    text = read_user_text(path, "prompt file (.txt: one prompt a line, .jsonl: records)")
+    lines = [line for line in text.splitlines() if line.strip()]
     if path.suffix == ".jsonl":
         records = []
         for number, line in enumerate(lines, start=1):
-            record = json.loads(line)
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from None
             if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
                 raise ValueError(f"{path}:{number}: each JSONL record needs a 'prompt' string")
             records.append(record)

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from adapters.experiment import head_overlap, target_metric
+from somp_ref.files import write_text_atomically
 
 _COLUMNS = {
     "generation": [
@@ -100,7 +101,7 @@ def format_overlap(overlap: dict[str, Any]) -> str:
 def write_plot(result: dict[str, Any], path: Path) -> bool:
     """Target metric and KL against k, one line per method. False without matplotlib."""
     try:
-        from somp_ref.plots import _pyplot
+        from somp_ref.plots import _pyplot, save_figure
 
         plt = _pyplot()
     except ImportError:
@@ -127,8 +128,7 @@ def write_plot(result: dict[str, Any], path: Path) -> bool:
         ax.set_xlabel("heads scaled (k)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -158,9 +158,7 @@ def write_report(results: list[dict[str, Any]], out: Path) -> str:
             "",
         ]
     md += ["## head overlap", "", "```", texts[-1], "```", ""]
-    (out / "results.md").write_text("\n".join(md), encoding="utf-8")
+    write_text_atomically(out / "results.md", "\n".join(md))
     combined = {"experiments": results, "overlap": overlap}
-    (out / "results.json").write_text(
-        json.dumps(combined, indent=1, ensure_ascii=False), encoding="utf-8"
-    )
+    write_text_atomically(out / "results.json", json.dumps(combined, indent=1, ensure_ascii=False))
     return terminal

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from somp_ref.files import read_user_text
+
 MULTI_TOKEN_RULES = ("single", "first")
 
 
@@ -30,9 +32,7 @@ def load_concept(name_or_path: str | os.PathLike) -> list[str]:
     """
     path = Path(name_or_path)
     if path.suffix or path.exists() or os.sep in str(name_or_path):
-        if not path.is_file():
-            raise FileNotFoundError(f"concept list file {path} does not exist")
-        text = path.read_text(encoding="utf-8")
+        text = read_user_text(path, "concept list (one word a line)")
     else:
         resource = importlib.resources.files("somp_ref.concept_lists") / f"{name_or_path}.txt"
         if not resource.is_file():

@@ -15,7 +15,6 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -116,80 +115,51 @@ class HeadScores:
                 for layer, head in sorted(self.supports)
             ],
         }
-        Path(path).write_text(json.dumps(payload, ensure_ascii=False, indent=1), "utf-8")
+        from somp_ref.files import write_text_atomically
+
+        write_text_atomically(path, json.dumps(payload, ensure_ascii=False, indent=1))
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> HeadScores:
-        """Read what :meth:`to_json` wrote."""
-        payload = json.loads(Path(path).read_text("utf-8"))
-        if payload.get("format") != "somp_ref.head_scores":
-            raise ValueError(f"{path}: not a somp_ref head-scores JSON file")
-        ev = _none_to_nan(payload["explained_variance"])
-        supports, increments = {}, {}
-        for entry in payload["heads"]:
-            key = (entry["layer"], entry["head"])
-            supports[key] = np.asarray(entry["support"], dtype=np.int64)
-            increments[key] = np.asarray(entry["increments"], dtype=np.float64)
-        return cls(
-            explained_variance=ev,
-            supports=supports,
-            increments=increments,
-            method=payload["method"],
-            params=payload["params"],
-            token_ids=np.asarray(payload["token_ids"], dtype=np.int64),
-            tokens=payload["tokens"],
-            source=payload.get("source", {}),
-            details={k: _none_to_nan(v) for k, v in payload.get("details", {}).items()},
-        )
+        """Read what :meth:`to_json` wrote; ValueError naming the file and field if it is
+        malformed (see :func:`somp_ref.score_files.read_scores_json`)."""
+        from somp_ref.score_files import read_scores_json
+
+        return cls(**read_scores_json(path))
 
     def to_csv(self, path: str | os.PathLike) -> None:
         """One row per head, best first: rank, layer, head, score, method, support tokens."""
+        import io
+
+        from somp_ref.files import write_text_atomically
+        from somp_ref.score_files import CSV_COLUMNS
+
         order = top_heads(self, np.count_nonzero(~np.isnan(self.explained_variance)))
-        with open(path, "w", newline="", encoding="utf-8") as handle:
-            writer = csv.writer(handle)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(CSV_COLUMNS)
+        for rank, (layer, head) in enumerate(order, start=1):
+            support = self.supports.get((layer, head), np.zeros(0, dtype=np.int64))
             writer.writerow(
-                ["rank", "layer", "head", "score", "method", "support_ids", "support_tokens"]
+                [
+                    rank,
+                    layer,
+                    head,
+                    repr(float(self.explained_variance[layer, head])),
+                    self.method,
+                    " ".join(map(str, support.tolist())),
+                    json.dumps([self.token_string(t) for t in support], ensure_ascii=False),
+                ]
             )
-            for rank, (layer, head) in enumerate(order, start=1):
-                support = self.supports.get((layer, head), np.zeros(0, dtype=np.int64))
-                writer.writerow(
-                    [
-                        rank,
-                        layer,
-                        head,
-                        repr(float(self.explained_variance[layer, head])),
-                        self.method,
-                        " ".join(map(str, support.tolist())),
-                        json.dumps([self.token_string(t) for t in support], ensure_ascii=False),
-                    ]
-                )
+        write_text_atomically(path, text.getvalue())
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> HeadScores:
-        """Read the scores (and supports) back from :meth:`to_csv`'s file."""
-        with open(path, newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle))
-        required = {"layer", "head", "score"}
-        if not rows or not required <= set(rows[0]):
-            raise ValueError(f"{path}: expected a CSV with columns {sorted(required)}")
-        n_layers = 1 + max(int(r["layer"]) for r in rows)
-        n_heads = 1 + max(int(r["head"]) for r in rows)
-        ev = np.full((n_layers, n_heads), np.nan)
-        supports, increments = {}, {}
-        for row in rows:
-            key = (int(row["layer"]), int(row["head"]))
-            ev[key] = float(row["score"])
-            ids = row.get("support_ids", "").split()
-            supports[key] = np.asarray([int(t) for t in ids], dtype=np.int64)
-            increments[key] = np.full(len(ids), np.nan)
-        return cls(
-            ev,
-            supports,
-            increments,
-            rows[0].get("method", "unknown"),
-            {},
-            np.zeros(0, dtype=np.int64),
-        )
+        """Read the scores (and supports) back from :meth:`to_csv`'s file; ValueError naming
+        the file and line if it is malformed (see :func:`somp_ref.score_files.read_scores_csv`)."""
+        from somp_ref.score_files import read_scores_csv
+
+        return cls(**read_scores_csv(path))
 
 
 def _nan_to_none(values: np.ndarray) -> list[list[float | None]]:

@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from somp_ref.errors import InputTypeError
+
 # Narrow float formats that numpy has no native kind for (ml_dtypes registers them as
 # kind 'V'); they are widened to float64 like float16 is.
 _EXTENSION_FLOATS = ("bfloat16", "float8")
@@ -24,8 +26,8 @@ def as_matrix(value: Any, name: str) -> np.ndarray:
 
     Raises
     ------
-    TypeError
-        When the dtype is not real numeric (bool, complex, object, strings).
+    InputTypeError
+        A TypeError: the dtype is not real numeric (bool, complex, object, strings).
     ValueError
         When the array is not 2-D, has a zero-length axis, or holds NaN/Inf.
     """
@@ -33,7 +35,7 @@ def as_matrix(value: Any, name: str) -> np.ndarray:
     dtype = array.dtype
     widenable = dtype.kind in "fiu" or dtype.name.startswith(_EXTENSION_FLOATS)
     if not widenable:
-        raise TypeError(f"{name} must hold real numbers (float or integer), got dtype {dtype}")
+        raise InputTypeError(f"{name} must hold real numbers (float or integer), got dtype {dtype}")
     if array.ndim != 2:
         raise ValueError(f"{name} must be 2-D, got {array.ndim}-D with shape {array.shape}")
     if 0 in array.shape:
@@ -57,7 +59,7 @@ def check_same_width(left: np.ndarray, right: np.ndarray, names: tuple[str, str]
 def check_positive_int(value: Any, name: str) -> int:
     """Return ``value`` as an int >= 1, rejecting bools and non-integers."""
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
+        raise InputTypeError(f"{name} must be an integer, got {type(value).__name__} {value!r}")
     if value < 1:
         raise ValueError(f"{name} must be >= 1, got {value}")
     return int(value)
@@ -76,7 +78,7 @@ def check_tolerance(value: Any, name: str = "tol") -> float:
     try:
         tol = float(value)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number in [0, 1), got {value!r}") from None
+        raise InputTypeError(f"{name} must be a number in [0, 1), got {value!r}") from None
     if not 0.0 <= tol < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {tol}")
     return tol

@@ -51,6 +51,8 @@ from typing import Any, BinaryIO, NamedTuple
 import numpy as np
 from safetensors.numpy import save_file
 
+from somp_ref.errors import UserError
+
 try:
     import fcntl
 except ImportError:  # Windows: the lock falls back to O_CREAT | O_EXCL
@@ -96,7 +98,7 @@ _READ_FLAGS = (
 )
 
 
-class StoreError(Exception):
+class StoreError(UserError):
     """A store that is missing, partial, corrupt, of another version, or misused."""
 
 

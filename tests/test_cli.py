@@ -77,7 +77,7 @@ def test_inspect_summary_and_signature(tmp_path, capsys):
 
 
 def test_cli_reports_bad_stores_without_traceback(tmp_path, capsys):
-    assert main(["inspect", str(tmp_path / "nowhere")]) == 1
+    assert main(["inspect", str(tmp_path / "nowhere")]) == 2
     assert "somp-ref inspect: error:" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["inspect", str(tmp_path), "--head", "12"])
@@ -88,7 +88,7 @@ def test_adapter_commands_answer_with_the_install_line_without_torch(monkeypatch
     import sys
 
     monkeypatch.setitem(sys.modules, "torch", None)  # import torch now raises ImportError
-    assert main(["export", "--prompts", "builtin:colors", "--out", "x"]) == 1
+    assert main(["export", "--prompts", "builtin:colors", "--out", "x"]) == 2
     assert "pip install torch==2.13.0 'somp-ref[hf]'" in capsys.readouterr().err
 
 

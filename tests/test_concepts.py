@@ -48,8 +48,13 @@ def test_user_list_file_and_errors(tmp_path):
     assert load_concept(path) == ["apple", "pear"]
     with pytest.raises(ValueError, match=r"unknown concept 'colours'; shipped: animals"):
         load_concept("colours")
-    with pytest.raises(FileNotFoundError, match=r"missing.txt does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"concept list .*does not exist.*missing.txt"):
         load_concept(tmp_path / "missing.txt")
+    with pytest.raises(IsADirectoryError, match=r"is a directory, expected a concept list"):
+        load_concept(tmp_path)
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00red")
+    with pytest.raises(ValueError, match=r"binary.txt: not a UTF-8 text concept list .*0xff"):
+        load_concept(tmp_path / "binary.txt")
     (tmp_path / "empty.txt").write_text("# nothing\n")
     with pytest.raises(ValueError, match=r"has no words"):
         load_concept(tmp_path / "empty.txt")

@@ -35,6 +35,10 @@ def _run_verify(args: argparse.Namespace) -> int:
     else:
         from verify.checks import all_checks
 
+        if args.model not in ("none", "default"):
+            from adapters.models import local_checkpoint
+
+            local_checkpoint(args.model)  # a mistyped path fails now, not after the checks
         rows = [c.as_dict() for c in all_checks(None if args.model == "none" else args.model)]
     failed = [r["name"] for r in rows if r["status"] == "FAIL"]
     if args.json:
@@ -59,7 +63,7 @@ def register(subparsers) -> None:
             "torch port in float64/float32 and on CUDA when present, model internals, store "
             "round trip, golden vectors) and print measured error, tolerance and status. "
             "With --port, run an implementation against the golden vectors instead. Exit "
-            "status 1 on any failure."
+            "status 1 on any failed check, 2 on bad arguments (an unknown port or model)."
         ),
         epilog="a port is called as port(H, D, n_atoms, *, center, normalize, criterion, "
         "tol) and returns support, coef, explained_variance (attributes or keys). "

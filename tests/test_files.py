@@ -1,0 +1,154 @@
+"""Atomic outputs: a failed write leaves the previous file byte-identical, no temp file."""
+
+from __future__ import annotations
+
+import errno
+import os
+import resource
+import signal
+
+import numpy as np
+import pytest
+
+from somp_ref import files
+from somp_ref.files import (
+    check_output_dir,
+    check_output_file,
+    read_user_text,
+    write_atomically,
+    write_bytes_atomically,
+    write_text_atomically,
+)
+from somp_ref.heads import HeadScores
+
+PREVIOUS = b"previous content\n"
+
+
+@pytest.fixture
+def previous(tmp_path):
+    """A file with known bytes, alone in its directory."""
+    path = tmp_path / "out.csv"
+    path.write_bytes(PREVIOUS)
+    return path
+
+
+def assert_untouched(path):
+    assert path.read_bytes() == PREVIOUS
+    assert os.listdir(path.parent) == [path.name], "a temporary file was left behind"
+
+
+def small_scores() -> HeadScores:
+    ev = np.array([[0.5, np.nan], [0.9, 0.1]])
+    supports = {(0, 0): np.array([3]), (1, 0): np.array([4, 5]), (1, 1): np.array([6])}
+    increments = {key: np.full(ids.size, 0.1) for key, ids in supports.items()}
+    return HeadScores(ev, supports, increments, "somp", {"n_atoms": 2}, np.array([3, 4, 5, 6]))
+
+
+def test_writes_and_replaces_without_leftovers(previous):
+    write_text_atomically(previous, "new, ünïcode\n")
+    assert previous.read_bytes() == "new, ünïcode\n".encode()
+    write_bytes_atomically(previous, b"\x00\x01")
+    assert previous.read_bytes() == b"\x00\x01"
+    assert os.listdir(previous.parent) == [previous.name]
+
+
+def test_a_writer_that_fails_midway_leaves_the_previous_file(previous):
+    def write(handle):
+        handle.write(b"half of the new content")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError, match="crash mid-write"):
+        write_atomically(previous, write)
+    assert_untouched(previous)
+
+
+@pytest.mark.parametrize("method", ["to_csv", "to_json"])
+def test_head_scores_writers_are_atomic(previous, monkeypatch, method):
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files.os, "fsync", no_space)
+    with pytest.raises(OSError, match=r"No space left on device.*out.csv"):
+        getattr(small_scores(), method)(previous)
+    assert_untouched(previous)
+
+
+def test_plots_are_atomic(previous, monkeypatch):
+    pytest.importorskip("matplotlib")
+    from somp_ref.plots import head_heatmap
+
+    image = previous.with_name("heat.png")
+    head_heatmap(np.eye(3), image, title="first")
+    before = image.read_bytes()
+    assert before.startswith(b"\x89PNG")
+
+    def failing_rename(src, dst):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(files.os, "replace", failing_rename)
+    with pytest.raises(OSError, match="heat.png"):
+        head_heatmap(np.ones((3, 3)), image, title="second")
+    assert image.read_bytes() == before
+    assert sorted(os.listdir(image.parent)) == ["heat.png", "out.csv"]
+
+
+def test_a_full_disk_leaves_the_previous_file(previous):
+    """A real write failure: the file-size limit (RLIMIT_FSIZE) makes writes past 4 KiB
+    fail with EFBIG, as a full disk fails them with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of death
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as caught:
+            write_bytes_atomically(previous, b"x" * 100_000)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert caught.value.errno == errno.EFBIG
+    assert caught.value.filename == str(previous)  # the target, not the temporary file
+    assert_untouched(previous)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_a_read_only_directory_leaves_the_previous_file(previous):
+    previous.parent.chmod(0o555)
+    try:
+        with pytest.raises(PermissionError, match="not writable"):
+            write_text_atomically(previous, "new")
+    finally:
+        previous.parent.chmod(0o755)
+    assert_untouched(previous)
+
+
+def test_refuses_directories_and_missing_folders(tmp_path):
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(IsADirectoryError, match="is a directory, expected a file name"):
+        write_text_atomically(tmp_path / "folder", "x")
+    assert list((tmp_path / "folder").iterdir()) == []
+    with pytest.raises(FileNotFoundError, match=r"directory .*nowhere does not exist"):
+        check_output_file(tmp_path / "nowhere" / "x.csv")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        check_output_file(tmp_path / "file" / "x.csv")
+
+
+def test_check_output_dir(tmp_path):
+    assert check_output_dir(tmp_path) == tmp_path
+    assert check_output_dir(tmp_path / "a" / "b") == tmp_path / "a" / "b"  # creatable
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match="exists and is not a directory"):
+        check_output_dir(tmp_path / "file")
+    with pytest.raises(NotADirectoryError, match="is not a directory"):
+        check_output_dir(tmp_path / "file" / "sub" / "dir")
+
+
+def test_read_user_text(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfred\n")
+    assert read_user_text(tmp_path / "bom.txt", "list") == "red\n"
+    (tmp_path / "bin.txt").write_bytes(b"ok\n\x80")
+    with pytest.raises(ValueError, match=r"bin.txt: not a UTF-8 text list \(byte 3 is 0x80\)"):
+        read_user_text(tmp_path / "bin.txt", "list")
+    with pytest.raises(IsADirectoryError, match="expected a list"):
+        read_user_text(tmp_path, "list")
+    with pytest.raises(FileNotFoundError, match="list does not exist"):
+        read_user_text(tmp_path / "missing.txt", "list")
