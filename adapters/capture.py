@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from adapters.families import attn_out_norms, family_of, head_layout, o_proj_modules
+from somp_ref.adapters.families import attn_out_norms, family_of, head_layout, o_proj_modules
 
 
 def _norm_eps(norm: Any) -> float:

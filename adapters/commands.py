@@ -46,7 +46,7 @@ def _check_store_target(out: str, overwrite: bool) -> None:
 
 def _check_model(name: str) -> None:
     """Raise for a local model path that does not exist, before torch is imported."""
-    from adapters.models import DEFAULT_MODEL, local_checkpoint
+    from somp_ref.adapters.models import DEFAULT_MODEL, local_checkpoint
 
     if name != DEFAULT_MODEL:
         local_checkpoint(name)
@@ -69,7 +69,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from adapters.prompts import read_prompts
+    from somp_ref.adapters.prompts import read_prompts
     from somp_ref.concepts import load_concept
     from somp_ref.files import check_output_file
 
@@ -80,8 +80,8 @@ def _run_export(args: argparse.Namespace) -> int:
         load_concept(args.rank)
         rank_out = check_output_file(args.rank_out or f"{args.out}-{Path(args.rank).stem}.csv")
     _check_model(args.model)
-    from adapters.export import export_activations  # imports torch: after the checks
-    from adapters.models import load_model
+    from somp_ref.adapters.export import export_activations  # imports torch: after the checks
+    from somp_ref.adapters.models import load_model
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     store = export_activations(
@@ -96,7 +96,7 @@ def _run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if args.rank:
-        from adapters.torch_somp import rank_heads_torch
+        from somp_ref.adapters.torch_somp import rank_heads_torch
         from somp_ref.concepts import store_concept_ids
         from somp_ref.heads import format_top_heads
 
@@ -114,9 +114,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     scores = HeadScores.from_csv(args.heads)
     heads = top_heads(scores, args.top)
     _check_model(args.model)
-    from adapters.generation import generate  # imports torch: after the checks
-    from adapters.intervene import scale_heads
-    from adapters.models import load_model
+    from somp_ref.adapters.generation import generate  # imports torch: after the checks
+    from somp_ref.adapters.intervene import scale_heads
+    from somp_ref.adapters.models import load_model
 
     model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
     options = {"max_new_tokens": args.max_new_tokens, "chat_template": not args.raw}
@@ -219,12 +219,16 @@ def register(subparsers) -> None:
 
 
 def _run_experiment(args: argparse.Namespace) -> int:
-    from adapters.tasks import TASK_NAMES
+    from somp_ref.adapters.tasks import TASK_NAMES
     from somp_ref.files import check_output_dir
 
     check_output_dir(args.out)
     _check_model(args.model)
-    from adapters.experiment import Settings, run_experiments  # imports torch: after the checks
+    from somp_ref.adapters.experiment import (  # imports torch: after the checks
+        Settings,
+        run_experiments,
+    )
+    from somp_ref.adapters.report import write_report
 
     names = list(TASK_NAMES) if args.names == ["all"] else args.names
     settings = Settings(
@@ -242,7 +246,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
         model=args.model,
     )
     out = Path(args.out)
-    _, text = run_experiments(names, settings, out)
+    text = write_report(run_experiments(names, settings, out), out)
     print(text)
     print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and a plot per experiment")
     return 0
@@ -258,7 +262,7 @@ def _head_counts(text: str) -> list[int]:
 
 def register_experiment(subparsers) -> None:
     """Add ``experiment`` to the ``somp-ref`` command."""
-    from adapters.tasks import TASK_NAMES
+    from somp_ref.adapters.tasks import TASK_NAMES
 
     parser = subparsers.add_parser(
         "experiment",

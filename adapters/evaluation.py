@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.generation import generate
-from adapters.inputs import encode, real_positions, render
-from adapters.intervene import scale_heads
-from adapters.tasks import Task
+from somp_ref.adapters.generation import generate
+from somp_ref.adapters.inputs import encode, real_positions, render
+from somp_ref.adapters.intervene import scale_heads
+from somp_ref.adapters.tasks import Task
 from somp_ref.metrics import (
     contains_answer,
     count_concept_words,

@@ -12,16 +12,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from adapters.evaluation import Evaluator
-from adapters.export import export_activations
-from adapters.tasks import Task, build_task
+from somp_ref.adapters.evaluation import Evaluator
+from somp_ref.adapters.export import export_activations
+from somp_ref.adapters.summary import summarize
+from somp_ref.adapters.tasks import Task, build_task
 from somp_ref.concepts import load_concept, store_concept_ids
 from somp_ref.files import write_text_atomically
 from somp_ref.heads import (
     HeadScores,
-    jaccard,
     random_heads_like,
     rank_heads,
     specificity_scores,
@@ -170,54 +168,11 @@ def _layer_counts(heads: list[tuple[int, int]]) -> dict[str, int]:
     return counts
 
 
-def target_metric(kind: str) -> str:
-    """The headline target measure of a task kind."""
-    return "concept_words" if kind == "generation" else "target_acc"
-
-
-def summarize(
-    baseline: dict[str, float],
-    conditions: list[dict[str, Any]],
-    kind: str,
-    methods: list[str],
-    ks: tuple[int, ...],
-) -> list[dict[str, Any]]:
-    """Rows k x method: mean (and std over seeds) of every metric, target relative to the
-    baseline as well."""
-    rows = []
-    key = target_metric(kind)
-    for k in ks:
-        for method in methods:
-            runs = [c["metrics"] for c in conditions if c["k"] == k and c["method"] == method]
-            if not runs:
-                continue
-            row: dict[str, Any] = {"k": k, "method": method, "runs": len(runs)}
-            for name in runs[0]:
-                values = np.array([np.nan if r[name] is None else r[name] for r in runs])
-                row[name] = float(np.mean(values))
-                row[f"{name}_std"] = float(np.std(values, ddof=1)) if len(runs) > 1 else 0.0
-            base = baseline[key]
-            row["target_vs_baseline"] = row[key] / base if base else float("nan")
-            row["target_vs_baseline_std"] = row[f"{key}_std"] / base if base else float("nan")
-            rows.append(row)
-    return rows
-
-
-def head_overlap(results: list[dict[str, Any]], ranking: str) -> dict[str, Any]:
-    """Jaccard similarity of the top-k heads of one ranking across the experiments run."""
-    names = [r["experiment"] for r in results]
-    tops = [[tuple(h) for h in r["rankings"][ranking]["top"]] for r in results]
-    matrix = [[jaccard(a, b) for b in tops] for a in tops]
-    return {"experiments": names, "ranking": ranking, "matrix": matrix}
-
-
 def run_experiments(
     names: list[str], settings: Settings, out: Path, *, show_progress: bool = True
-) -> tuple[list[dict[str, Any]], str]:
-    """Load the model once, run each named experiment, write the combined report; returns
-    the results and the report's terminal text."""
-    from adapters.models import load_model
-    from adapters.report import write_report
+) -> list[dict[str, Any]]:
+    """Load the model once and run each named experiment; returns their results."""
+    from somp_ref.adapters.models import load_model
 
     out.mkdir(parents=True, exist_ok=True)  # before the model loads: a bad --out fails fast
     tasks = [
@@ -225,8 +180,7 @@ def run_experiments(
         for name in names
     ]
     model, tokenizer = load_model(settings.model)
-    results = [
+    return [
         run_task(model, tokenizer, task, settings, out, show_progress=show_progress)
         for task in tasks
     ]
-    return results, write_report(results, out)

@@ -10,9 +10,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.capture import capture_z, effective_o_proj, select_positions
-from adapters.families import family_of, head_layout, o_proj_modules, resolve, text_config
-from adapters.inputs import encode, real_positions
+from somp_ref.adapters.capture import capture_z, effective_o_proj, select_positions
+from somp_ref.adapters.families import family_of, head_layout, o_proj_modules, resolve, text_config
+from somp_ref.adapters.inputs import encode, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
 
@@ -60,7 +60,7 @@ def export_activations(
     Parameters
     ----------
     model, tokenizer
-        A loaded causal LM of a supported family (see :mod:`adapters.families`).
+        A loaded causal LM of a supported family (see :mod:`somp_ref.adapters.families`).
     records : sequence of dict
         One per prompt, each with a "prompt" string; other fields go to samples.jsonl.
     out : path
@@ -135,11 +135,13 @@ def export_batches(
     ``image_mask`` (batch, pos) marking image tokens, or None for text-only inputs.
 
     Heads' contributions are stored as factors: z (normalised under an attention-output
-    norm, see :mod:`adapters.capture`) and the matching effective o_proj weight.
+    norm, see :mod:`somp_ref.adapters.capture`) and the matching effective o_proj weight.
     """
     family = family_of(model)
     layout = head_layout(model, family)
-    store = ActivationStore.create(
+    # On any error the with block releases the writer lock (an interrupted overwrite leaves
+    # the old store as it was; a new store stays incomplete and never opens as complete).
+    with ActivationStore.create(
         out,
         n_layers=layout.n_layers,
         n_heads=layout.n_heads,
@@ -162,34 +164,33 @@ def export_batches(
             ),
             **(meta or {}),
         },
-    )
-    per_layer: list[list[np.ndarray]] = [[] for _ in range(layout.n_layers)]
-    samples: list[dict[str, Any]] = []
-    with capture_z(model, contributions=True) as captured:
-        for records, inputs, image_mask in progress(
-            batches, desc="export (batches)", enabled=show_progress, total=n_batches
+    ) as store:
+        per_layer: list[list[np.ndarray]] = [[] for _ in range(layout.n_layers)]
+        samples: list[dict[str, Any]] = []
+        with capture_z(model, contributions=True) as captured:
+            for records, inputs, image_mask in progress(
+                batches, desc="export (batches)", enabled=show_progress, total=n_batches
+            ):
+                model(**inputs, use_cache=False)
+                mask = inputs["attention_mask"]
+                for layer in range(layout.n_layers):
+                    rows = select_positions(captured[layer], mask, positions, image_mask)
+                    per_layer[layer].append(rows.float().cpu().numpy().astype(dtype))
+                samples += _sample_records(records, inputs, tokenizer, positions, image_mask)
+        for layer, module in enumerate(
+            progress(o_proj_modules(model, family), desc="write layers", enabled=show_progress)
         ):
-            model(**inputs, use_cache=False)
-            mask = inputs["attention_mask"]
-            for layer in range(layout.n_layers):
-                rows = select_positions(captured[layer], mask, positions, image_mask)
-                per_layer[layer].append(rows.float().cpu().numpy().astype(dtype))
-            samples += _sample_records(records, inputs, tokenizer, positions, image_mask)
-    for layer, module in enumerate(
-        progress(o_proj_modules(model, family), desc="write layers", enabled=show_progress)
-    ):
-        bias = None if module.bias is None else module.bias.detach().float().cpu().numpy()
-        store.write_layer(
-            layer,
-            z=np.concatenate(per_layer[layer]),
-            o_proj=effective_o_proj(model, layer).cpu().numpy(),
-            bias=bias,
-        )
-        per_layer[layer] = []
-    unembed, final_norm = unembedding(model)
-    store.write_unembed(unembed, final_norm, vocab=vocabulary(tokenizer, unembed.shape[0]))
-    store.write_samples(samples)
-    store.close()
+            bias = None if module.bias is None else module.bias.detach().float().cpu().numpy()
+            store.write_layer(
+                layer,
+                z=np.concatenate(per_layer[layer]),
+                o_proj=effective_o_proj(model, layer).cpu().numpy(),
+                bias=bias,
+            )
+            per_layer[layer] = []
+        unembed, final_norm = unembedding(model)
+        store.write_unembed(unembed, final_norm, vocab=vocabulary(tokenizer, unembed.shape[0]))
+        store.write_samples(samples)
     print(
         f"wrote {store.path}: {store.n_samples} rows x {layout.n_layers} layers x "
         f"{layout.n_heads} heads",

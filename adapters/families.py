@@ -89,7 +89,8 @@ def family_of(model: Any) -> Family:
             return family
     raise UnsupportedModelError(
         f"model type {model_type!r} is not supported; supported: "
-        f"{', '.join(supported_model_types())} (add an entry to adapters.families.FAMILIES)"
+        f"{', '.join(supported_model_types())} "
+        "(add an entry to somp_ref.adapters.families.FAMILIES)"
     )
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from adapters.families import family_of, head_layout, o_proj_modules
+from somp_ref.adapters.families import family_of, head_layout, o_proj_modules
 
 Head = tuple[int, int]
 

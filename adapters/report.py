@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from adapters.experiment import head_overlap, target_metric
+from somp_ref.adapters.summary import head_overlap, target_metric
 from somp_ref.files import write_text_atomically
 
 _COLUMNS = {

@@ -53,7 +53,8 @@ class Task:
 
 
 def _data(name: str) -> dict[str, Any]:
-    return json.loads((files("adapters.experiment_data") / f"{name}.json").read_text("utf-8"))
+    folder = files("somp_ref.adapters.experiment_data")
+    return json.loads((folder / f"{name}.json").read_text("utf-8"))
 
 
 def general_questions(n: int, seed: int) -> list[dict[str, Any]]:

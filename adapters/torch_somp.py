@@ -152,7 +152,7 @@ def somp_torch(
 ) -> SompResult:
     """Single-problem SOMP on any torch device, same calling convention as
     :func:`somp_ref.somp` (usable as a port: ``somp-ref verify --port
-    adapters.torch_somp:somp_torch``). Returns a numpy :class:`SompResult`."""
+    somp_ref.adapters.torch_somp:somp_torch``). Returns a numpy :class:`SompResult`."""
     H = torch.as_tensor(np.asarray(H, dtype=np.float64), device=device).to(dtype)
     D = torch.as_tensor(np.asarray(D, dtype=np.float64), device=device).to(dtype)
     mean = H.mean(dim=0) if center else torch.zeros(H.shape[1], dtype=dtype, device=device)

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from adapters.export import export_batches
-from adapters.families import family_of
+from somp_ref.adapters.export import export_batches
+from somp_ref.adapters.families import family_of
 from somp_ref.store import ActivationStore
 
 VISION_FAMILIES = ("llava", "gemma3", "qwen2_5_vl")
@@ -70,7 +70,7 @@ def check_image_tokens(model: Any, inputs: dict[str, Any]) -> None:
         raise ValueError(
             f"{family_of(model).name}: the input has {found} image tokens (id "
             f"{image_token_id(model)}) but its images need {needed}; build inputs with the "
-            "model's processor or adapters.vision.image_inputs"
+            "model's processor or somp_ref.adapters.vision.image_inputs"
         )
 
 

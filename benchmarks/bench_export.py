@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from adapters.export import export_activations
-from adapters.inputs import encode
-from adapters.models import load_model
-from adapters.prompts import BUILTIN
+from somp_ref.adapters.export import export_activations
+from somp_ref.adapters.inputs import encode
+from somp_ref.adapters.models import load_model
+from somp_ref.adapters.prompts import BUILTIN
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ USAGE_ERROR = 2
 #: files, directories where files belong, permissions and a full disk; ValueError covers
 #: malformed user files (their readers name the file) and out-of-range values; ImportError
 #: a missing extra (or a --port module); UserError subclasses are declared by the modules
-#: that raise them (``StoreError``, ``adapters.models.ModelLoadError``, ``InputTypeError``).
+#: that raise them (``StoreError``, ``InputTypeError``, the adapters' ``ModelLoadError``).
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     UserError,
     OSError,

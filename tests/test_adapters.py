@@ -16,17 +16,17 @@ pytest.importorskip("transformers")
 
 from models import tiny_mistral  # noqa: E402
 
-from adapters.capture import capture_z  # noqa: E402
-from adapters.export import export_activations  # noqa: E402
-from adapters.families import (  # noqa: E402
+from somp_ref.adapters.capture import capture_z  # noqa: E402
+from somp_ref.adapters.export import export_activations  # noqa: E402
+from somp_ref.adapters.families import (  # noqa: E402
     UnsupportedModelError,
     family_of,
     head_layout,
     o_proj_modules,
 )
-from adapters.generation import generate  # noqa: E402
-from adapters.inputs import encode  # noqa: E402
-from adapters.intervene import scale_heads  # noqa: E402
+from somp_ref.adapters.generation import generate  # noqa: E402
+from somp_ref.adapters.inputs import encode  # noqa: E402
+from somp_ref.adapters.intervene import scale_heads  # noqa: E402
 from somp_ref.store import ActivationStore  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -56,7 +56,7 @@ PROMPTS = [
 
 @pytest.fixture(scope="module")
 def smollm():
-    from adapters.models import load_model
+    from somp_ref.adapters.models import load_model
 
     return load_model("default")
 

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from stores import write_planted_store
 
-from adapters import models
+from somp_ref.adapters import models
 from somp_ref.cli import main
 from somp_ref.heads import HeadScores
 

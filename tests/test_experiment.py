@@ -10,16 +10,16 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from adapters.experiment import Settings, run_task  # noqa: E402
-from adapters.report import format_table, write_report  # noqa: E402
-from adapters.tasks import build_task  # noqa: E402
+from somp_ref.adapters.experiment import Settings, run_task  # noqa: E402
+from somp_ref.adapters.report import format_table, write_report  # noqa: E402
+from somp_ref.adapters.tasks import build_task  # noqa: E402
 
 pytestmark = pytest.mark.model
 
 
 @pytest.fixture(scope="module")
 def smollm():
-    from adapters.models import load_model
+    from somp_ref.adapters.models import load_model
 
     return load_model("default")
 

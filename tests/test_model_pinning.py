@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters import models
-from adapters.models import ModelLoadError
+from somp_ref.adapters import models
+from somp_ref.adapters.models import ModelLoadError
 
 FAKE_GGUF = b"GGUF fake weights"
 GGUF_NAME = Path(models.GGUF_MEMBER).name

@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from adapters.tasks import TASK_NAMES, build_task, general_questions
+from somp_ref.adapters.tasks import TASK_NAMES, build_task, general_questions
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)

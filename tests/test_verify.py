@@ -15,7 +15,7 @@ from problems import assert_same_selection, gaussian_problems
 
 from somp_ref import somp
 from somp_ref.cli import main
-from verify.ports import check_port, golden_cases
+from somp_ref.verify.ports import check_port, golden_cases
 
 
 def uncentered(H, D, n_atoms, **options):
@@ -36,7 +36,7 @@ def highest_index_ties(H, D, n_atoms, **options):
 
 def test_golden_files_regenerate_to_tolerance():
     done = subprocess.run(
-        [sys.executable, "-m", "verify.golden.regenerate", "--check"],
+        [sys.executable, "-m", "somp_ref.verify.golden.regenerate", "--check"],
         capture_output=True,
         text=True,
     )
@@ -46,7 +46,7 @@ def test_golden_files_regenerate_to_tolerance():
 
 
 def test_check_reports_a_changed_golden_value():
-    from verify.golden.regenerate import compare
+    from somp_ref.verify.golden.regenerate import compare
 
     tensors = dict(golden_cases()["planted"][0])
     assert compare(tensors, tensors) == []
@@ -59,7 +59,7 @@ def test_check_reports_a_changed_golden_value():
 def test_every_golden_decision_is_clear():
     # The shipped margins: each step's runner-up is far outside the tie window, and atoms
     # inside it are tied to rounding (the lowest index then wins by the rule).
-    from verify.golden.margins import CLEAR_MARGIN, CLEAR_SPREAD
+    from somp_ref.verify.golden.margins import CLEAR_MARGIN, CLEAR_SPREAD
 
     for name, (tensors, _) in golden_cases().items():
         for path in ("somp", "mp"):
@@ -71,7 +71,7 @@ def test_every_golden_decision_is_clear():
 def test_generator_refuses_a_case_decided_by_rounding(gap):
     # Two atoms whose scores differ by ~gap of the noise scale: inside the tie window (1e-9)
     # or just outside it, neither is a decision every kernel makes alike.
-    from verify.golden.regenerate import expected
+    from somp_ref.verify.golden.regenerate import expected
 
     rng = np.random.default_rng(0)
     D = rng.standard_normal((5, 6))
@@ -128,7 +128,7 @@ torch = pytest.importorskip("torch")
     st.booleans(),
 )
 def test_torch_port_equals_numpy_engine(problem, n_atoms, criterion, center):
-    from adapters.torch_somp import somp_torch
+    from somp_ref.adapters.torch_somp import somp_torch
 
     H, D = problem
     ref = somp(H, D, n_atoms, criterion=criterion, center=center)
@@ -145,7 +145,7 @@ def test_torch_port_equals_numpy_engine(problem, n_atoms, criterion, center):
 def test_torch_ranking_equals_numpy_ranking(tmp_path):
     from stores import write_planted_store
 
-    from adapters.torch_somp import rank_heads_torch
+    from somp_ref.adapters.torch_somp import rank_heads_torch
     from somp_ref.heads import rank_heads
 
     store = write_planted_store(tmp_path / "s")

@@ -13,10 +13,10 @@ pytest.importorskip("transformers")
 
 from models import IMAGE, tiny_vlm  # noqa: E402
 
-from adapters.capture import capture_z, effective_o_proj  # noqa: E402
-from adapters.families import attn_out_norms, head_layout, o_proj_modules  # noqa: E402
-from adapters.intervene import scale_heads  # noqa: E402
-from adapters.vision import (  # noqa: E402
+from somp_ref.adapters.capture import capture_z, effective_o_proj  # noqa: E402
+from somp_ref.adapters.families import attn_out_norms, head_layout, o_proj_modules  # noqa: E402
+from somp_ref.adapters.intervene import scale_heads  # noqa: E402
+from somp_ref.adapters.vision import (  # noqa: E402
     check_image_tokens,
     classify_images,
     digits_dataset,
@@ -35,7 +35,7 @@ FAMILIES = ["llava", "gemma3", "qwen2_5_vl"]
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from adapters.models import load_model
+    from somp_ref.adapters.models import load_model
 
     return load_model("default")[1]
 

@@ -171,7 +171,7 @@ def torch_checks() -> Iterator[Check]:
     try:
         import torch
 
-        from adapters.torch_somp import somp_torch
+        from somp_ref.adapters.torch_somp import somp_torch
     except ImportError:
         yield Check("torch port", None, None, "skip", "torch not installed (hf extra)")
         return
@@ -213,11 +213,11 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
     try:
         import torch
 
-        from adapters.capture import capture_z
-        from adapters.families import head_layout, o_proj_modules
-        from adapters.inputs import encode
-        from adapters.intervene import scale_heads
-        from adapters.models import DEFAULT_MODEL, ModelLoadError, load_model
+        from somp_ref.adapters.capture import capture_z
+        from somp_ref.adapters.families import head_layout, o_proj_modules
+        from somp_ref.adapters.inputs import encode
+        from somp_ref.adapters.intervene import scale_heads
+        from somp_ref.adapters.models import DEFAULT_MODEL, ModelLoadError, load_model
     except ImportError:
         yield Check("model internals", None, None, "skip", "torch not installed (hf extra)")
         return
@@ -281,7 +281,7 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
 
 def golden_checks() -> Iterator[Check]:
     """The reference still reproduces the golden vectors (it must, or they are stale)."""
-    from verify.ports import check_port
+    from somp_ref.verify.ports import check_port
 
     for report in check_port(somp):
         yield Check(

@@ -19,7 +19,7 @@ def _format(rows: list[dict]) -> str:
 
 def _run_verify(args: argparse.Namespace) -> int:
     if args.port:
-        from verify.ports import check_port
+        from somp_ref.verify.ports import check_port
 
         reports = check_port(args.port)
         rows = [
@@ -33,10 +33,10 @@ def _run_verify(args: argparse.Namespace) -> int:
             for r in reports
         ]
     else:
-        from verify.checks import all_checks
+        from somp_ref.verify.checks import all_checks
 
         if args.model not in ("none", "default"):
-            from adapters.models import local_checkpoint
+            from somp_ref.adapters.models import local_checkpoint
 
             local_checkpoint(args.model)  # a mistyped path fails now, not after the checks
         rows = [c.as_dict() for c in all_checks(None if args.model == "none" else args.model)]
@@ -67,7 +67,7 @@ def register(subparsers) -> None:
         ),
         epilog="a port is called as port(H, D, n_atoms, *, center, normalize, criterion, "
         "tol) and returns support, coef, explained_variance (attributes or keys). "
-        "example: somp-ref verify --port adapters.torch_somp:somp_torch",
+        "example: somp-ref verify --port somp_ref.adapters.torch_somp:somp_torch",
     )
     parser.add_argument(
         "--port",

