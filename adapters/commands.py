@@ -96,12 +96,11 @@ def _run_export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
     )
     if args.rank:
-        from somp_ref.adapters.torch_somp import rank_heads_torch
-        from somp_ref.concepts import store_concept_ids
-        from somp_ref.heads import format_top_heads
+        from somp_ref.heads import format_top_heads, rank
 
-        concept = store_concept_ids(store.vocab(), args.rank)
-        scores = rank_heads_torch(store, concept.ids, args.atoms, device=args.device)
+        scores = rank(
+            store, args.rank, method="somp", n_atoms=args.atoms, engine="torch", device=args.device
+        )
         scores.to_csv(rank_out)
         print(format_top_heads(scores))
         print(f"wrote {rank_out}")

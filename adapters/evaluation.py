@@ -10,9 +10,9 @@ import numpy as np
 import torch
 
 from somp_ref.adapters.generation import generate
-from somp_ref.adapters.inputs import encode, real_positions, render
 from somp_ref.adapters.intervene import scale_heads
 from somp_ref.adapters.tasks import Task
+from somp_ref.adapters.tokenization import encode, real_positions, render
 from somp_ref.metrics import (
     contains_answer,
     count_concept_words,

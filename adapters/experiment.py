@@ -8,7 +8,7 @@ import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +22,9 @@ from somp_ref.heads import (
     HeadScores,
     random_heads_like,
     rank_heads,
-    specificity_scores,
     top_heads,
 )
 from somp_ref.progress import progress
-
-RANKINGS = ("specificity", "somp", "ll")
 
 
 @dataclass
@@ -47,7 +44,6 @@ class Settings:
     data_seed: int = 0
     max_new_tokens: int | None = None
     model: str = "default"
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _rankings(store, concept_ids, settings: Settings, show: bool) -> dict[str, HeadScores]:
@@ -57,10 +53,11 @@ def _rankings(store, concept_ids, settings: Settings, show: bool) -> dict[str, H
         "ll": rank_heads(store, concept_ids, settings.atoms, "ll", **options),
     }
     if settings.rank == "specificity":
-        ranked["specificity"] = specificity_scores(
+        ranked["specificity"] = rank_heads(
             store,
             concept_ids,
             settings.atoms,
+            "specificity",
             n_null=settings.n_null,
             seed=settings.data_seed,
             **options,

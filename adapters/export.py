@@ -12,7 +12,7 @@ import torch
 
 from somp_ref.adapters.capture import capture_z, effective_o_proj, select_positions
 from somp_ref.adapters.families import family_of, head_layout, o_proj_modules, resolve, text_config
-from somp_ref.adapters.inputs import encode, real_positions
+from somp_ref.adapters.tokenization import encode, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
 

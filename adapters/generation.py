@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from somp_ref.adapters.inputs import encode
+from somp_ref.adapters.tokenization import encode
 from somp_ref.progress import progress
 
 

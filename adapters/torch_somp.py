@@ -10,24 +10,24 @@ optimisation and changes nothing in the result. ``verify`` holds it to the numpy
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
-from somp_ref.heads import HeadScores, _check_token_ids
+from somp_ref.factored import Dictionary
 from somp_ref.pursuit import (
+    _NORM_ORDER,
     DEPENDENT_TOL,
     GAIN_FLOOR,
+    STOP_REASONS,
     TIE_RTOL,
     ZERO_RESIDUAL,
     SompResult,
     pursuit_result,
 )
-from somp_ref.store import ActivationStore
-
-_ORDER = {"l1": 1, "l2": 2}
+from somp_ref.ranking import PursuitOptions
 
 
 @torch.no_grad()
@@ -90,7 +90,7 @@ def somp_batched(
             reason[met] = 1
             active = active & ~met
         blocked |= rho2 <= DEPENDENT_TOL * sq_norms
-        scores = torch.linalg.vector_norm(R, ord=_ORDER[criterion], dim=-1) / scale
+        scores = torch.linalg.vector_norm(R, ord=_NORM_ORDER[criterion], dim=-1) / scale
         scores = scores.masked_fill(blocked, -torch.inf)
         best, top = scores.max(dim=-1)
         # The tie rule: the lowest index within the tie window of the best score.
@@ -135,9 +135,6 @@ def somp_batched(
     }
 
 
-_REASONS = ("n_atoms", "tol", "converged", "exhausted")
-
-
 def somp_torch(
     H: Any,
     D: Any,
@@ -176,82 +173,73 @@ def somp_torch(
         out["support"][0, :t].cpu().numpy().astype(np.int64),
         out["coef"][0, :, :t].double().cpu().numpy(),
         energy - np.concatenate([[0.0], np.cumsum(gains)]),
-        _REASONS[int(out["reason"][0])],
+        STOP_REASONS[int(out["reason"][0])],
         mean.double().cpu().numpy(),
     )
 
 
-@torch.no_grad()
-def rank_heads_torch(
-    store: ActivationStore,
-    token_ids: Sequence[int],
-    n_atoms: int = 50,
-    *,
-    center: bool = True,
-    normalize: bool = True,
-    criterion: str = "l1",
-    exclude_layers: Iterable[int] = (),
-    device: str = "cpu",
-    dtype: torch.dtype = torch.float64,
-) -> HeadScores:
-    """:func:`somp_ref.heads.rank_heads` (method "somp") with every layer's heads pursued
-    together on a torch device; the factored form, as the numpy ranking."""
-    unembed = store.unembed()
-    ids = _check_token_ids(token_ids, unembed.shape[0])
-    D = torch.as_tensor(np.array(unembed[ids], dtype=np.float64), device=device).to(dtype)
-    gram = D @ D.T
-    excluded = set(exclude_layers)
-    scores = np.full((store.n_layers, store.n_heads), np.nan)
-    supports, increments = {}, {}
-    dh = store.d_head
-    for layer in range(store.n_layers):
-        if layer in excluded:
-            continue
-        z_layer, o_proj = store.layer(layer)
-        z = torch.as_tensor(np.array(z_layer, dtype=np.float64), device=device).to(dtype)
-        W = torch.as_tensor(np.array(o_proj, dtype=np.float64), device=device).to(dtype)
-        z = z.permute(1, 0, 2)  # (heads, n, d_head)
-        W = W.reshape(store.d_model, store.n_heads, dh).permute(1, 0, 2)  # (heads, dm, dh)
-        gram_w = W.transpose(1, 2) @ W
-        raw = torch.einsum("hnd,hde,hne->h", z, gram_w, z)
-        if center:
-            z = z - z.mean(dim=1, keepdim=True)
-        E = torch.einsum("vm,hmd->hvd", D, W)
-        Ct = E @ z.transpose(1, 2)  # (heads, v, n)
-        energy = torch.einsum("hnd,hde,hne->h", z, gram_w, z)
-        if center:  # zero to rounding, as somp_ref.pursuit
+class TorchEngine:
+    """The ``"torch"`` engine of :func:`somp_ref.ranking.rank_heads`: a layer's heads pursued
+    together with :func:`somp_batched` on ``device`` (CPU, CUDA, ...).
+
+    Parameters
+    ----------
+    device : str, default="cpu"
+    dtype : torch.dtype, default=torch.float64
+        float32 is about twice as fast on a GPU; supports may then part from numpy's where
+        two atoms score within float32 rounding of each other.
+    """
+
+    name = "torch"
+
+    def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
+        self.device = torch.device(device)
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def pursue_layer(
+        self,
+        z: np.ndarray,
+        o_proj: np.ndarray,
+        dictionary: Dictionary,
+        n_atoms: int,
+        options: PursuitOptions,
+    ) -> list[SompResult]:
+        """SOMP of every head of a layer (see :class:`somp_ref.ranking.Engine`)."""
+        n, n_heads, d_head = z.shape
+        as_tensor = partial(torch.tensor, dtype=self.dtype, device=self.device)  # copies
+        Z = as_tensor(z).permute(1, 0, 2)  # (heads, n, d_head)
+        W = as_tensor(o_proj).reshape(-1, n_heads, d_head).permute(1, 0, 2)
+        D = as_tensor(dictionary.atoms)
+        gram_w = W.transpose(1, 2) @ W  # (heads, d_head, d_head)
+        raw = torch.einsum("hnd,hde,hne->h", Z, gram_w, Z)
+        mean = Z.mean(dim=1, keepdim=True) if options.center else torch.zeros_like(Z[:, :1])
+        Zc = Z - mean
+        energy = torch.einsum("hnd,hde,hne->h", Zc, gram_w, Zc).clamp(min=0)
+        if options.center:  # zero to rounding, as somp_ref.pursuit
             energy = torch.where(energy <= ZERO_RESIDUAL * raw, 0.0, energy)
+        Ct = torch.einsum("vm,hmd,hnd->hvn", D, W, Zc)  # (heads, v, n)
         out = somp_batched(
             Ct,
-            gram,
-            energy.clamp(min=0),
-            min(n_atoms, len(ids)),
-            criterion=criterion,
-            normalize=normalize,
+            D @ D.T,
+            energy,
+            min(n_atoms, D.shape[0]),
+            criterion="l1" if options.order == 1 else "l2",
+            normalize=options.normalize,
+            tol=options.tol,
         )
-        for head in range(store.n_heads):
+        head_means = torch.einsum("hd,hmd->hm", mean[:, 0], W).double().cpu().numpy()
+        results = []
+        for head in range(n_heads):
             t = int(out["n_selected"][head])
             gains = out["gains"][head, :t].double().cpu().numpy()
-            total = float(energy[head])
-            ev = gains / total if total > 0 else np.zeros(t)
-            scores[layer, head] = float(ev.sum())
-            supports[layer, head] = ids[out["support"][head, :t].cpu().numpy()]
-            increments[layer, head] = ev
-    vocab = store.vocab()
-    return HeadScores(
-        explained_variance=scores,
-        supports=supports,
-        increments=increments,
-        method="somp",
-        params={
-            "n_atoms": n_atoms,
-            "center": center,
-            "normalize": normalize,
-            "criterion": criterion,
-            "engine": f"torch:{device}",
-            "exclude_layers": sorted(excluded),
-        },
-        token_ids=ids,
-        tokens=None if vocab is None else [vocab[i] for i in ids],
-        source={"store": str(store.path)},
-    )
+            results.append(
+                pursuit_result(
+                    out["support"][head, :t].cpu().numpy().astype(np.int64),
+                    out["coef"][head, :, :t].double().cpu().numpy(),
+                    float(energy[head]) - np.concatenate([[0.0], np.cumsum(gains)]),
+                    STOP_REASONS[int(out["reason"][head])],
+                    head_means[head],
+                )
+            )
+        return results

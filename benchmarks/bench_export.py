@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 
 from somp_ref.adapters.export import export_activations
-from somp_ref.adapters.inputs import encode
 from somp_ref.adapters.models import load_model
 from somp_ref.adapters.prompts import BUILTIN
+from somp_ref.adapters.tokenization import encode
 
 
 def main() -> None:

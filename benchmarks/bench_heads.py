@@ -95,7 +95,7 @@ def main() -> None:
     )
     print(
         f"dictionary {args.atoms_total} atoms, k {args.atoms}, planted fraction "
-        f"{args.planted}, mean EV {np.nanmean(scores.explained_variance):.3f}"
+        f"{args.planted}, mean EV {np.nanmean(scores.score):.3f}"
     )
     print(f"{'unavoidable matmuls (D W_O, E Z^T)':<38}{floor:>9.1f} s")
     print(f"{'rank_heads (somp, l1)':<38}{ranking:>9.1f} s")

@@ -163,7 +163,7 @@ def _run_rank(args: argparse.Namespace) -> int:
         from somp_ref.plots import head_heatmap
 
         head_heatmap(
-            scores.explained_variance,
+            scores.score,
             args.plot,
             title=f"{args.concept}: {args.method} ({args.atoms} atoms)",
         )

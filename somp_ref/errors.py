@@ -17,4 +17,4 @@ class UserError(Exception):
 
 class InputTypeError(UserError, TypeError):
     """An argument of the wrong type, found by the boundary checks of
-    :mod:`somp_ref.inputs` (a TypeError, so callers catching TypeError still do)."""
+    :mod:`somp_ref.validation` (a TypeError, so callers catching TypeError still do)."""

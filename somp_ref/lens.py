@@ -6,8 +6,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from somp_ref.inputs import as_matrix, check_positive_int, check_same_width
 from somp_ref.pursuit import TIE_RTOL, _binary_exponent
+from somp_ref.validation import as_matrix, check_positive_int, check_same_width
 
 #: Samples per block when a computation needs the (n_samples, n_atoms_total) logits: keeps
 #: memory bounded for full vocabularies (~50k atoms).
@@ -131,74 +131,25 @@ def _top_with_ties(logits: np.ndarray, top: int, unit: float, norms: np.ndarray)
 
 
 def ll_head_score(H, D) -> float:
-    """The paper's Logit Lens head score.
+    """The paper's Logit Lens head score: the mean logit the head gives the concept's tokens.
 
-    The mean over samples of the fraction of each sample's energy explained by its best
-    single atom, ``max_j (D_j x)^2 / (||D_j||^2 ||x||^2)``. A zero sample explains nothing
-    and counts as 0; zero atoms are never the best.
+    ``mean_i mean_c D_c . h_i`` over the samples (rows of ``H``) and the concept's atoms
+    (rows of ``D``, raw unembedding rows): how much, on average, what the head writes raises
+    the concept's logits (Basile et al. 2025, the "LL" baseline).
 
     Parameters
     ----------
     H : array_like of shape (n_samples, d_model)
+        One head's contributions to the residual stream.
     D : array_like of shape (n_atoms_total, d_model)
+        The concept's unembedding rows.
 
     Returns
     -------
     float
-        In [0, 1]. Equals the mean over samples of one-step SOMP's explained variance on
-        each sample alone (``center=False, criterion="l2"``).
+        ``(mean of the rows of D) . (mean of the rows of H)``, computed in that order.
     """
     H = as_matrix(H, "H")
     D = as_matrix(D, "D")
     check_same_width(H, D, ("H", "D"))
-    # A ratio invariant to every row's scale: rescale rows by powers of two (exact) so that
-    # squares neither overflow nor underflow.
-    H = np.ldexp(H, -_binary_exponent(H, axis=1)[:, None])
-    D = np.ldexp(D, -_binary_exponent(D, axis=1)[:, None])
-    return float(np.mean(best_atom_fraction(H, D)))
-
-
-def best_atoms(
-    logits: np.ndarray, sample_energy: np.ndarray, sq_norms: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """Each sample's best single atom and the fraction of its energy that atom explains.
-
-    Parameters
-    ----------
-    logits : ndarray of shape (n_samples, n_atoms_total)
-        ``D x`` for every sample x (in any factored form).
-    sample_energy : ndarray of shape (n_samples,)
-        ``||x||^2``.
-    sq_norms : ndarray of shape (n_atoms_total,)
-        ``||D_j||^2``; zero atoms are never the best.
-
-    Returns
-    -------
-    best : ndarray of shape (n_samples,), int64
-        ``argmax_j (D_j x)^2 / ||D_j||^2``.
-    fractions : ndarray of shape (n_samples,)
-        That maximum over ``||x||^2``, in [0, 1]; 0 for zero samples.
-    """
-    inv_norms = np.zeros_like(sq_norms)
-    np.divide(1.0, sq_norms, out=inv_norms, where=sq_norms > 0)
-    explained = logits * logits * inv_norms
-    best = np.argmax(explained, axis=1)
-    fractions = np.zeros(logits.shape[0])
-    np.divide(
-        explained[np.arange(logits.shape[0]), best],
-        sample_energy,
-        out=fractions,
-        where=sample_energy > 0,
-    )
-    return best, np.minimum(fractions, 1.0)
-
-
-def best_atom_fraction(H: np.ndarray, D: np.ndarray) -> np.ndarray:
-    """Per-sample best single-atom explained fraction, shape (n_samples,). Trusts inputs."""
-    sq_norms = np.einsum("ij,ij->i", D, D)
-    sample_energy = np.einsum("ij,ij->i", H, H)
-    fractions = np.zeros(H.shape[0])
-    for start in range(0, H.shape[0], _ROW_BLOCK):
-        block = slice(start, start + _ROW_BLOCK)
-        fractions[block] = best_atoms(H[block] @ D.T, sample_energy[block], sq_norms)[1]
-    return fractions
+    return float(D.mean(axis=0) @ H.mean(axis=0))

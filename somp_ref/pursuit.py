@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from scipy.linalg import lstsq, solve_triangular
 
-from somp_ref.inputs import (
+from somp_ref.validation import (
     as_matrix,
     check_choice,
     check_positive_int,

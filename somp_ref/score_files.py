@@ -20,7 +20,10 @@ import numpy as np
 from somp_ref.files import read_user_text
 
 JSON_FORMAT = "somp_ref.head_scores"
-JSON_VERSION = 1
+#: Version 2 names the per-head table "score" (version 1 called it "explained_variance"
+#: whatever it held); both are read.
+JSON_VERSION = 2
+_SCORE_KEY = {1: "explained_variance", 2: "score"}
 CSV_COLUMNS = ("rank", "layer", "head", "score", "method", "support_ids", "support_tokens")
 _REQUIRED_COLUMNS = ("layer", "head", "score")
 #: No model has a million heads; a larger layer x head grid means a corrupt number, and
@@ -30,12 +33,12 @@ _INDEX = re.compile(r"\d+")
 
 
 def read_scores_csv(path: str | os.PathLike) -> dict[str, Any]:
-    """The :class:`~somp_ref.heads.HeadScores` fields stored in a ranking CSV.
+    """The :class:`~somp_ref.head_scores.HeadScores` fields stored in a ranking CSV.
 
     Returns
     -------
     dict
-        ``explained_variance`` (n_layers, n_heads) with NaN for heads without a row,
+        ``score`` (n_layers, n_heads) with NaN for heads without a row,
         ``supports`` and ``increments`` (NaN: the CSV does not keep them) per head,
         ``method``, ``params`` (empty) and ``token_ids`` (empty).
 
@@ -81,13 +84,13 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, Any]:
         methods.add(row.get("method", "unknown"))
     if len(methods) > 1:
         raise ValueError(f"{path}: rows of several rankings ({', '.join(sorted(methods))})")
-    explained_variance = _empty_grid(
+    grid = _empty_grid(
         1 + max(layer for layer, _ in scores), 1 + max(head for _, head in scores), path
     )
     for key, score in scores.items():
-        explained_variance[key] = score
+        grid[key] = score
     return {
-        "explained_variance": explained_variance,
+        "score": grid,
         "supports": supports,
         "increments": {key: np.full(ids.size, np.nan) for key, ids in supports.items()},
         "method": methods.pop(),
@@ -97,13 +100,13 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, Any]:
 
 
 def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:
-    """The :class:`~somp_ref.heads.HeadScores` fields stored in a ranking JSON file.
+    """The :class:`~somp_ref.head_scores.HeadScores` fields stored in a ranking JSON file.
 
     Returns
     -------
     dict
-        Every field of :class:`~somp_ref.heads.HeadScores`; ``explained_variance`` and
-        each of ``details`` is (n_layers, n_heads) float64 with NaN for unranked heads.
+        Every field of :class:`~somp_ref.head_scores.HeadScores`; ``score`` and each of
+        ``details`` is (n_layers, n_heads) float64 with NaN for unranked heads.
 
     Raises
     ------
@@ -122,20 +125,22 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:
         ) from None
     if not isinstance(payload, dict) or payload.get("format") != JSON_FORMAT:
         raise ValueError(f"{path}: not a somp_ref head-scores JSON file")
-    if payload.get("version") != JSON_VERSION:
+    version = payload.get("version")
+    if version not in _SCORE_KEY:
         raise ValueError(
-            f"{path}: version {payload.get('version')!r}; this somp_ref reads {JSON_VERSION}"
+            f"{path}: version {version!r}; this somp_ref reads versions "
+            + ", ".join(map(str, _SCORE_KEY))
         )
     fields = _Fields(payload, path)
-    explained_variance = fields.grid("explained_variance", payload.get("explained_variance"))
-    n_layers, n_heads = explained_variance.shape
+    key = _SCORE_KEY[version]
+    score = fields.grid(key, payload.get(key))
+    n_layers, n_heads = score.shape
     details = {}
     for name, value in fields.get("details", dict, {}).items():
         details[name] = fields.grid(f"details.{name}", value)
-        if details[name].shape != explained_variance.shape:
+        if details[name].shape != score.shape:
             raise ValueError(
-                f"{path}: details.{name} has shape {details[name].shape}, "
-                f"explained_variance {explained_variance.shape}"
+                f"{path}: details.{name} has shape {details[name].shape}, {key} {score.shape}"
             )
     supports: dict[tuple[int, int], np.ndarray] = {}
     increments: dict[tuple[int, int], np.ndarray] = {}
@@ -148,7 +153,7 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
             raise ValueError(
                 f"{path}: {where} is head {layer}.{head}, outside the "
-                f"{n_layers} x {n_heads} table of explained_variance"
+                f"{n_layers} x {n_heads} table of {key}"
             )
         if (layer, head) in supports:
             raise ValueError(f"{path}: {where}: head {layer}.{head} is listed twice")
@@ -163,7 +168,7 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:
     ):
         raise ValueError(f"{path}: tokens must be {token_ids.size} strings, one per token id")
     return {
-        "explained_variance": explained_variance,
+        "score": score,
         "supports": supports,
         "increments": increments,
         "method": fields.get("method", str),

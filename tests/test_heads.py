@@ -16,6 +16,7 @@ from somp_ref.heads import (
     head_signature,
     head_somp,
     jaccard,
+    layer_shortfall,
     random_heads_like,
     rank_heads,
     top_heads,
@@ -72,12 +73,10 @@ def planted_store(tmp_path_factory):
     return write_planted_store(tmp_path_factory.mktemp("store") / "s", concept=CONCEPT)
 
 
-@pytest.mark.parametrize("method", ["somp", "ll"])
-def test_planted_concept_heads_rank_first(planted_store, method):
-    scores = rank_heads(planted_store, list(CONCEPT), 5, method, show_progress=False)
+def test_planted_concept_heads_rank_first(planted_store):
+    scores = rank_heads(planted_store, list(CONCEPT), 5, show_progress=False)
     assert set(top_heads(scores, 2)) == {(1, 2), (2, 0)}
-    if method == "somp":
-        assert set(scores.supports[1, 2].tolist()) == set(CONCEPT)
+    assert set(scores.supports[1, 2].tolist()) == set(CONCEPT)
 
 
 def test_rank_scores_are_somp_and_ll_of_each_materialised_head(planted_store):
@@ -89,17 +88,19 @@ def test_rank_scores_are_somp_and_ll_of_each_materialised_head(planted_store):
         for head in range(planted_store.n_heads):
             H = planted_store.head_output(layer, head)
             expected = somp(H, D, 4)
-            assert (
-                abs(ranked.explained_variance[layer, head] - expected.explained_variance[-1])
-                <= EV_ATOL
-            )
-            assert abs(ll.explained_variance[layer, head] - ll_head_score(H, D)) <= 1e-12
+            assert abs(ranked.score[layer, head] - expected.explained_variance[-1]) <= EV_ATOL
+            assert ranked.details["explained_variance"][layer, head] == ranked.score[layer, head]
+            # The mean logit: a sum of n * v * d products, each exact to ~eps of |H| |D|.
+            scale = np.abs(H).max() * np.abs(D).max() * D.shape[1]
+            assert abs(ll.score[layer, head] - ll_head_score(H, D)) <= 1e-13 * scale
+            logits = (H @ D.T).mean(axis=0)
+            assert ll.supports[layer, head].tolist() == [ids[i] for i in np.argsort(-logits)[:4]]
 
 
 def test_excluded_layers_are_nan_and_never_selected(planted_store):
     scores = rank_heads(planted_store, list(CONCEPT), 3, exclude_layers=[1], show_progress=False)
-    assert np.isnan(scores.explained_variance[1]).all()
-    assert not np.isnan(scores.explained_variance[[0, 2]]).any()
+    assert np.isnan(scores.score[1]).all()
+    assert not np.isnan(scores.score[[0, 2]]).any()
     assert all(layer != 1 for layer, _ in top_heads(scores, 12))
     assert scores.params["exclude_layers"] == [1]
 
@@ -109,7 +110,7 @@ def test_rank_rejects_bad_token_ids(planted_store):
         rank_heads(planted_store, [1, 60], show_progress=False)
     with pytest.raises(ValueError, match=r"non-empty 1-D"):
         rank_heads(planted_store, [], show_progress=False)
-    with pytest.raises(ValueError, match=r"method must be one of 'somp', 'll'"):
+    with pytest.raises(ValueError, match=r"method must be one of 'somp', 'll', 'specificity'"):
         rank_heads(planted_store, [1], method="pca", show_progress=False)
 
 
@@ -123,7 +124,10 @@ def test_scores_round_trip_through_json_and_csv(planted_store, tmp_path):
     scores = rank_heads(planted_store, list(CONCEPT), 3, exclude_layers=[0], show_progress=False)
     scores.to_json(tmp_path / "s.json")
     back = HeadScores.from_json(tmp_path / "s.json")
-    assert np.array_equal(back.explained_variance, scores.explained_variance, equal_nan=True)
+    assert np.array_equal(back.score, scores.score, equal_nan=True)
+    assert np.array_equal(
+        back.details["explained_variance"], scores.details["explained_variance"], equal_nan=True
+    )
     assert back.supports.keys() == scores.supports.keys()
     for key in scores.supports:
         assert np.array_equal(back.supports[key], scores.supports[key])
@@ -131,9 +135,7 @@ def test_scores_round_trip_through_json_and_csv(planted_store, tmp_path):
     assert back.params == scores.params and back.tokens == scores.tokens
     scores.to_csv(tmp_path / "s.csv")
     from_csv = HeadScores.from_csv(tmp_path / "s.csv")
-    assert np.array_equal(
-        from_csv.explained_variance, scores.explained_variance, equal_nan=True
-    )  # repr() keeps every bit of a float
+    assert np.array_equal(from_csv.score, scores.score, equal_nan=True)  # repr() keeps every bit
     assert top_heads(from_csv, 5) == top_heads(scores, 5)
 
 
@@ -163,13 +165,35 @@ def test_top_heads_orders_best_first_ties_by_position_and_skips_nan():
 heads_strategy = st.lists(st.tuples(st.integers(0, 5), st.integers(0, 7)), max_size=20, unique=True)
 
 
+def count(heads, layer):
+    return sum(1 for lay, _ in heads if lay == layer)
+
+
 @given(heads_strategy, st.integers(0, 2**31))
-def test_random_heads_like_keeps_the_count_per_layer(heads, seed):
+def test_random_heads_like_is_disjoint_and_keeps_the_count_per_layer(heads, seed):
     drawn = random_heads_like(heads, 6, 8, seed)
-    count = lambda hs, layer: sum(1 for lay, _ in hs if lay == layer)  # noqa: E731
-    assert all(count(drawn, layer) == count(heads, layer) for layer in range(6))
-    assert len(set(drawn)) == len(drawn)
+    assert len(set(drawn)) == len(drawn) == len(heads)
+    assert not set(drawn) & set(heads)  # the paper's control never reuses a selected head
+    short = layer_shortfall(heads, 8)
+    for layer in range(6):
+        if layer in short:  # every free head of the layer, the rest from its neighbours
+            assert count(drawn, layer) == 8 - count(heads, layer)
+        elif not short:
+            assert count(drawn, layer) == count(heads, layer)
     assert drawn == random_heads_like(heads, 6, 8, seed)  # reproducible
+
+
+@given(heads_strategy, st.integers(0, 2**31))
+def test_random_heads_like_without_disjointness_keeps_every_count(heads, seed):
+    drawn = random_heads_like(heads, 6, 8, seed, disjoint=False)
+    assert all(count(drawn, layer) == count(heads, layer) for layer in range(6))
+
+
+def test_a_full_layer_borrows_from_its_nearest_neighbours():
+    heads = [(2, h) for h in range(6)]  # 6 of 8: only 2 free heads left in layer 2
+    assert layer_shortfall(heads, 8) == {2: 4}
+    drawn = random_heads_like(heads, 5, 8, seed=0)
+    assert count(drawn, 2) == 2 and {lay for lay, _ in drawn} <= {1, 2, 3}
 
 
 def test_random_heads_like_varies_with_seed_and_checks_bounds():
@@ -211,5 +235,6 @@ def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(tmp_path,
     where = start + 4 * (5 * store.n_heads * store.d_head + 2 * store.d_head)
     raw[where : where + 4] = struct.pack("<f", bad)
     path.write_bytes(bytes(raw))  # same size: open() cannot tell, the ranking must
-    with pytest.raises(StoreError, match=r"layer 1, head 2: z .* at \(5, 0\)"):
+    where = r"layer 1, head 2: z \(sample, d_head\) holds .* at \(5, 0\)"
+    with pytest.raises(StoreError, match=where):
         rank_heads(store, list(CONCEPT), 4, show_progress=False)

@@ -67,8 +67,8 @@ def test_csv_read_back_keeps_sparse_heads(tmp_path):
     path = tmp_path / "few.csv"
     path.write_text(HEADER + "1,2,1,0.5,somp,4 7,[]\n", encoding="utf-8")
     scores = HeadScores.from_csv(path)
-    assert scores.explained_variance.shape == (3, 2)
-    assert np.count_nonzero(~np.isnan(scores.explained_variance)) == 1
+    assert scores.score.shape == (3, 2)
+    assert np.count_nonzero(~np.isnan(scores.score)) == 1
     assert scores.supports[2, 1].tolist() == [4, 7]
 
 
@@ -106,7 +106,7 @@ def one_head(**fields) -> list[dict]:
     [
         ([1, 2], r"not a somp_ref head-scores JSON file"),
         (edited(format="other"), r"not a somp_ref head-scores JSON file"),
-        (edited(version=2), r"version 2; this somp_ref reads 1"),
+        (edited(version=3), r"version 3; this somp_ref reads versions 1, 2"),
         (edited(method=None), r"missing field 'method'"),
         (edited(heads=None), r"missing field 'heads'"),
         (edited(explained_variance=None), r"missing field 'explained_variance'"),
@@ -167,5 +167,5 @@ def test_good_json_reads(tmp_path):
     path = tmp_path / "good.json"
     path.write_text(json.dumps(good_payload()), encoding="utf-8")
     scores = HeadScores.from_json(path)
-    assert np.isnan(scores.explained_variance[0, 1])
+    assert np.isnan(scores.score[0, 1])
     assert scores.supports[0, 0].tolist() == [3] and scores.tokens == ["a", "b"]

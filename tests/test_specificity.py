@@ -43,27 +43,29 @@ def store(tmp_path_factory):
 
 def test_raw_explained_variance_cannot_tell_copy_head_from_concept_head(store):
     raw = rank_heads(store, CONCEPT, 5, show_progress=False)
-    assert raw.explained_variance[0, COPY] >= 0.9  # explains "any" dictionary
-    assert raw.explained_variance[0, CONCEPT_HEAD] >= 0.99
+    assert raw.score[0, COPY] >= 0.9  # explains "any" dictionary
+    assert raw.score[0, CONCEPT_HEAD] >= 0.99
 
 
 def test_specificity_ranks_only_the_concept_head_high(store):
     spec = specificity_scores(store, CONCEPT, 5, n_null=8, seed=1, show_progress=False)
     assert top_heads(spec, 1) == [(0, CONCEPT_HEAD)]
-    z = spec.explained_variance[0]
+    z = spec.score[0]
     assert z[CONCEPT_HEAD] > 5.0  # many null standard deviations above random dictionaries
     assert z[COPY] < 3.0 and z[NOISE] < 3.0
     assert np.array_equal(
-        spec.details["concept_ev"],
-        rank_heads(store, CONCEPT, 5, show_progress=False).explained_variance,
+        spec.details["explained_variance"], rank_heads(store, CONCEPT, 5, show_progress=False).score
     )
+    assert top_heads(rank_heads(store, CONCEPT, 5, "specificity", n_null=8, seed=1), 1) == [
+        (0, CONCEPT_HEAD)
+    ]
     assert spec.method == "specificity" and spec.params["n_null"] == 8
 
 
 def test_specificity_is_reproducible_and_validates(store):
     a = specificity_scores(store, CONCEPT, 3, n_null=3, seed=4, show_progress=False)
     b = specificity_scores(store, CONCEPT, 3, n_null=3, seed=4, show_progress=False)
-    assert np.array_equal(a.explained_variance, b.explained_variance)
+    assert np.array_equal(a.score, b.score)
     with pytest.raises(ValueError, match=r"n_null must be >= 2"):
         specificity_scores(store, CONCEPT, 3, n_null=1, show_progress=False)
 

@@ -142,18 +142,23 @@ def test_torch_port_equals_numpy_engine(problem, n_atoms, criterion, center):
         assert np.max(np.abs(port.explained_variance - ref.explained_variance)) <= 1e-9
 
 
-def test_torch_ranking_equals_numpy_ranking(tmp_path):
+@pytest.mark.parametrize("center", [True, False])
+def test_torch_engine_ranks_like_the_numpy_engine(tmp_path, center):
     from stores import write_planted_store
 
-    from somp_ref.adapters.torch_somp import rank_heads_torch
     from somp_ref.heads import rank_heads
 
     store = write_planted_store(tmp_path / "s")
     ids = [3, 7, 11, 19, 23, 40, 41, 42]
-    a = rank_heads(store, ids, 6, show_progress=False)
-    b = rank_heads_torch(store, ids, 6)
-    assert np.max(np.abs(a.explained_variance - b.explained_variance)) <= 1e-9
+    options = {"center": center, "exclude_layers": [0], "show_progress": False}
+    a = rank_heads(store, ids, 6, **options)
+    b = rank_heads(store, ids, 6, engine="torch", device="cpu", **options)
+    assert b.params["engine"] == "torch" and a.params["engine"] == "numpy"
+    assert np.isnan(b.score[0]).all()  # the same options, through the same loop
+    assert np.nanmax(np.abs(a.score - b.score)) <= 1e-9
+    assert a.supports.keys() == b.supports.keys()
     assert all(np.array_equal(a.supports[key], b.supports[key]) for key in a.supports)
+    assert all(np.allclose(a.increments[k], b.increments[k], atol=1e-9) for k in a.supports)
 
 
 @pytest.mark.model

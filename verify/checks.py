@@ -215,9 +215,9 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
 
         from somp_ref.adapters.capture import capture_z
         from somp_ref.adapters.families import head_layout, o_proj_modules
-        from somp_ref.adapters.inputs import encode
         from somp_ref.adapters.intervene import scale_heads
         from somp_ref.adapters.models import DEFAULT_MODEL, ModelLoadError, load_model
+        from somp_ref.adapters.tokenization import encode
     except ImportError:
         yield Check("model internals", None, None, "skip", "torch not installed (hf extra)")
         return
