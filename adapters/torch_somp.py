@@ -18,9 +18,9 @@ import torch
 
 from somp_ref.factored import Dictionary
 from somp_ref.pursuit import (
-    _NORM_ORDER,
     DEPENDENT_TOL,
     GAIN_FLOOR,
+    NORM_ORDER,
     STOP_REASONS,
     TIE_RTOL,
     ZERO_RESIDUAL,
@@ -77,7 +77,7 @@ def somp_batched(
     support = torch.full((batch, k), -1, dtype=torch.long, device=device)
     gains = torch.zeros(batch, k, dtype=dtype, device=device)
     remaining = energy.clone()
-    # somp_ref.pursuit._tie_unit and _window_scale: the tie window is unit * window_scale
+    # somp_ref.decisions.tie_unit and window_scale: the tie window is unit * window_scale
     # of the best atom.
     unit = TIE_RTOL * energy.sqrt() * (n**0.5 if criterion == "l1" else 1.0)
     window_scale = torch.ones_like(sq_norms) if normalize else sq_norms.sqrt()
@@ -90,7 +90,7 @@ def somp_batched(
             reason[met] = 1
             active = active & ~met
         blocked |= rho2 <= DEPENDENT_TOL * sq_norms
-        scores = torch.linalg.vector_norm(R, ord=_NORM_ORDER[criterion], dim=-1) / scale
+        scores = torch.linalg.vector_norm(R, ord=NORM_ORDER[criterion], dim=-1) / scale
         scores = scores.masked_fill(blocked, -torch.inf)
         best, top = scores.max(dim=-1)
         # The tie rule: the lowest index within the tie window of the best score.

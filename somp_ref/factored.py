@@ -12,14 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from somp_ref.pursuit import (
-    _NORM_ORDER,
-    SompResult,
-    _pursue,
-    _signal_energy,
-    pursuit_result,
-    solve_factored_coef,
-)
+from somp_ref.batch_omp import pursue, solve_factored_coef
+from somp_ref.decisions import signal_energy
+from somp_ref.pursuit import NORM_ORDER, SompResult, pursuit_result
 from somp_ref.validation import as_matrix, check_choice, check_positive_int, check_tolerance
 
 #: Dictionaries up to this many atoms keep their Gram matrix (8 v^2 bytes: 128 MiB at
@@ -76,8 +71,8 @@ def factored_somp(
     gram_w = o_proj_head.T @ o_proj_head
     energy = max(float(np.einsum("ij,ij->", zc @ gram_w, zc)), 0.0)
     if center:
-        energy = _signal_energy(energy, float(np.einsum("ij,ij->", z @ gram_w, z)))
-    path = _pursue(
+        energy = signal_energy(energy, float(np.einsum("ij,ij->", z @ gram_w, z)))
+    path = pursue(
         projected @ zc.T,
         dictionary.gram_row,
         dictionary.sq_norms,
@@ -132,7 +127,7 @@ def head_somp(
         raise ValueError(
             f"o_proj_head must have d_model={D.shape[1]} rows like D, got {o_proj_head.shape}"
         )
-    order = _NORM_ORDER[check_choice(criterion, "criterion", _NORM_ORDER)]
+    order = NORM_ORDER[check_choice(criterion, "criterion", NORM_ORDER)]
     return factored_somp(
         z,
         o_proj_head,

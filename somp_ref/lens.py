@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from somp_ref.pursuit import TIE_RTOL, _binary_exponent
+from somp_ref.decisions import TIE_RTOL, binary_exponent
 from somp_ref.validation import as_matrix, check_positive_int, check_same_width
 
 #: Samples per block when a computation needs the (n_samples, n_atoms_total) logits: keeps
@@ -75,8 +75,8 @@ def logit_lens(X, D, top: int = 10, *, softcap: float | None = None) -> LogitLen
     # Ranking is invariant to each sample's scale: rescale samples by powers of two (exact)
     # so that huge or tiny inputs neither overflow nor underflow; atoms too, putting their
     # factor back on the logits (they are ranked as given); undo it on the reported values.
-    x_exp = _binary_exponent(X, axis=1)
-    d_exp = _binary_exponent(D, axis=1)
+    x_exp = binary_exponent(X, axis=1)
+    d_exp = binary_exponent(D, axis=1)
     if x_exp.any():
         X = np.ldexp(X, -x_exp[:, None])
     if d_exp.any():

@@ -20,7 +20,7 @@ import numpy as np
 from somp_ref.factored import Dictionary, factored_somp, head_somp, mean_concept_logits
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
-from somp_ref.pursuit import _NORM_ORDER, SompResult
+from somp_ref.pursuit import NORM_ORDER, SompResult
 from somp_ref.store import ActivationStore, StoreError
 from somp_ref.validation import check_choice, check_positive_int, check_tolerance
 
@@ -255,7 +255,7 @@ def rank_heads(
     options = PursuitOptions(
         center=True if center is None else bool(center),
         normalize=bool(normalize),
-        order=_NORM_ORDER[check_choice(criterion, "criterion", _NORM_ORDER)],
+        order=NORM_ORDER[check_choice(criterion, "criterion", NORM_ORDER)],
         tol=check_tolerance(tol),
     )
     unembed = store.unembed()

@@ -6,7 +6,7 @@ import numpy as np
 from hypothesis import strategies as st
 from scipy.linalg import lstsq
 
-from somp_ref.pursuit import _tie_unit, _window_scale
+from somp_ref.decisions import tie_unit, window_scale
 
 EPS = np.finfo(np.float64).eps
 
@@ -40,8 +40,8 @@ def scores_at(H, D, support, *, criterion="l1", normalize=True):
     norms = np.sqrt(sq_norms) if normalize else np.ones(D.shape[0])
     order = 1 if criterion == "l1" else 2
     scores = np.linalg.norm(R @ D.T, ord=order, axis=0) / np.where(norms > 0, norms, 1.0)
-    unit = _tie_unit(float(np.sum(H * H)), H.shape[0], order)
-    return scores, unit * _window_scale(sq_norms, normalize)[int(np.argmax(scores))]
+    unit = tie_unit(float(np.sum(H * H)), H.shape[0], order)
+    return scores, unit * window_scale(sq_norms, normalize)[int(np.argmax(scores))]
 
 
 def assert_same_selection(support_a, support_b, H, D, **score_kw):

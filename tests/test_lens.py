@@ -10,7 +10,7 @@ from hypothesis.extra.numpy import arrays
 from numpy.testing import assert_allclose, assert_array_equal
 
 from somp_ref import ll_head_score, logit_lens, matching_pursuit
-from somp_ref.pursuit import GAIN_FLOOR, TIE_RTOL
+from somp_ref.decisions import GAIN_FLOOR, TIE_RTOL
 
 finite = st.floats(-10, 10, allow_nan=False, allow_infinity=False)
 

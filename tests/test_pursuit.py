@@ -11,7 +11,8 @@ from problems import EDGE_FRACTION, EPS, assert_same_selection, gaussian_problem
 from scipy.linalg import lstsq
 
 from somp_ref import logit_lens, matching_pursuit, somp
-from somp_ref.pursuit import STOP_REASONS, _tie_unit, _window_scale
+from somp_ref.decisions import tie_unit, window_scale
+from somp_ref.pursuit import STOP_REASONS
 
 #: Explained variance is a ratio of float64 energies; the fast engine tracks energy by
 #: subtraction (one rounding per step, relative to ||H||^2), so engines agree to ~t * eps.
@@ -89,8 +90,8 @@ def test_mp_fast_equals_naive(problem, n_atoms, opts):
         order = 1 if crit["criterion"] == "l1" else 2
         s = np.linalg.norm(R @ D.T, ord=order, axis=0) / norms
         Hc = H - naive.mean
-        unit = _tie_unit(np.sum(Hc * Hc), len(H), order)
-        window = unit * _window_scale(sq_norms, crit["normalize"])[int(np.argmax(s))]
+        unit = tie_unit(np.sum(Hc * Hc), len(H), order)
+        window = unit * window_scale(sq_norms, crit["normalize"])[int(np.argmax(s))]
         edge = s.max() - window
         a, b = fast.support[t], naive.support[t]
         assert min(abs(s[a] - edge), abs(s[b] - edge)) <= EDGE_FRACTION * window

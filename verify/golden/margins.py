@@ -13,15 +13,15 @@ from __future__ import annotations
 import numpy as np
 from scipy.linalg import lstsq
 
-from somp_ref.pursuit import (
+from somp_ref.decisions import (
     DEPENDENT_TOL,
     GAIN_FLOOR,
     TIE_RTOL,
-    _orthogonal_sq_norms,
-    _score_scale,
-    _tie_unit,
-    _window_scale,
+    score_scale,
+    tie_unit,
+    window_scale,
 )
+from somp_ref.oracle import orthogonal_sq_norms
 
 #: A runner-up this far below the best score (in noise-scale units) cannot be confused
 #: with a tie: 1000 tie windows, ~1e6 times any kernel's rounding of a score.
@@ -63,9 +63,9 @@ def step_margins(
     order = 1 if params.get("criterion", "l1") == "l1" else 2
     normalize = params.get("normalize", True)
     sq_norms = np.einsum("ij,ij->i", D, D)
-    scale = _score_scale(sq_norms, normalize)
-    unit = _tie_unit(float(np.sum(H * H)), H.shape[0], order)
-    window_scale = _window_scale(sq_norms, normalize)
+    scale = score_scale(sq_norms, normalize)
+    unit = tie_unit(float(np.sum(H * H)), H.shape[0], order)
+    windows = window_scale(sq_norms, normalize)
     margins, spreads, independence = [], [], []
     R = H.copy()
     for t, chosen in enumerate(support.tolist()):
@@ -74,16 +74,16 @@ def step_margins(
             if t:
                 W = lstsq(D[support[:t]].T, H.T)[0].T
                 R = H - W @ D[support[:t]]
-            ratio = _orthogonal_sq_norms(D, support[:t].tolist())[usable] / sq_norms[usable]
+            ratio = orthogonal_sq_norms(D, support[:t].tolist())[usable] / sq_norms[usable]
             with np.errstate(divide="ignore"):  # chosen atoms: ratio 0, clearly dependent
                 independence.append(float(np.min(np.abs(np.log10(ratio / DEPENDENT_TOL)))))
-            usable &= _orthogonal_sq_norms(D, support[:t].tolist()) > DEPENDENT_TOL * sq_norms
+            usable &= orthogonal_sq_norms(D, support[:t].tolist()) > DEPENDENT_TOL * sq_norms
         else:
             independence.append(np.inf)
         scores = np.where(usable, np.linalg.norm(R @ D.T, ord=order, axis=0) / scale, -np.inf)
         top = int(np.argmax(scores))
-        best, noise = scores[top], unit * window_scale[top] / TIE_RTOL
-        group = scores >= best - unit * window_scale[top]
+        best, noise = scores[top], unit * windows[top] / TIE_RTOL
+        group = scores >= best - unit * windows[top]
         if int(np.flatnonzero(group)[0]) != chosen:
             raise AssertionError(f"step {t}: the path chose {chosen}, the tie rule another atom")
         others = scores[~group & usable]
@@ -146,7 +146,7 @@ def unclear_stop(
     if reason == "converged":
         R = H - coef @ D[support]
         sq_norms = np.einsum("ij,ij->i", D, D)
-        rho2 = _orthogonal_sq_norms(D, support.tolist()) if refit else sq_norms
+        rho2 = orthogonal_sq_norms(D, support.tolist()) if refit else sq_norms
         usable = (sq_norms > 0.0) & (rho2 > DEPENDENT_TOL * sq_norms)
         left = np.sum((R @ D[usable].T) ** 2, axis=0) / rho2[usable]
         if left.size and left.max() / total > GAIN_FLOOR / CLEAR_FACTOR:

@@ -1,0 +1,285 @@
+"""The fast pursuit engine (Batch-OMP style) shared by SOMP and Matching Pursuit.
+
+It works on the correlations ``C = H D^T`` and rows of the Gram matrix ``G = D D^T``
+only, so a caller that has ``C`` in factored form (a head's ``Z E^T``) never builds ``H``.
+Kernels here trust their inputs; :mod:`somp_ref.pursuit` validates and rescales them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+import numpy as np
+from scipy.linalg import solve_triangular
+
+from somp_ref.decisions import (
+    DEPENDENT_TOL,
+    GAIN_FLOOR,
+    score_scale,
+    tie_unit,
+    window_scale,
+)
+
+EPS = float(np.finfo(np.float64).eps)
+
+#: Relative slack added to the score upper bounds of the fast engine so that rounding in
+#: the bound update can never make a bound fall below the score it covers.
+_BOUND_SLACK = 64 * EPS
+
+#: Stale candidates scored exactly per round of the fast engine's lazy argmax.
+_SCORE_BATCH = 32
+
+#: Samples centered and correlated per block by the fast engine's set-up.
+_SAMPLE_BLOCK = 512
+
+
+class PursuitPath(NamedTuple):
+    """What the fast kernel returns.
+
+    Attributes
+    ----------
+    support : ndarray of shape (t,), int64
+        Chosen atoms in order.
+    At : ndarray of shape (t, n)
+        With refit, ``At[i] = (H q_i)^T`` for the orthonormal directions ``q_i`` of the
+        support; without refit, the MP coefficients of step i.
+    U : ndarray of shape (t, v)
+        With refit, ``U[i] = q_i^T D^T`` (``U[:, support]^T`` is the lower Cholesky factor
+        of the support's Gram matrix); without refit, the Gram row of the atom of step i.
+    gains : ndarray of shape (t,)
+        Residual energy removed by each step.
+    stop_reason : str
+    """
+
+    support: np.ndarray
+    At: np.ndarray
+    U: np.ndarray
+    gains: np.ndarray
+    stop_reason: str
+
+
+def pursue(
+    Ct: np.ndarray,
+    gram_row: Callable[[int], np.ndarray],
+    sq_norms: np.ndarray,
+    energy: float,
+    n_atoms: int,
+    *,
+    order: int,
+    normalize: bool,
+    tol: float,
+    refit: bool,
+    atom_exp: np.ndarray | None = None,
+) -> PursuitPath:
+    """Fast pursuit from correlations (Batch-OMP style), SOMP when ``refit`` else MP.
+
+    Parameters
+    ----------
+    Ct : ndarray of shape (v, n)
+        Correlations ``D H^T`` of every atom with the (centered) samples, one atom a row.
+        Overwritten: rows become residual correlations as they are brought up to date.
+    gram_row : callable
+        ``gram_row(j)`` returns row j of ``D D^T``, shape (v,).
+    sq_norms : ndarray of shape (v,)
+        Squared atom norms, the diagonal of ``D D^T``.
+    energy : float
+        ``||H||_F^2`` (0 when the signal is zero to rounding: nothing is selected).
+    atom_exp : ndarray of shape (v,), optional
+        Atom j is the given atom times ``2**-atom_exp[j]`` (see ``_prepare``).
+
+    Returns
+    -------
+    PursuitPath
+
+    Notes
+    -----
+    Atom j's residual correlations after step t are ``Ct[j] - U[:t, j] @ At[:t]``. They
+    are brought up to date lazily, row by row, only for the atoms the argmax must score
+    (``_Scorer``): each atom keeps an upper bound on its score (the triangle inequality
+    gives ``score_t+1 <= score_t + |U[t, j]| ||At[t]||_p``), and only atoms whose bound
+    could reach the best exact score (or its tie window) are scored, so a step rarely
+    touches all v x n correlations.
+    """
+    v, n = Ct.shape
+    unit = tie_unit(energy, n, order)
+    scorer = _Scorer(Ct, n_atoms, sq_norms, order=order, normalize=normalize, atom_exp=atom_exp)
+    rho2 = sq_norms.copy()
+    support: list[int] = []
+    gains: list[float] = []
+    remaining = energy
+    reason = "n_atoms" if energy > 0.0 else "converged"
+    while len(support) < n_atoms and energy > 0.0:
+        t = len(support)
+        if tol > 0.0 and remaining <= tol * energy:
+            reason = "tol"
+            break
+        if refit:
+            scorer.blocked |= rho2 <= DEPENDENT_TOL * sq_norms
+        j = scorer.best_atom(unit)
+        if j < 0:
+            reason = "exhausted"
+            break
+        r = scorer.Ct[j]
+        gain = float(r @ r) / (rho2[j] if refit else sq_norms[j])
+        if gain <= GAIN_FLOOR * energy:
+            reason = "converged"
+            break
+        if refit:
+            rho = np.sqrt(rho2[j])
+            a = r / rho
+            u = (gram_row(j) - scorer.U[:t, j] @ scorer.U[:t]) / rho
+            rho2 -= u * u
+            rho2[j] = 0.0
+        else:
+            a = r / sq_norms[j]
+            u = gram_row(j)
+        scorer.add_step(a, u)
+        support.append(j)
+        gains.append(gain)
+        remaining = max(remaining - gain, 0.0)
+    t = len(support)
+    return PursuitPath(
+        np.asarray(support, dtype=np.int64), scorer.At[:t], scorer.U[:t], np.asarray(gains), reason
+    )
+
+
+class _Scorer:
+    """Exact argmax of the pursuit scores with lazily updated residual correlations.
+
+    ``Ct[j]`` holds atom j's residual correlations after ``stamp[j]`` steps; ``bound[j]``
+    is an upper bound on its current score, exact where ``fresh[j]``.
+    """
+
+    def __init__(
+        self,
+        Ct: np.ndarray,
+        n_atoms: int,
+        sq_norms: np.ndarray,
+        *,
+        order: int,
+        normalize: bool,
+        atom_exp: np.ndarray | None,
+    ):
+        v, n = Ct.shape
+        self.Ct = Ct
+        self.order = order
+        self.scale = score_scale(sq_norms, normalize, atom_exp)
+        self.window_scale = window_scale(sq_norms, normalize, atom_exp)
+        self.blocked = sq_norms <= 0.0
+        self.bound = np.linalg.norm(Ct, ord=order, axis=1) / self.scale
+        self.fresh = np.ones(v, dtype=bool)
+        self.stamp = np.zeros(v, dtype=np.int64)
+        self.At = np.empty((n_atoms, n))
+        self.U = np.empty((n_atoms, v))
+        self.steps = 0
+        self._rows = np.empty((min(_SCORE_BATCH, v), n))
+        self._work = np.empty_like(self._rows)
+
+    def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
+        """Record step ``R <- R - a q^T`` (``u = q^T D^T``) and loosen the bounds."""
+        t = self.steps
+        self.At[t] = a
+        self.U[t] = u
+        self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
+        self.bound *= 1.0 + _BOUND_SLACK
+        self.fresh[:] = False
+        self.steps += 1
+
+    def _refresh(self, atoms: np.ndarray) -> None:
+        """Bring ``Ct[atoms]`` (at most ``_SCORE_BATCH``) up to date and score them exactly.
+
+        Works in two preallocated buffers: fresh (B, n) temporaries would be new mmap'd
+        pages each call, and those page faults cost more than the arithmetic.
+        """
+        t, stamps, size = self.steps, self.stamp[atoms], atoms.shape[0]
+        rows, work = self._rows[:size], self._work[:size]
+        np.take(self.Ct, atoms, axis=0, out=rows)
+        first = int(stamps.min())
+        if first < t:
+            coeff = self.U[first:t, atoms]
+            coeff = np.where(np.arange(first, t)[:, None] >= stamps, coeff, 0.0)
+            np.matmul(coeff.T, self.At[first:t], out=work)
+            np.subtract(rows, work, out=rows)
+            self.Ct[atoms] = rows
+        self.stamp[atoms] = t
+        if self.order == 1:
+            scores = np.abs(rows, out=work).sum(axis=1)
+        else:
+            scores = np.sqrt(np.einsum("ij,ij->i", rows, rows))
+        self.bound[atoms] = scores / self.scale[atoms]
+        self.fresh[atoms] = True
+
+    def best_atom(self, unit: float) -> int:
+        """The tie rule's choice among unblocked atoms, or -1 when none is left.
+
+        The lowest index whose exact score is within the tie window (``unit`` times the
+        best atom's window scale) of the largest. On return ``Ct`` of that atom is up to
+        date.
+        """
+        masked = np.where(self.blocked, -np.inf, self.bound)
+        size = masked.shape[0]
+        while True:  # the exact maximum
+            j = int(np.argmax(masked))
+            if masked[j] == -np.inf:
+                return -1
+            if self.fresh[j]:
+                # Every other bound is <= masked[j] and bounds cover scores: exact maximum.
+                break
+            stale = np.where(self.fresh, -np.inf, masked)
+            k = min(_SCORE_BATCH, size)
+            picked = np.argpartition(stale, size - k)[size - k :]
+            picked = picked[stale[picked] > -np.inf]
+            self._refresh(picked)
+            masked[picked] = self.bound[picked]
+        threshold = masked[j] - unit * self.window_scale[j]
+        while True:  # lower indices that may be inside the tie window
+            lower = np.flatnonzero(masked[:j] >= threshold)
+            stale = lower[~self.fresh[lower]]
+            if stale.size == 0:
+                return int(lower[0]) if lower.size else j
+            picked = stale[:_SCORE_BATCH]
+            self._refresh(picked)
+            masked[picked] = self.bound[picked]
+
+
+def centered_correlations(
+    H: np.ndarray, D: np.ndarray, mean: np.ndarray
+) -> tuple[np.ndarray, float]:
+    """``D (H - mean)^T`` of shape (v, n) and ``||H - mean||_F^2``, centering block by block.
+
+    Centering per block of samples keeps the extra memory at one block instead of a
+    centered copy of ``H`` (which for n x d_model = 2000 x 4096 costs as much time as the
+    product itself, in page faults).
+    """
+    n = H.shape[0]
+    Ct = np.empty((D.shape[0], n))
+    energy = 0.0
+    for start in range(0, n, _SAMPLE_BLOCK):
+        block = H[start : start + _SAMPLE_BLOCK] - mean
+        Ct[:, start : start + _SAMPLE_BLOCK] = D @ block.T
+        energy += float(np.einsum("ij,ij->", block, block))
+    return Ct, energy
+
+
+def solve_factored_coef(At: np.ndarray, U: np.ndarray, support: np.ndarray) -> np.ndarray:
+    """Least-squares coefficients from the fast kernel's factors.
+
+    Parameters
+    ----------
+    At : ndarray of shape (t, n)
+        ``(H q_i)^T`` for the orthonormal directions q_i of the support.
+    U : ndarray of shape (t, v)
+        ``q_i^T D^T``; ``U[:, support]^T`` is the lower Cholesky factor L of the support's
+        Gram matrix.
+    support : ndarray of shape (t,)
+
+    Returns
+    -------
+    ndarray of shape (n, t)
+        ``W = A L^{-1}``, the minimiser of ``||H - W D[support]||_F``.
+    """
+    if support.size == 0:
+        return np.zeros((At.shape[1], 0))
+    L = U[:, support].T
+    return solve_triangular(L, At, lower=True, trans="T", check_finite=False).T
