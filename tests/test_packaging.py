@@ -55,6 +55,19 @@ def import_graph() -> dict[str, set[str]]:
     }
 
 
+def test_pyproject_lists_every_package():
+    # setuptools installs only the packages pyproject names (package-dir maps the folders),
+    # so a new subpackage missing from the list would be absent from the wheel.
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text("utf-8"))["tool"]["setuptools"]
+    on_disk = {
+        ".".join((PACKAGES[folder], *init.parent.relative_to(ROOT / folder).parts))
+        for folder in PACKAGES
+        for init in (ROOT / folder).rglob("__init__.py")
+    }
+    assert set(config["packages"]) == on_disk
+
+
 def test_the_core_never_imports_torch_adapters_or_verify():
     modules = project_modules()
     core = {n: p for n, p in modules.items() if not n.startswith(ADDONS)}
@@ -130,6 +143,7 @@ def test_the_wheel_installs_beside_adapterhub_and_verify(tmp_path):
     subprocess.run([*quiet, "adapters", "verify", "scipy", "safetensors", "tqdm"], check=True)
     probe = (
         "import adapters, verify, somp_ref.adapters, somp_ref.verify.ports\n"
+        "import somp_ref.heads, somp_ref.store, somp_ref.cli\n"
         "import somp_ref.adapters.torch_somp\n"
         "from somp_ref.verify.ports import golden_cases\n"
         "assert len(golden_cases()) >= 10\n"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stores import write_planted_store
 
+from somp_ref.files import write_atomically
 from somp_ref.store import META_FILE, UNEMBED_FILE, ActivationStore, StoreError, layer_file
 
 posix_only = pytest.mark.skipif(sys.platform == "win32", reason="POSIX files and signals")
@@ -183,11 +185,41 @@ def test_files_added_to_the_old_store_while_it_is_replaced_are_kept(tmp_path):
     assert (kept / "notes.txt").read_text() == "written meanwhile"
 
 
+def test_what_a_killed_write_leaves_is_the_stores_own_only_for_its_parts(tmp_path):
+    """A write killed between creating its temporary file and renaming it leaves the file:
+    the overwrite check counts one of a part or meta.json as the store's own (the swap
+    deletes it with the old store), and one of any other name as foreign."""
+    old = write_planted_store(tmp_path / "s")
+
+    def leave_temporary(name: str) -> str:
+        left = []
+
+        def killed(handle):
+            left.append(Path(handle.name).name)
+            raise RuntimeError("killed")
+
+        with pytest.raises(RuntimeError, match="killed"):
+            write_atomically(old.path / name, killed)
+        (old.path / left[0]).write_bytes(b"half written")  # as the killed writer left it
+        return left[0]
+
+    foreign = leave_temporary("notes.txt")
+    with pytest.raises(StoreError, match=rf"holds '{re.escape(foreign)}', which is not part"):
+        create(old.path, overwrite=True)
+    (old.path / foreign).unlink()
+    own = {leave_temporary(name) for name in (META_FILE, layer_file(2), "samples.jsonl")}
+    assert own <= listing(old.path)
+    with create(old.path, overwrite=True) as store:
+        fill(store)
+    ActivationStore.open(old.path).verify()
+    assert listing(tmp_path) == {"s", ".s.lock"}  # the old store went, temporaries and all
+
+
 OVERWRITER = textwrap.dedent(
     """
     import os, signal, sys, time
     import numpy as np
-    import somp_ref.store as store_module
+    import somp_ref.store.replacing as replacing
     from somp_ref.store import ActivationStore
 
     path, phase = sys.argv[1], sys.argv[2]
@@ -206,7 +238,7 @@ OVERWRITER = textwrap.dedent(
     elif phase == "between-renames":
         os.rename = second_rename_dies
     elif phase == "after-swap":
-        store_module._remove_store_dir = die
+        replacing.remove_store_dir = die
     store = ActivationStore.create(path, n_layers=2, n_heads=1, d_head=2, d_model=3,
                                    overwrite=True)
     for layer in range(2):

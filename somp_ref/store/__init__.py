@@ -1,0 +1,65 @@
+"""The on-disk activation store: what each head wrote, layer by layer, in safetensors.
+
+A store is a directory::
+
+    meta.json                 format version, model, shapes, positions rule, dtype, state
+    layer_000.safetensors     z (n_samples, n_heads, d_head) = hook_z at the kept positions,
+    ...                       o_proj (d_model, n_heads * d_head), optional o_bias (d_model,)
+    unembed.safetensors       unembed (vocab, d_model), optional final_norm (d_model,);
+                              the vocabulary strings in the file's metadata
+    samples.jsonl             one JSON record (prompt, label, split, ...) per sample row
+
+The store never loses or invents data:
+
+* Every file is written under a temporary name, flushed to disk and renamed into place
+  (:func:`somp_ref.files.write_atomically`), so a file either is complete or is absent.
+  ``meta.json`` says ``"complete": false`` until :meth:`~ActivationStore.close` has seen
+  every part; :meth:`ActivationStore.open` refuses an incomplete store, a file whose size
+  differs from the one recorded, and an unknown format version, naming the file.
+* One writer per store: :meth:`~ActivationStore.create` and :meth:`~ActivationStore.resume`
+  take an exclusive lock on ``PARENT/.NAME.lock`` (a second writer fails at once).
+* ``overwrite=True`` replaces only a directory that is a store holding nothing but its own
+  files. The new store is built in a hidden sibling ``PARENT/.NAME.new-*`` and swapped in by
+  :meth:`~ActivationStore.close`, so an error or a killed process leaves the old store as it
+  was; the old store's own files are then unlinked (never through a symlink, never
+  recursively) and anything else found in it is kept, with a warning.
+* ``meta.json`` is checked against a schema (types, bounds, file names, sizes) before use,
+  and a safetensors header (dtypes, shapes, contiguous in-bounds offsets) before its tensors
+  are mapped; every file must be a regular file (no symlink, device or FIFO).
+* Non-finite values are refused at write time, naming the first one's place.
+
+Tensors are read memory-mapped, one layer at a time; opening a store never runs code
+(safetensors holds no pickles).
+
+Modules: :mod:`~somp_ref.store.layout` (format, file names, :class:`StoreError`),
+:mod:`~somp_ref.store.schema` (meta.json), :mod:`~somp_ref.store.regular_files` and
+:mod:`~somp_ref.store.safetensors_files` (the files), :mod:`~somp_ref.store.arrays`
+(what a writer hands in), :mod:`~somp_ref.store.locking` and
+:mod:`~somp_ref.store.replacing` (one writer, overwrite by swap), and
+:mod:`~somp_ref.store.activation_store` with its :mod:`~somp_ref.store.facts`,
+:mod:`~somp_ref.store.reading` and :mod:`~somp_ref.store.writing` halves.
+"""
+
+from somp_ref.store.activation_store import ActivationStore
+from somp_ref.store.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    SAMPLES_FILE,
+    STORE_DTYPES,
+    UNEMBED_FILE,
+    StoreError,
+    layer_file,
+)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "META_FILE",
+    "SAMPLES_FILE",
+    "STORE_DTYPES",
+    "UNEMBED_FILE",
+    "ActivationStore",
+    "StoreError",
+    "layer_file",
+]

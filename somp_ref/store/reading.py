@@ -1,0 +1,149 @@
+"""Reading an opened store: its tensors memory-mapped one file at a time and checked against
+meta.json's shapes, its vocabulary and sample records, and its files checked against the
+sizes and hashes meta.json recorded."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+
+from somp_ref.store.facts import StoreFacts
+from somp_ref.store.layout import META_FILE, SAMPLES_FILE, UNEMBED_FILE, StoreError, layer_file
+from somp_ref.store.regular_files import open_regular, require_regular, sha256
+from somp_ref.store.safetensors_files import map_tensors
+
+
+class StoreReading(StoreFacts):
+    """The reading methods of :class:`somp_ref.store.ActivationStore`."""
+
+    def layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Memory-mapped ``z`` (n_samples, n_heads, d_head) and ``o_proj``
+        (d_model, n_heads * d_head) of one layer, read-only, in their stored dtype."""
+        tensors = self._layer_tensors(layer)
+        return tensors["z"], tensors["o_proj"]
+
+    def layer_bias(self, layer: int) -> np.ndarray | None:
+        """The o_proj bias (d_model,) of one layer, or None."""
+        return self._layer_tensors(layer).get("o_bias")
+
+    def head_output(self, layer: int, head: int) -> np.ndarray:
+        """Head ``head``'s contribution to the residual stream, float64 (n_samples, d_model).
+
+        ``z[:, head] @ o_proj[:, head * d_head:(head + 1) * d_head].T``. Materialising it is
+        for inspection; the ranking works on the factors.
+        """
+        z, o_proj = self.layer(layer)
+        if not 0 <= head < self.n_heads:
+            raise ValueError(f"head must be in [0, {self.n_heads}), got {head}")
+        cols = slice(head * self.d_head, (head + 1) * self.d_head)
+        return (
+            np.asarray(z[:, head], dtype=np.float64)
+            @ np.asarray(o_proj[:, cols], dtype=np.float64).T
+        )
+
+    def unembed(self) -> np.ndarray:
+        """The unembedding (vocab, d_model), memory-mapped."""
+        return self._unembed_tensors()[0]["unembed"]
+
+    def final_norm(self) -> np.ndarray | None:
+        """The final norm's weight (d_model,), or None."""
+        return self._unembed_tensors()[0].get("final_norm")
+
+    def vocab(self) -> list[str] | None:
+        """The vocabulary strings (vocab,), one per unembedding row, or None.
+
+        Raises
+        ------
+        StoreError
+            When the recorded vocabulary is not a list of strings, one per row.
+        """
+        tensors, metadata = self._unembed_tensors()
+        if "vocab" not in metadata:
+            return None
+        path = self._dir / UNEMBED_FILE
+        try:
+            vocab = json.loads(metadata["vocab"])
+        except (ValueError, RecursionError) as err:
+            raise StoreError(f"{path}: unreadable vocabulary ({err})") from err
+        if not isinstance(vocab, list) or not all(isinstance(token, str) for token in vocab):
+            raise StoreError(f"{path}: the vocabulary is not a list of strings")
+        rows = tensors["unembed"].shape[0]
+        if len(vocab) != rows:
+            raise StoreError(f"{path}: {len(vocab)} vocabulary strings for {rows} unembedding rows")
+        return vocab
+
+    def samples(self) -> list[dict[str, Any]]:
+        """The per-sample records."""
+        path = self._dir / SAMPLES_FILE
+        try:
+            with open_regular(path) as handle:
+                lines = handle.read().decode("utf-8").splitlines()
+            return [json.loads(line) for line in lines if line]
+        except (OSError, ValueError, RecursionError) as err:
+            raise StoreError(f"{path}: unreadable samples file ({err})") from err
+
+    def verify(self) -> None:
+        """Check every file's SHA-256 against the one recorded when it was written.
+
+        Raises
+        ------
+        StoreError
+            Naming the first file whose content changed.
+        """
+        self._check_files()
+        for name, info in self._meta["files"].items():
+            if sha256(self._dir / name) != info["sha256"]:
+                raise StoreError(
+                    f"{self._dir / name}: content differs from when it was "
+                    "written (sha256 mismatch): the file is corrupt"
+                )
+
+    def _layer_tensors(self, layer: int) -> dict[str, np.ndarray]:
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        path = self._dir / layer_file(layer)
+        if layer_file(layer) not in self._meta["files"]:
+            raise StoreError(f"{path}: layer {layer} has not been written")
+        tensors, _ = map_tensors(path)
+        expected = {
+            "z": (self.n_samples, self.n_heads, self.d_head),
+            "o_proj": (self.d_model, self.n_heads * self.d_head),
+        }
+        for name, shape in expected.items():
+            if name not in tensors or tensors[name].shape != shape:
+                got = tensors[name].shape if name in tensors else "nothing"
+                raise StoreError(f"{path}: {name} should have shape {shape}, found {got}")
+        if tensors["z"].dtype != np.dtype(self._meta["dtype"]):
+            raise StoreError(
+                f"{path}: z is {tensors['z'].dtype}, {META_FILE} says {self._meta['dtype']}"
+            )
+        return tensors
+
+    def _unembed_tensors(self) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        path = self._dir / UNEMBED_FILE
+        if UNEMBED_FILE not in self._meta["files"]:
+            raise StoreError(f"{path}: the unembedding has not been written")
+        tensors, metadata = map_tensors(path)
+        if "unembed" not in tensors or tensors["unembed"].shape[1:] != (self.d_model,):
+            raise StoreError(f"{path}: no (vocab, {self.d_model}) 'unembed' tensor")
+        return tensors, metadata
+
+    def _check_files(self) -> None:
+        """Every recorded file is a regular file of the recorded size (nothing is read)."""
+        for name, info in self._meta["files"].items():
+            path = self._dir / name
+            try:
+                status = os.lstat(path)
+            except FileNotFoundError:
+                raise StoreError(f"{path}: recorded in {META_FILE} but missing") from None
+            except OSError as err:
+                raise StoreError(f"{path}: unreadable ({err})") from err
+            require_regular(path, status.st_mode)
+            if status.st_size != info["bytes"]:
+                raise StoreError(
+                    f"{path}: {status.st_size} bytes, {info['bytes']} recorded: "
+                    "the file is truncated or was replaced"
+                )

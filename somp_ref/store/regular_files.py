@@ -1,0 +1,61 @@
+"""Opening a store's files for reading: regular files only, so a symlink is refused rather
+than followed and a FIFO or device is refused rather than read (or waited on forever)."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import stat
+from pathlib import Path
+from typing import BinaryIO
+
+from somp_ref.store.layout import StoreError
+
+_READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, "O_NOFOLLOW", 0)  # a symlinked store file is refused, not followed
+    | getattr(os, "O_NONBLOCK", 0)  # opening a FIFO returns at once (then it is refused)
+    | getattr(os, "O_BINARY", 0)
+)
+
+
+def require_regular(path: Path, mode: int) -> None:
+    """Raise StoreError unless ``mode`` (an ``st_mode``) is a regular file's."""
+    if stat.S_ISLNK(mode):
+        raise StoreError(f"{path}: a symbolic link; a store holds regular files only")
+    if not stat.S_ISREG(mode):
+        raise StoreError(f"{path}: not a regular file; a store holds regular files only")
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """Open a store file for reading; a symlink, device or FIFO is refused (without a hang).
+
+    Raises
+    ------
+    StoreError
+        For a file that is not a regular file.
+    OSError
+        For a missing or unreadable one.
+    """
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except OSError as err:
+        if err.errno in (errno.ELOOP, errno.EMLINK):  # O_NOFOLLOW met a symlink
+            require_regular(path, stat.S_IFLNK)
+        raise
+    try:
+        require_regular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
+
+
+def sha256(path: Path) -> str:
+    """The SHA-256 of a store file's content, as 64 lowercase hex digits."""
+    digest = hashlib.sha256()
+    with open_regular(path) as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

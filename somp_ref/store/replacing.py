@@ -1,0 +1,166 @@
+"""Where a new store is written, and how it replaces an old one without losing either.
+
+A new store is written in place when its path is free or an empty directory. Over an
+existing store (``overwrite=True``, allowed only for a store holding nothing but its own
+files) it is built in a hidden sibling ``PARENT/.NAME.new-*`` and swapped in once complete:
+the old store is renamed to ``PARENT/.NAME.old-*``, the new one renamed into place, and
+only then are the old store's own files unlinked (never through a symlink, never
+recursively); anything else found in it is kept, with a warning. A writer killed at any
+point leaves a complete store at the path or, between the two renames, both beside it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import warnings
+from pathlib import Path
+
+from somp_ref.store.layout import META_FILE, StoreError, is_part_name
+from somp_ref.store.schema import load_meta
+
+# The temporary files of somp_ref.files.write_atomically, which writes every store file:
+# ``.NAME.PID-RANDOM.tmp``. A writer killed mid-write leaves one behind.
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
+
+
+def _is_own_entry(entry: os.DirEntry, n_layers: int | None) -> bool:
+    """Whether a directory entry is one a store of ``n_layers`` layers writes: meta.json, a
+    part, or a temporary file of either; never a directory."""
+    if entry.is_dir(follow_symlinks=False):
+        return False
+    if entry.name == META_FILE or is_part_name(entry.name, n_layers):
+        return True
+    match = _TEMP_NAME.fullmatch(entry.name)
+    return match is not None and (match[1] == META_FILE or is_part_name(match[1], n_layers))
+
+
+def _first_foreign(directory: Path, n_layers: int | None) -> str | None:
+    """Name of the first entry (by name) of ``directory`` that is not a store's own, or None."""
+    with os.scandir(directory) as entries:
+        names = sorted(e.name for e in entries if not _is_own_entry(e, n_layers))
+    return names[0] if names else None
+
+
+def _sibling(target: Path, kind: str) -> Path:
+    """A fresh hidden name beside ``target``: ``.NAME.KIND-PID-RANDOM``."""
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _siblings(target: Path) -> list[Path]:
+    """Hidden directories that overwrites of ``target`` build in or move the old store to."""
+    pattern = re.compile(re.escape(f".{target.name}.") + r"(?:new|old)-[0-9]+-[0-9a-f]+")
+    with os.scandir(target.parent) as entries:
+        return sorted(target.parent / e.name for e in entries if pattern.fullmatch(e.name))
+
+
+def remove_store_dir(directory: Path, n_layers: int | None) -> None:
+    """Delete a store directory this package made: unlink its own entries (never following a
+    symlink, never recursing; meta.json last, so a half-deleted store still says what it
+    is), then rmdir. Anything else stays, and so does the directory, with a warning."""
+    if directory.is_symlink() or not directory.is_dir():
+        warnings.warn(f"left {directory} alone: not a directory", stacklevel=3)
+        return
+    with os.scandir(directory) as entries:
+        own = [Path(e.path) for e in entries if _is_own_entry(e, n_layers)]
+    for path in sorted(own, key=lambda p: p.name == META_FILE):
+        path.unlink(missing_ok=True)
+    try:
+        os.rmdir(directory)
+    except OSError:
+        warnings.warn(
+            f"kept {directory}: it holds files that are not part of a store", stacklevel=3
+        )
+
+
+def _remove_stale_siblings(target: Path) -> None:
+    """Delete what killed overwrites of ``target`` left beside it (``target`` exists, so
+    none of it is the only copy of a store); keep, with a warning, what does not look like
+    one of our store directories."""
+    for sibling in _siblings(target):
+        if sibling.is_symlink() or not sibling.is_dir() or _first_foreign(sibling, None):
+            warnings.warn(f"left {sibling} alone: it is not a store directory", stacklevel=3)
+        else:
+            remove_store_dir(sibling, None)
+
+
+def _check_replaceable(target: Path) -> int | None:
+    """Check that the directory ``target`` is empty or a store holding only its own files;
+    touch nothing.
+
+    Returns
+    -------
+    int or None
+        The store's layer count; None for an empty directory.
+    """
+    with os.scandir(target) as entries:
+        if next(entries, None) is None:
+            return None
+    try:
+        n_layers = load_meta(target)["n_layers"]
+    except StoreError as err:
+        raise StoreError(
+            f"{target} exists and is not a store: refusing to overwrite it ({err})"
+        ) from err
+    foreign = _first_foreign(target, n_layers)
+    if foreign is not None:
+        raise StoreError(
+            f"{target} holds {foreign!r}, which is not part of a store: refusing to overwrite it"
+        )
+    return n_layers
+
+
+def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
+    """Make the directory a new store at ``target`` is written in (the writer lock is held).
+
+    Returns
+    -------
+    directory : Path
+        ``target`` itself when it did not exist or was empty, else a hidden sibling that
+        :func:`swap_in` puts in its place.
+    replaces : int or None
+        The layer count of the store being replaced; None when there is none.
+
+    Raises
+    ------
+    StoreError
+        When ``target`` is a symlink, exists without ``overwrite``, or may not be replaced.
+    """
+    if target.is_symlink():
+        raise StoreError(f"{target} is a symbolic link: refusing to write a store through it")
+    if not target.exists():
+        orphans = _siblings(target)
+        if orphans:
+            warnings.warn(
+                f"{target} is missing but an interrupted overwrite left {orphans}: one of them "
+                f"holds the store; rename it to {target.name} to recover it",
+                stacklevel=3,
+            )
+        target.mkdir()
+        return target, None
+    if not overwrite:
+        raise StoreError(f"{target} already exists (pass overwrite=True to replace it)")
+    if not target.is_dir():
+        raise StoreError(f"{target} exists and is not a directory: refusing to overwrite it")
+    replaces = _check_replaceable(target)
+    _remove_stale_siblings(target)
+    if replaces is None:
+        return target, None
+    directory = _sibling(target, "new")
+    directory.mkdir()
+    return directory, replaces
+
+
+def swap_in(built: Path, target: Path, replaces: int) -> None:
+    """Put the finished store ``built`` beside ``target`` in the place of the store there
+    (of ``replaces`` layers): move the old store to a hidden sibling, move the new one in,
+    then delete the old."""
+    old = _sibling(target, "old")
+    try:
+        os.rename(target, old)
+    except FileNotFoundError:  # the old store was removed meanwhile: nothing to delete
+        old = None
+    os.rename(built, target)
+    if old is not None:
+        remove_store_dir(old, replaces)

@@ -1,0 +1,204 @@
+"""Writing an opened store: each part checked, written atomically and recorded (size and
+SHA-256) in meta.json, which says ``"complete": true`` only once :meth:`close` has seen every
+part and swapped the store in for the one it replaces."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+
+from somp_ref.files import write_text_atomically
+from somp_ref.store.arrays import checked, weight_dtype
+from somp_ref.store.facts import StoreFacts
+from somp_ref.store.layout import (
+    FORMAT,
+    FORMAT_VERSION,
+    META_FILE,
+    SAMPLES_FILE,
+    UNEMBED_FILE,
+    StoreError,
+    layer_file,
+)
+from somp_ref.store.regular_files import sha256
+from somp_ref.store.replacing import remove_store_dir, swap_in
+from somp_ref.store.safetensors_files import write_tensors
+
+_Writer = TypeVar("_Writer", bound="StoreWriting")
+
+
+def _prompts_hash(records: Sequence[Mapping[str, Any]]) -> str:
+    prompts = json.dumps([record.get("prompt") for record in records], ensure_ascii=False)
+    return hashlib.sha256(prompts.encode("utf-8")).hexdigest()
+
+
+class StoreWriting(StoreFacts):
+    """The writing methods of :class:`somp_ref.store.ActivationStore`."""
+
+    def write_layer(self, layer: int, *, z, o_proj, bias=None) -> None:
+        """Write one layer.
+
+        Parameters
+        ----------
+        layer : int
+            0-based layer index.
+        z : array_like of shape (n_samples, n_heads, d_head)
+            Per-head attention outputs before o_proj (TransformerLens's ``hook_z``) at the
+            kept positions.
+        o_proj : array_like of shape (d_model, n_heads * d_head)
+            The output projection's weight (torch's ``nn.Linear`` layout); head h's
+            columns are ``h * d_head : (h + 1) * d_head``.
+        bias : array_like of shape (d_model,), optional
+
+        Raises
+        ------
+        ValueError
+            For a wrong shape, or a value that is not finite once stored (NaN, Inf, or
+            too large for the store's dtype), naming layer, sample and head, or row and
+            column.
+        """
+        self._require_writable()
+        if not 0 <= layer < self.n_layers:
+            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        z = checked(
+            z,
+            f"layer {layer}: z",
+            (None, self.n_heads, self.d_head),
+            self._meta["dtype"],
+            ("sample", "head", None),
+        )
+        o_proj = checked(
+            o_proj,
+            f"layer {layer}: o_proj",
+            (self.d_model, self.n_heads * self.d_head),
+            weight_dtype(o_proj),
+            ("row", "column"),
+        )
+        if self.n_samples is None:
+            self._meta["n_samples"] = int(z.shape[0])
+        elif z.shape[0] != self.n_samples:
+            raise ValueError(
+                f"z must have {self.n_samples} samples like the layers already written, "
+                f"got {z.shape[0]}"
+            )
+        tensors = {"z": z, "o_proj": o_proj}
+        if bias is not None:
+            tensors["o_bias"] = checked(
+                bias, f"layer {layer}: bias", (self.d_model,), weight_dtype(bias), ("row",)
+            )
+        self._save_tensors(layer_file(layer), tensors, {"layer": str(layer)})
+
+    def write_unembed(self, unembed, final_norm=None, vocab: Sequence[str] | None = None) -> None:
+        """Write the unembedding (v, d_model), the final norm's weight (d_model,) if any, and
+        the vocabulary strings (v,) if known. Non-finite values are refused by row/column."""
+        self._require_writable()
+        unembed = checked(
+            unembed, "unembed", (None, self.d_model), weight_dtype(unembed), ("row", "column")
+        )
+        tensors = {"unembed": unembed}
+        if final_norm is not None:
+            tensors["final_norm"] = checked(
+                final_norm, "final_norm", (self.d_model,), weight_dtype(final_norm), ("row",)
+            )
+        metadata = {}
+        if vocab is not None:
+            vocab = [str(token) for token in vocab]
+            if len(vocab) != unembed.shape[0]:
+                raise ValueError(
+                    f"vocab must have one string per unembedding row ({unembed.shape[0]}), "
+                    f"got {len(vocab)}"
+                )
+            metadata["vocab"] = json.dumps(vocab, ensure_ascii=False)
+        self._save_tensors(UNEMBED_FILE, tensors, metadata)
+
+    def write_samples(self, records: Iterable[Mapping[str, Any]]) -> None:
+        """Write one JSON record per sample row (prompt, label, split, ...)."""
+        self._require_writable()
+        records = [dict(record) for record in records]
+        if self.n_samples is not None and len(records) != self.n_samples:
+            raise ValueError(
+                f"records must have one entry per sample row ({self.n_samples}), got {len(records)}"
+            )
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+        write_text_atomically(self._dir / SAMPLES_FILE, text)
+        self._meta["prompts_hash"] = _prompts_hash(records)
+        self._meta["n_sample_records"] = len(records)
+        self._record_file(SAMPLES_FILE)
+
+    def close(self) -> None:
+        """Finish writing: mark the store complete if every part is present, swap it in
+        for the store it replaces (if any), and release the writer lock.
+
+        Raises
+        ------
+        StoreError
+            When parts are missing (the store stays incomplete, open for writing and
+            locked; a replaced store stays as it was).
+        """
+        if not self._writable:
+            return
+        missing = self.missing()
+        if missing:
+            raise StoreError(f"{self.path}: cannot complete the store, missing {missing}")
+        records = self._meta["n_sample_records"]
+        if records != self.n_samples:
+            raise StoreError(
+                f"{self.path / SAMPLES_FILE}: {records} records for {self.n_samples} samples"
+            )
+        del self._meta["n_sample_records"]
+        self._meta["complete"] = True
+        self._save_meta()
+        if self._replaces is not None:
+            self._swap_in()
+        self._writable = False
+        self._lock.release()
+
+    def __enter__(self: _Writer) -> _Writer:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            self._abandon()  # after an error; nothing to do after a successful close
+
+    def _require_writable(self) -> None:
+        if not self._writable:
+            raise StoreError(f"{self.path} is open for reading; use ActivationStore.resume")
+
+    def _save_tensors(
+        self, name: str, tensors: dict[str, np.ndarray], metadata: dict[str, str]
+    ) -> None:
+        metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), **metadata}
+        write_tensors(self._dir / name, tensors, metadata)
+        self._record_file(name)
+
+    def _record_file(self, name: str) -> None:
+        path = self._dir / name
+        self._meta["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        self._save_meta()
+
+    def _save_meta(self) -> None:
+        text = json.dumps(self._meta, indent=1, sort_keys=True)
+        write_text_atomically(self._dir / META_FILE, text)
+
+    def _swap_in(self) -> None:
+        """Put the finished store, built beside the one it replaces, in that one's place."""
+        swap_in(self._dir, Path(os.path.abspath(self.path)), self._replaces)
+        self._dir = self.path
+
+    def _abandon(self) -> None:
+        """Stop writing after an error and release the lock. A store built beside the one it
+        replaces is deleted (the old store stays); a new store stays incomplete, resumable."""
+        if not self._writable:
+            return
+        if self._replaces is not None:
+            remove_store_dir(self._dir, self.n_layers)
+        self._writable = False
+        self._lock.release()
