@@ -6,7 +6,8 @@ stream is ``z_h @ W_O[:, h]^T``. Where the attention output is normalised before
 the residual stream (Gemma3's ``post_attention_layernorm``, an RMSNorm with weight g), the
 contribution is the normalised share ``g * (z_h W_O[:, h]^T) / rms(o)`` with o the whole
 o_proj output at that position; it factors as ``(z_h / rms(o)) (g * W_O[:, h])^T``, so the
-store keeps ``z / rms(o)`` and ``g * W_O`` and every downstream computation is unchanged.
+store keeps ``z / rms(o)`` and ``g * W_O`` (``ModelHeads.effective_o_proj``) and every
+downstream computation is unchanged.
 Hooks are added only inside a context manager that removes them in ``finally``.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import torch
 
-from somp_ref.adapters.families import attn_out_norms, family_of, head_layout, o_proj_modules
+from somp_ref.adapters.model_heads import model_heads
 
 
 def _norm_eps(norm: Any) -> float:
@@ -28,18 +29,6 @@ def _norm_eps(norm: Any) -> float:
     raise TypeError(f"cannot find the epsilon of norm {type(norm).__name__}")
 
 
-def effective_o_proj(model: Any, layer: int) -> torch.Tensor:
-    """The o_proj weight (d_model, n_heads * d_head) a head's contribution factors through:
-    the weight itself, or ``g * W_O`` under an attention-output RMSNorm with weight g."""
-    family = family_of(model)
-    weight = o_proj_modules(model, family)[layer].weight.detach().float()
-    norms = attn_out_norms(model, family)
-    if norms is None:
-        return weight
-    gain = norms[layer].weight.detach().float() + family.norm_weight_offset
-    return gain[:, None] * weight
-
-
 @contextmanager
 def capture_z(model: Any, *, contributions: bool = False) -> Iterator[dict[int, torch.Tensor]]:
     """Inside the block, every forward fills ``captured[layer]`` with that layer's z,
@@ -47,11 +36,11 @@ def capture_z(model: Any, *, contributions: bool = False) -> Iterator[dict[int, 
 
     With ``contributions=True`` and a family that normalises the attention output, z is
     divided by the RMS of the o_proj output at its position (float32), so that
-    ``z_h @ effective_o_proj(model, layer)[:, h]^T`` is the head's normalised share.
+    ``z_h @ model_heads(model).effective_o_proj(layer)[:, h]^T`` is the head's normalised
+    share.
     """
-    family = family_of(model)
-    layout = head_layout(model, family)
-    norms = attn_out_norms(model, family) if contributions else None
+    heads = model_heads(model)
+    norms = heads.attn_out_norms if contributions else None
     captured: dict[int, torch.Tensor] = {}
     handles = []
 
@@ -63,12 +52,12 @@ def capture_z(model: Any, *, contributions: bool = False) -> Iterator[dict[int, 
             if eps is not None:
                 out = output.detach().float()
                 z = z.float() * torch.rsqrt(out.pow(2).mean(-1, keepdim=True) + eps)
-            captured[layer] = z.reshape(*z.shape[:-1], layout.n_heads, layout.d_head)
+            captured[layer] = z.reshape(*z.shape[:-1], heads.n_heads, heads.d_head)
 
         return hook
 
     try:
-        for layer, module in enumerate(o_proj_modules(model, family)):
+        for layer, module in enumerate(heads.o_proj):
             handles.append(module.register_forward_hook(hook_for(layer)))
         yield captured
     finally:

@@ -2,6 +2,7 @@
 entry-point group ``somp_ref.commands``. Nothing here imports torch until a model loads, so
 ``somp-ref --help`` works without the ``hf`` extra, these commands answer with the install
 line, and bad arguments (files, numbers, output paths) are reported before a model loads.
+Their shared flags come from :mod:`somp_ref.cli_options`, as the core commands' do.
 """
 
 from __future__ import annotations
@@ -13,7 +14,25 @@ import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
-from somp_ref.cli import int_at_least, layer_list, non_negative_int, positive_int
+from somp_ref.cli_options import (
+    add_alpha,
+    add_atoms,
+    add_batch_size,
+    add_exclude_layers,
+    add_heads_selection,
+    add_max_new_tokens,
+    add_method,
+    add_model_loading,
+    add_null,
+    add_out,
+    add_ranking,
+    check_layer_flags,
+    k_list,
+    non_negative_int,
+    positive_int,
+    ranking_options,
+    renamed,
+)
 
 INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
 
@@ -44,28 +63,42 @@ def _check_store_target(out: str, overwrite: bool) -> None:
         raise StoreError(f"{out} exists and is not a store: refusing to overwrite it")
 
 
-def _check_model(name: str) -> None:
-    """Raise for a local model path that does not exist, before torch is imported."""
-    from somp_ref.adapters.models import DEFAULT_MODEL, local_checkpoint
+def _check_model(args: argparse.Namespace) -> None:
+    """Raise for a local model path that does not exist, or a revision of anything but a
+    hub id, before torch is imported."""
+    from somp_ref.adapters.models import check_model_name
 
-    if name != DEFAULT_MODEL:
-        local_checkpoint(name)
+    check_model_name(args.model, args.revision)
 
 
-def _add_model_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--model",
-        default="default",
-        help="'default' (the embedded SmolLM2-135M-Instruct, offline), a local "
-        "checkpoint directory, or a hub id",
+def _load(args: argparse.Namespace):
+    """The model and tokenizer the model flags name (imports torch)."""
+    from somp_ref.adapters.models import load_model
+
+    return load_model(
+        args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
     )
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    parser.add_argument(
-        "--dtype",
-        default="float32",
-        choices=("float32", "float16", "bfloat16", "float64"),
-        help="model weights dtype (default float32)",
-    )
+
+
+def _check_layers(model, args: argparse.Namespace) -> None:
+    """Raise, right after the model loads and before any forward pass, for layer numbers
+    the model does not have."""
+    from somp_ref.adapters.model_heads import model_heads
+
+    check_layer_flags(args, model_heads(model).n_layers, "the model")
+
+
+def _read_ranking(path: str):
+    """The ranking in ``path``: the JSON or the CSV that ``somp-ref rank`` writes."""
+    from somp_ref.head_scores import HeadScores
+
+    if Path(path).suffix.lower() == ".json":
+        return HeadScores.from_json(path)
+    return HeadScores.from_csv(path)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -76,14 +109,16 @@ def _run_export(args: argparse.Namespace) -> int:
     records = read_prompts(args.prompts)
     _check_store_target(args.out, args.overwrite)
     rank_out = None
-    if args.rank:
-        load_concept(args.rank)
-        rank_out = check_output_file(args.rank_out or f"{args.out}-{Path(args.rank).stem}.csv")
-    _check_model(args.model)
+    if args.rank_concept:
+        load_concept(args.rank_concept)
+        stem = Path(args.rank_concept).stem
+        rank_out = check_output_file(args.rank_out or f"{args.out}-{stem}.csv")
+    _check_model(args)
     from somp_ref.adapters.export import export_activations  # imports torch: after the checks
-    from somp_ref.adapters.models import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = _load(args)
+    if args.rank_concept:
+        _check_layers(model, args)
     store = export_activations(
         model,
         tokenizer,
@@ -95,11 +130,13 @@ def _run_export(args: argparse.Namespace) -> int:
         dtype=args.store_dtype,
         overwrite=args.overwrite,
     )
-    if args.rank:
-        from somp_ref.heads import format_top_heads, rank
+    print(f"wrote {args.out}")
+    if args.rank_concept:
+        from somp_ref.head_scores import format_top_heads
+        from somp_ref.ranking import rank
 
         scores = rank(
-            store, args.rank, method="somp", n_atoms=args.atoms, engine="torch", device=args.device
+            store, args.rank_concept, engine="torch", device=args.device, **ranking_options(args)
         )
         scores.to_csv(rank_out)
         print(format_top_heads(scores))
@@ -108,16 +145,14 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from somp_ref.heads import HeadScores, top_heads
+    from somp_ref.selection import top_heads
 
-    scores = HeadScores.from_csv(args.heads)
-    heads = top_heads(scores, args.top)
-    _check_model(args.model)
+    heads = top_heads(_read_ranking(args.heads), args.top)
+    _check_model(args)
     from somp_ref.adapters.generation import generate  # imports torch: after the checks
     from somp_ref.adapters.intervene import scale_heads
-    from somp_ref.adapters.models import load_model
 
-    model, tokenizer = load_model(args.model, device=args.device, dtype=args.dtype)
+    model, tokenizer = _load(args)
     options = {"max_new_tokens": args.max_new_tokens, "chat_template": not args.raw}
     baseline = generate(model, tokenizer, args.prompts, **options)
     with scale_heads(model, {head: args.alpha for head in heads}):
@@ -140,78 +175,88 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``export`` and ``generate`` to the ``somp-ref`` command."""
+    """Add ``export``, ``generate`` and ``experiment`` to the ``somp-ref`` command."""
     export = subparsers.add_parser(
         "export",
         help="run prompts through a model and store what every head writes",
         description=(
             "Forward the prompts in batches with a hook on every attention o_proj, keep "
             "each head's output (hook_z) at the chosen positions, and write an activation "
-            "store with the o_proj weights, the unembedding, the final norm and the "
-            "vocabulary. Results do not depend on batch size or padding."
+            "store to the directory --out: the heads' outputs and o_proj weights, the "
+            "unembedding, the final norm and the vocabulary. Results do not depend on batch "
+            "size or padding. With --rank-concept, also rank the store's heads for that "
+            "concept right away with the torch port of SOMP on --device (the ranking options "
+            "are rank's), writing the ranking CSV --rank-out."
         ),
         epilog="example: somp-ref export --model default --prompts builtin:colors "
-        "--out runs/colors",
+        "--chat-template --out runs/colors --rank-concept colors --device cuda",
     )
-    _add_model_options(export)
+    add_model_loading(export)
     export.add_argument(
         "--prompts",
         required=True,
-        help="builtin:colors | builtin:neutral | a .txt file (one prompt a "
-        "line) | a .jsonl file (records with a 'prompt' field)",
+        help="builtin:colors | builtin:neutral | a .txt file (one prompt a line) | a .jsonl "
+        "file (records with a 'prompt' field) (required)",
     )
     export.add_argument(
         "--positions",
         choices=("last", "all", "mean"),
         default="last",
-        help="which tokens become rows: the last prompt token (default), all tokens, or their mean",
+        help="which tokens become rows: the last prompt token, all tokens, or their mean "
+        "(default: last)",
     )
-    export.add_argument("--out", required=True, help="store directory to create")
-    export.add_argument(
-        "--batch-size", type=positive_int, default=8, help="prompts per forward pass"
-    )
+    add_out(export, "store directory to create (required)")
+    add_batch_size(export, 8)
     export.add_argument(
         "--chat-template",
         action="store_true",
-        help="wrap each prompt as a user turn of the chat template",
+        help="wrap each prompt as a user turn of the chat template (default: raw text)",
     )
     export.add_argument(
         "--store-dtype",
         choices=("float32", "float16"),
         default="float32",
-        help="how z is stored (default float32)",
+        help="how the heads' outputs are stored (default: float32)",
     )
-    export.add_argument("--overwrite", action="store_true", help="replace an existing store")
     export.add_argument(
-        "--rank",
-        metavar="CONCEPT",
-        help="also rank the heads for this concept with the torch port of "
-        "SOMP on --device (GPU ranking), writing --rank-out",
+        "--overwrite", action="store_true", help="replace an existing store (default: refuse)"
     )
-    export.add_argument("--rank-out", help="CSV for --rank (default STORE-CONCEPT.csv)")
-    export.add_argument("--atoms", type=positive_int, default=50, help="SOMP atoms for --rank")
+    export.add_argument(
+        "--rank-concept",
+        metavar="CONCEPT",
+        help="also rank the heads for this concept (as rank's --concept) with the torch port "
+        "on --device, writing --rank-out (default: no ranking)",
+    )
+    export.add_argument(
+        "--rank-out",
+        metavar="PATH",
+        help="ranking CSV for --rank-concept (default: STORE-CONCEPT.csv beside the store)",
+    )
+    add_ranking(export)
+    renamed(export, {"--rank": "--rank-concept"})
     export.set_defaults(func=_needs_torch(_run_export))
 
     gen = subparsers.add_parser(
         "generate",
         help="greedy generation with the top-k heads of a ranking scaled by alpha",
         description=(
-            "Generate greedily twice, without and with the top --top heads of a ranking "
-            "(CSV from 'somp-ref rank') scaled by --alpha, and print both side by side. "
-            "alpha=-1 flips the heads (suppresses their concept), 0 ablates them, 5 "
-            "amplifies them."
+            "Generate greedily twice, without and with the --top best heads of a ranking "
+            "(--heads, from 'somp-ref rank') scaled by --alpha, and print both side by side "
+            "(writes no file). alpha=-1 flips the heads (suppresses their concept), 0 "
+            "ablates them, 5 amplifies them."
         ),
         epilog="example: somp-ref generate --heads colors.csv --top 8 --alpha -1 "
         "'Describe the color of a ripe banana.'",
     )
-    _add_model_options(gen)
+    add_model_loading(gen)
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
-    gen.add_argument("--heads", required=True, help="ranking CSV from 'somp-ref rank'")
-    gen.add_argument("--top", type=positive_int, default=8, help="how many top heads (default 8)")
-    gen.add_argument("--alpha", type=float, default=-1.0, help="scale factor (default -1)")
-    gen.add_argument("--max-new-tokens", type=positive_int, default=40)
+    add_heads_selection(gen)
+    add_alpha(gen, -1.0, "factor the selected heads are scaled by (default: -1)")
+    add_max_new_tokens(gen, 40, "tokens generated per prompt (default: 40)")
     gen.add_argument(
-        "--raw", action="store_true", help="feed prompts as raw text, without the chat template"
+        "--raw",
+        action="store_true",
+        help="feed prompts as raw text, without the chat template (default: chat template)",
     )
     gen.set_defaults(func=_needs_torch(_run_generate))
     register_experiment(subparsers)
@@ -222,19 +267,17 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.files import check_output_dir
 
     check_output_dir(args.out)
-    _check_model(args.model)
-    from somp_ref.adapters.experiment import (  # imports torch: after the checks
-        Settings,
-        run_experiments,
-    )
+    _check_model(args)
+    from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
     from somp_ref.adapters.report import write_report
+    from somp_ref.adapters.tasks import build_task
 
     names = list(TASK_NAMES) if args.names == ["all"] else args.names
     settings = Settings(
-        heads=tuple(args.heads),
+        heads=tuple(args.k),
         alpha=args.alpha,
         seeds=args.seeds,
-        rank=args.rank,
+        rank=args.method,
         exclude_layers=tuple(args.exclude_layers),
         atoms=args.atoms,
         n_null=args.null,
@@ -245,18 +288,21 @@ def _run_experiment(args: argparse.Namespace) -> int:
         model=args.model,
     )
     out = Path(args.out)
-    text = write_report(run_experiments(names, settings, out), out)
-    print(text)
-    print(f"\nwrote {out / 'results.json'}, {out / 'results.md'} and a plot per experiment")
+    # As run_experiments, but loading the model as the model flags say (device, dtype).
+    out.mkdir(parents=True, exist_ok=True)
+    tasks = [
+        build_task(name, n_train=settings.n_train, n_test=settings.n_test, seed=settings.data_seed)
+        for name in names
+    ]
+    model, tokenizer = _load(args)
+    _check_layers(model, args)
+    results = [run_task(model, tokenizer, task, settings, out) for task in tasks]
+    print(write_report(results, out))
+    print(
+        f"\nwrote {out / 'results.json'}, {out / 'results.md'}, and per experiment "
+        f"{out / 'NAME'}/ (its results, rankings, plot and train store)"
+    )
     return 0
-
-
-def _head_counts(text: str) -> list[int]:
-    """'3,8,16' -> [3, 8, 16]: values of k, each >= 1."""
-    parts = text.split(",")
-    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 3,8,16, got {text!r}")
-    return [int(part) for part in parts]
 
 
 def register_experiment(subparsers) -> None:
@@ -267,14 +313,17 @@ def register_experiment(subparsers) -> None:
         "experiment",
         help="the paper's protocol end to end: export, rank, intervene, evaluate",
         description=(
-            "Export the train prompts, rank heads (SOMP specificity or raw explained "
-            "variance, and the Logit Lens), then for each k scale the top-k heads by alpha "
-            "(and random heads with the same count per layer, over several seeds) and "
-            "evaluate on disjoint test prompts: the target effect next to collateral damage "
-            "(KL on neutral prompts, degenerate answers). Greedy decoding, fixed seeds."
+            "Export the train prompts, rank heads (--method, and the Logit Lens), then for "
+            "each k scale the top-k heads by alpha (and random heads with the same count per "
+            "layer, over several seeds) and evaluate on disjoint test prompts: the target "
+            "effect next to collateral damage (KL on neutral prompts, degenerate answers). "
+            "Greedy decoding, fixed seeds. Writes --out/results.json (everything, every "
+            "generation), --out/results.md (the tables) and, per experiment, --out/NAME/ "
+            "(its results.json, the rankings as scores_METHOD.json, plot.png and the "
+            "train_store)."
         ),
         epilog="experiments: " + ", ".join(TASK_NAMES) + ", or all. "
-        "example: somp-ref experiment colors --out runs/colors",
+        "example: somp-ref experiment colors --k 3,8,16 --method specificity --out runs/colors",
     )
     parser.add_argument(
         "names",
@@ -283,58 +332,40 @@ def register_experiment(subparsers) -> None:
         choices=[*TASK_NAMES, "all"],
         help="experiment(s) to run",
     )
+    add_model_loading(parser)
     parser.add_argument(
-        "--model",
-        default="default",
-        help="'default' (embedded SmolLM2), a local checkpoint, or a hub id",
-    )
-    parser.add_argument(
-        "--heads",
-        type=_head_counts,
+        "--k",
+        type=k_list,
         default=[3, 8, 16],
-        help="values of k, comma-separated (default 3,8,16)",
+        metavar="K,K,...",
+        help="how many top heads to scale, comma-separated values of k (default: 3,8,16)",
+    )
+    add_alpha(
+        parser,
+        None,
+        "factor the selected heads are scaled by (default: -1; 5 for amplification)",
     )
     parser.add_argument(
-        "--alpha",
-        type=float,
-        default=None,
-        help="scale of the selected heads (default: -1; 5 for amplification)",
+        "--seeds",
+        type=non_negative_int,
+        default=5,
+        metavar="N",
+        help="random-head draws per k, the control (default: 5)",
+    )
+    add_method(parser)
+    add_atoms(parser)
+    add_null(parser)
+    add_exclude_layers(parser)
+    parser.add_argument(
+        "--train", type=positive_int, default=64, metavar="N", help="train prompts (default: 64)"
     )
     parser.add_argument(
-        "--seeds", type=non_negative_int, default=5, help="random-head seeds (default 5)"
+        "--test", type=positive_int, default=24, metavar="N", help="test prompts (default: 24)"
     )
-    parser.add_argument(
-        "--rank",
-        choices=("specificity", "somp", "ll"),
-        default="specificity",
-        help="how the main column's heads are ranked: SOMP specificity "
-        "(z-score against random token dictionaries, default), raw SOMP "
-        "explained variance, or the Logit Lens",
+    add_batch_size(parser, 24)
+    add_max_new_tokens(
+        parser, None, "tokens generated per answer (default: 24, or 8 for question answering)"
     )
-    parser.add_argument(
-        "--exclude-layers",
-        type=layer_list,
-        default=[],
-        metavar="LAYERS",
-        help="layers never selected, e.g. 0 or 0,1 or 0-2",
-    )
-    parser.add_argument(
-        "--atoms", type=positive_int, default=20, help="SOMP atoms per head (default 20)"
-    )
-    parser.add_argument(
-        "--null",
-        type=int_at_least(2),
-        default=6,
-        help="random dictionaries for the specificity score (default 6)",
-    )
-    parser.add_argument("--train", type=positive_int, default=64, help="train prompts (default 64)")
-    parser.add_argument("--test", type=positive_int, default=24, help="test prompts (default 24)")
-    parser.add_argument("--batch-size", type=positive_int, default=24)
-    parser.add_argument(
-        "--max-new-tokens",
-        type=positive_int,
-        default=None,
-        help="tokens generated per answer (default: 24, or 8 for QA)",
-    )
-    parser.add_argument("--out", default="runs/experiment", help="output directory")
+    add_out(parser, "output directory (default: runs/experiment)", default="runs/experiment")
+    renamed(parser, {"--heads": "--k", "--rank": "--method"})
     parser.set_defaults(func=_needs_torch(_run_experiment))

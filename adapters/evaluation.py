@@ -13,6 +13,7 @@ from somp_ref.adapters.generation import generate
 from somp_ref.adapters.intervene import scale_heads
 from somp_ref.adapters.tasks import Task
 from somp_ref.adapters.tokenization import encode, real_positions, render
+from somp_ref.head_scores import Head
 from somp_ref.metrics import (
     contains_answer,
     count_concept_words,
@@ -21,8 +22,6 @@ from somp_ref.metrics import (
     kl_divergence,
     token_f1,
 )
-
-Head = tuple[int, int]
 
 
 class Evaluator:

@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from somp_ref.adapters.capture import capture_z, effective_o_proj, select_positions
-from somp_ref.adapters.families import family_of, head_layout, o_proj_modules, resolve, text_config
+from somp_ref.adapters.capture import capture_z, select_positions
+from somp_ref.adapters.model_heads import ModelHeads, model_heads
 from somp_ref.adapters.tokenization import encode, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
@@ -31,13 +31,13 @@ def vocabulary(tokenizer: Any, size: int) -> list[str]:
     return strings + [""] * (size - known)
 
 
-def unembedding(model: Any) -> tuple[np.ndarray, np.ndarray | None]:
-    """The unembedding (v, d_model) and the final norm's effective weight (d_model,)."""
-    family = family_of(model)
-    weight = resolve(model, family.unembed).weight.detach().float().cpu().numpy()
-    norm = getattr(resolve(model, family.final_norm), "weight", None)
+def unembedding(heads: ModelHeads) -> tuple[np.ndarray, np.ndarray | None]:
+    """The unembedding (v, d_model) and the final norm's effective weight (d_model,), or
+    None for a norm without a weight."""
+    weight = heads.unembed.weight.detach().float().cpu().numpy()
+    norm = getattr(heads.final_norm, "weight", None)
     if norm is not None:
-        norm = norm.detach().float().cpu().numpy() + family.norm_weight_offset
+        norm = norm.detach().float().cpu().numpy() + heads.family.norm_weight_offset
     return weight, norm
 
 
@@ -137,35 +137,31 @@ def export_batches(
     Heads' contributions are stored as factors: z (normalised under an attention-output
     norm, see :mod:`somp_ref.adapters.capture`) and the matching effective o_proj weight.
     """
-    family = family_of(model)
-    layout = head_layout(model, family)
+    heads = model_heads(model)
     # On any error the with block releases the writer lock (an interrupted overwrite leaves
     # the old store as it was; a new store stays incomplete and never opens as complete).
     with ActivationStore.create(
         out,
-        n_layers=layout.n_layers,
-        n_heads=layout.n_heads,
-        d_head=layout.d_head,
-        d_model=layout.d_model,
+        n_layers=heads.n_layers,
+        n_heads=heads.n_heads,
+        d_head=heads.d_head,
+        d_model=heads.d_model,
         dtype=dtype,
         overwrite=overwrite,
         meta={
             "model_id": getattr(model, "somp_ref_model_id", None)
             or getattr(model.config, "_name_or_path", "unknown"),
-            "family": family.name,
+            "family": heads.family.name,
             "positions": positions,
             "hook": "o_proj input (hook_z)",
             "contribution": "post-attention-norm share"
-            if family.attn_out_norm
+            if heads.attn_out_norms is not None
             else "z @ W_O[:, head]^T",
             "model_dtype": str(next(model.parameters()).dtype),
-            "final_logit_softcapping": getattr(
-                text_config(model, family), "final_logit_softcapping", None
-            ),
             **(meta or {}),
         },
     ) as store:
-        per_layer: list[list[np.ndarray]] = [[] for _ in range(layout.n_layers)]
+        per_layer: list[list[np.ndarray]] = [[] for _ in range(heads.n_layers)]
         samples: list[dict[str, Any]] = []
         with capture_z(model, contributions=True) as captured:
             for records, inputs, image_mask in progress(
@@ -173,27 +169,27 @@ def export_batches(
             ):
                 model(**inputs, use_cache=False)
                 mask = inputs["attention_mask"]
-                for layer in range(layout.n_layers):
+                for layer in range(heads.n_layers):
                     rows = select_positions(captured[layer], mask, positions, image_mask)
                     per_layer[layer].append(rows.float().cpu().numpy().astype(dtype))
                 samples += _sample_records(records, inputs, tokenizer, positions, image_mask)
         for layer, module in enumerate(
-            progress(o_proj_modules(model, family), desc="write layers", enabled=show_progress)
+            progress(heads.o_proj, desc="write layers", enabled=show_progress)
         ):
             bias = None if module.bias is None else module.bias.detach().float().cpu().numpy()
             store.write_layer(
                 layer,
                 z=np.concatenate(per_layer[layer]),
-                o_proj=effective_o_proj(model, layer).cpu().numpy(),
+                o_proj=heads.effective_o_proj(layer).cpu().numpy(),
                 bias=bias,
             )
             per_layer[layer] = []
-        unembed, final_norm = unembedding(model)
+        unembed, final_norm = unembedding(heads)
         store.write_unembed(unembed, final_norm, vocab=vocabulary(tokenizer, unembed.shape[0]))
         store.write_samples(samples)
     print(
-        f"wrote {store.path}: {store.n_samples} rows x {layout.n_layers} layers x "
-        f"{layout.n_heads} heads",
+        f"wrote {store.path}: {store.n_samples} rows x {heads.n_layers} layers x "
+        f"{heads.n_heads} heads",
         file=sys.stderr,
     )
     return ActivationStore.open(out)

@@ -2,9 +2,8 @@
 
 An entry names attribute paths (dotted, from the top-level model) to the decoder layers, and
 inside each layer to the attention's output projection, plus the unembedding and the final
-norm. Adding a family is adding an entry; capture and scaling code is shared.
-Heads are query heads (GQA shares keys/values, not o_proj columns); head h of a layer owns
-o_proj input features ``h * d_head : (h + 1) * d_head`` (TransformerLens's ``hook_z``).
+norm. Adding a family is adding an entry; :func:`somp_ref.adapters.model_heads.model_heads`
+resolves an entry against a loaded model once, and capture, export and scaling share it.
 """
 
 from __future__ import annotations
@@ -95,57 +94,5 @@ def family_of(model: Any) -> Family:
 
 
 def resolve(root: Any, path: str) -> Any:
-    """Follow a dotted attribute path (integers index lists)."""
-    return reduce(
-        lambda obj, name: obj[int(name)] if name.isdigit() else getattr(obj, name),
-        path.split("."),
-        root,
-    )
-
-
-@dataclass(frozen=True)
-class HeadLayout:
-    """Shapes of the heads, read from the config (transformers 5's attention modules do not
-    carry ``num_heads``)."""
-
-    n_layers: int
-    n_heads: int
-    d_head: int
-    d_model: int
-
-
-def text_config(model: Any, family: Family | None = None) -> Any:
-    family = family or family_of(model)
-    config = model.config
-    return getattr(config, family.text_config) if family.text_config else config
-
-
-def head_layout(model: Any, family: Family | None = None) -> HeadLayout:
-    """Heads per layer, head size and model width of a loaded model."""
-    family = family or family_of(model)
-    config = text_config(model, family)
-    n_heads = config.num_attention_heads
-    d_model = config.hidden_size
-    d_head = getattr(config, "head_dim", None) or d_model // n_heads
-    n_layers = len(resolve(model, family.layers))
-    o_proj = resolve(resolve(model, family.layers)[0], family.o_proj)
-    if o_proj.in_features != n_heads * d_head or o_proj.out_features != d_model:
-        raise UnsupportedModelError(
-            f"{family.name}: o_proj is {o_proj.in_features} -> {o_proj.out_features}, expected "
-            f"{n_heads} heads x {d_head} -> {d_model}"
-        )
-    return HeadLayout(n_layers, n_heads, d_head, d_model)
-
-
-def attn_out_norms(model: Any, family: Family | None = None) -> list[Any] | None:
-    """The attention-output norm of every decoder layer, or None for families without."""
-    family = family or family_of(model)
-    if family.attn_out_norm is None:
-        return None
-    return [resolve(layer, family.attn_out_norm) for layer in resolve(model, family.layers)]
-
-
-def o_proj_modules(model: Any, family: Family | None = None) -> list[Any]:
-    """The attention output projection of every decoder layer, in order."""
-    family = family or family_of(model)
-    return [resolve(layer, family.o_proj) for layer in resolve(model, family.layers)]
+    """Follow a dotted attribute path."""
+    return reduce(getattr, path.split("."), root)

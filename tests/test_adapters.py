@@ -18,14 +18,10 @@ from models import tiny_mistral  # noqa: E402
 
 from somp_ref.adapters.capture import capture_z  # noqa: E402
 from somp_ref.adapters.export import export_activations  # noqa: E402
-from somp_ref.adapters.families import (  # noqa: E402
-    UnsupportedModelError,
-    family_of,
-    head_layout,
-    o_proj_modules,
-)
+from somp_ref.adapters.families import UnsupportedModelError, family_of  # noqa: E402
 from somp_ref.adapters.generation import generate  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
+from somp_ref.adapters.model_heads import model_heads  # noqa: E402
 from somp_ref.adapters.tokenization import encode  # noqa: E402
 from somp_ref.store import ActivationStore  # noqa: E402
 
@@ -80,11 +76,11 @@ def logits_of(model, batch):
 def test_head_contributions_sum_to_o_proj_output(any_model):
     model, tokenizer = any_model
     batch = encode(tokenizer, PROMPTS[:4], chat_template=False)
-    layout = head_layout(model)
+    heads = model_heads(model)
     outputs = {}
     handles = [
         m.register_forward_hook(lambda mod, a, out, i=i: outputs.__setitem__(i, out))
-        for i, m in enumerate(o_proj_modules(model))
+        for i, m in enumerate(heads.o_proj)
     ]
     try:
         with capture_z(model) as captured:
@@ -92,9 +88,9 @@ def test_head_contributions_sum_to_o_proj_output(any_model):
     finally:
         for handle in handles:
             handle.remove()
-    assert len(captured) == layout.n_layers  # our hook ran on every layer
-    for layer, module in enumerate(o_proj_modules(model)):
-        W = module.weight.detach().reshape(layout.d_model, layout.n_heads, layout.d_head)
+    assert len(captured) == heads.n_layers  # our hook ran on every layer
+    for layer, module in enumerate(heads.o_proj):
+        W = module.weight.detach().reshape(heads.d_model, heads.n_heads, heads.d_head)
         per_head = torch.einsum("bphd,mhd->bphm", captured[layer], W)
         total = per_head.sum(dim=2)
         diff = (total - outputs[layer]).abs().max().item()
@@ -106,7 +102,7 @@ def test_decomposition_is_exact_to_float64_rounding(mistral):
     _, tokenizer = mistral
     model = tiny_mistral(len(tokenizer), dtype=torch.float64)
     batch = encode(tokenizer, PROMPTS[:1], chat_template=False)  # unpadded
-    module = o_proj_modules(model)[1]
+    module = model_heads(model).o_proj[1]
     seen = {}
     handle = module.register_forward_hook(lambda mod, a, out: seen.setdefault("out", out))
     try:
@@ -122,30 +118,29 @@ def test_decomposition_is_exact_to_float64_rounding(mistral):
 
 def test_alpha_one_is_bit_identical_and_hooks_run(any_model):
     model, tokenizer = any_model
-    layout = head_layout(model)
+    heads = model_heads(model)
     batch = encode(tokenizer, PROMPTS, chat_template=False)
     before = logits_of(model, batch)
     every_head = {
-        (layer, head): 1.0 for layer in range(layout.n_layers) for head in range(layout.n_heads)
+        (layer, head): 1.0 for layer in range(heads.n_layers) for head in range(heads.n_heads)
     }
     with scale_heads(model, every_head) as calls:
         during = logits_of(model, batch)
-    assert all(count == 1 for count in calls.values()) and len(calls) == layout.n_layers
+    assert all(count == 1 for count in calls.values()) and len(calls) == heads.n_layers
     assert torch.equal(before, during)
 
 
 def test_alpha_zero_equals_zeroing_the_heads_o_proj_columns(any_model):
     model, tokenizer = any_model
-    layout = head_layout(model)
-    heads = [(0, 1), (1, layout.n_heads - 1), (layout.n_layers - 1, 0)]
+    heads = model_heads(model)
+    chosen = [(0, 1), (1, heads.n_heads - 1), (heads.n_layers - 1, 0)]
     batch = encode(tokenizer, PROMPTS[:5], chat_template=False)
-    with scale_heads(model, {head: 0.0 for head in heads}):
+    with scale_heads(model, {head: 0.0 for head in chosen}):
         ablated = logits_of(model, batch)
     edited = copy.deepcopy(model)
     with torch.no_grad():
-        for layer, head in heads:
-            cols = slice(head * layout.d_head, (head + 1) * layout.d_head)
-            o_proj_modules(edited)[layer].weight[:, cols] = 0.0
+        for layer, head in chosen:
+            model_heads(edited).o_proj[layer].weight[:, heads.columns(head)] = 0.0
     expected = logits_of(edited, batch)
     diff = (ablated - expected).abs().max().item()
     assert diff <= FLOAT32_REL * expected.abs().max().item(), f"max diff {diff:.3e}"
@@ -154,7 +149,7 @@ def test_alpha_zero_equals_zeroing_the_heads_o_proj_columns(any_model):
 
 def test_hooks_are_removed_after_an_exception(any_model):
     model, _ = any_model
-    modules = o_proj_modules(model)
+    modules = model_heads(model).o_proj
     before = [len(m._forward_pre_hooks) for m in modules]
     with pytest.raises(RuntimeError, match="inside"):
         with scale_heads(model, {(0, 0): -1.0, (1, 1): 5.0}):
@@ -180,14 +175,14 @@ def test_generate_with_kv_cache_matches_hooks_and_weight_edits(any_model):
     with scale_heads(model, {(0, 0): 1.0}):
         same = generate(model, tokenizer, prompts, max_new_tokens=8, chat_template=False)
     assert same == baseline
-    layout = head_layout(model)
-    heads = [(layer, 0) for layer in range(layout.n_layers)]
-    with scale_heads(model, {head: 0.0 for head in heads}):
+    heads = model_heads(model)
+    chosen = [(layer, 0) for layer in range(heads.n_layers)]
+    with scale_heads(model, {head: 0.0 for head in chosen}):
         ablated = generate(model, tokenizer, prompts, max_new_tokens=8, chat_template=False)
     edited = copy.deepcopy(model)
     with torch.no_grad():
-        for layer, _ in heads:
-            o_proj_modules(edited)[layer].weight[:, : layout.d_head] = 0.0
+        for layer, _ in chosen:
+            model_heads(edited).o_proj[layer].weight[:, heads.columns(0)] = 0.0
     assert ablated == generate(edited, tokenizer, prompts, max_new_tokens=8, chat_template=False)
 
 
@@ -232,14 +227,14 @@ def test_export_records_weights_unembedding_and_vocab(smollm, tmp_path):
     store = export_activations(
         model, tokenizer, [{"prompt": p} for p in PROMPTS[:2]], tmp_path / "s", show_progress=False
     )
-    layout = head_layout(model)
+    heads = model_heads(model)
     assert (store.n_layers, store.n_heads, store.d_head, store.d_model) == (
-        layout.n_layers,
-        layout.n_heads,
-        layout.d_head,
-        layout.d_model,
+        heads.n_layers,
+        heads.n_heads,
+        heads.d_head,
+        heads.d_model,
     )
-    assert np.array_equal(store.layer(3)[1], o_proj_modules(model)[3].weight.detach().numpy())
+    assert np.array_equal(store.layer(3)[1], model_heads(model).o_proj[3].weight.detach().numpy())
     assert np.array_equal(store.unembed(), model.lm_head.weight.detach().numpy())
     assert store.final_norm() is not None
     vocab = store.vocab()
@@ -257,6 +252,13 @@ def test_interrupted_export_never_reads_as_complete(smollm, tmp_path):
         )
     with pytest.raises(Exception, match=r"incomplete store"):
         ActivationStore.open(tmp_path / "s")
+
+
+def test_loading_leaves_third_party_progress_bars_alone(smollm):
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging
+
+    assert logging.is_progress_bar_enabled() and not are_progress_bars_disabled()
 
 
 def test_unknown_architecture_lists_supported_ones():
@@ -285,14 +287,17 @@ def test_real_model_export_rank_generate_from_the_command_line(tmp_path, capsys)
         "--chat-template",
         "--out",
         str(store),
-        "--rank",
+        "--rank-concept",
         "colors",
+        "--method",
+        "somp",
         "--atoms",
         "10",
     ]
     assert main(export) == 0  # also ranks with the torch port ("GPU ranking" path, on CPU)
     scores = tmp_path / "colors.csv"
-    rank = ["rank", str(store), "--concept", "colors", "--atoms", "10", "--out", str(scores)]
+    rank = ["rank", str(store), "--concept", "colors", "--method", "somp", "--atoms", "10"]
+    rank += ["--out", str(scores)]
     assert main(rank) == 0
     from somp_ref.heads import HeadScores
 

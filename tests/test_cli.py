@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
+
+import numpy as np
 import pytest
 
-from somp_ref.cli import main
+from somp_ref import cli_options
+from somp_ref.cli import build_parser, main
+from somp_ref.ranking import DEFAULT_METHOD, METHODS
 
 
 def test_demo_ranks_planted_heads_first(capsys):
@@ -41,11 +47,13 @@ def test_rank_writes_csv_json_and_prints_the_table(tmp_path, capsys):
             str(store.path),
             "--concept",
             str(words),
+            "--method",
+            "somp",
             "--atoms",
             "5",
             "--out",
             str(out),
-            "--json",
+            "--json-out",
             str(js),
             "--show",
             "3",
@@ -71,7 +79,7 @@ def test_inspect_summary_and_signature(tmp_path, capsys):
     store = write_planted_store(tmp_path / "store")
     assert main(["inspect", str(store.path)]) == 0
     assert "3 layers x 4 heads, d_head 6, d_model 24" in capsys.readouterr().out
-    assert main(["inspect", str(store.path), "--head", "1.2", "--top", "5"]) == 0
+    assert main(["inspect", str(store.path), "--head", "1.2", "--atoms", "5"]) == 0
     out = capsys.readouterr().out
     assert all(name in out for name in ("'red'", "'green'", "'blue'"))
 
@@ -96,5 +104,207 @@ def test_experiment_help_teaches_the_options(capsys):
     with pytest.raises(SystemExit, match="0"):
         main(["experiment", "--help"])
     out = capsys.readouterr().out
-    for word in ("--rank", "specificity", "--exclude-layers", "--seeds", "countries"):
+    for word in ("--method", "--k", "specificity", "--exclude-layers", "--seeds", "countries"):
         assert word in out
+
+
+# ------------------------------------------------------------------ the flags themselves
+
+#: The subcommands that load a model, and the flags that say which and how.
+MODEL_COMMANDS = ("export", "generate", "experiment")
+MODEL_FLAGS = ("--model", "--revision", "--device", "--dtype", "--attn-implementation")
+
+
+def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
+    """Every subcommand's parser, as the command line builds them."""
+    (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    return dict(subparsers.choices)
+
+
+def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Option string -> its action, help left out."""
+    return {
+        flag: action
+        for action in parser._actions
+        if not isinstance(action, argparse._HelpAction)
+        for flag in action.option_strings
+    }
+
+
+def meaning(action: argparse.Action) -> tuple:
+    """What a flag does, its wording and default apart: where the value goes, how it is
+    parsed and what it may be."""
+    choices = None if action.choices is None else tuple(action.choices)
+    return (action.dest, type(action).__name__, action.type, choices, action.nargs, action.const)
+
+
+def conflicts(parsers: dict[str, argparse.ArgumentParser]) -> list[str]:
+    """Flag names with more than one meaning across ``parsers``, and values (dests) reached
+    through more than one flag name."""
+    meanings: dict[str, dict[tuple, list[str]]] = {}
+    names: dict[str, set[str]] = {}
+    for command, parser in parsers.items():
+        for flag, action in flag_actions(parser).items():
+            meanings.setdefault(flag, {}).setdefault(meaning(action), []).append(command)
+            names.setdefault(action.dest, set()).add(flag)
+    found = [
+        f"{flag}: " + " | ".join(f"{'/'.join(cmds)} {m}" for m, cmds in seen.items())
+        for flag, seen in meanings.items()
+        if len(seen) > 1
+    ]
+    found += [
+        f"{dest} is set by {sorted(flags)}" for dest, flags in names.items() if len(flags) > 1
+    ]
+    return found
+
+
+def test_every_flag_name_has_one_meaning_across_the_subcommands():
+    parsers = subcommand_parsers(build_parser())
+    assert {"demo", "rank", "inspect", "export", "generate", "experiment", "verify"} <= set(parsers)
+    assert conflicts(parsers) == []
+
+
+def test_the_one_meaning_check_sees_a_conflict():
+    # The check above must be able to fail: two commands where --heads means two things.
+    ranking, counts = argparse.ArgumentParser(), argparse.ArgumentParser()
+    ranking.add_argument("--heads", help="a ranking file")
+    counts.add_argument("--heads", type=cli_options.k_list, help="values of k")
+    counts.add_argument("--k", dest="heads", type=cli_options.k_list, help="values of k")
+    found = conflicts({"generate": ranking, "experiment": counts})
+    assert len(found) == 2 and found[0].startswith("--heads: generate (")
+    assert found[1] == "heads is set by ['--heads', '--k']"
+
+
+def test_shared_flags_have_one_definition_and_the_documented_defaults():
+    parsers = subcommand_parsers(build_parser())
+    flags = {command: flag_actions(parser) for command, parser in parsers.items()}
+    for command in ("rank", "export", "experiment"):
+        method = flags[command]["--method"]
+        assert tuple(method.choices) == METHODS and method.default == DEFAULT_METHOD, command
+    for command in ("demo", "rank", "inspect", "export", "experiment"):
+        assert flags[command]["--atoms"].default == 50, command
+    for command in ("rank", "export", "experiment"):
+        assert flags[command]["--exclude-layers"].type is cli_options.layer_list, command
+    for command in MODEL_COMMANDS:
+        assert set(MODEL_FLAGS) <= set(flags[command]), command
+    assert flags["verify"]["--model"].default == "default"
+    assert set(flags["generate"]) >= {"--heads", "--top"}
+    assert flags["experiment"]["--k"].default == [3, 8, 16]
+
+
+def test_the_dtype_choices_are_the_ones_the_loader_accepts():
+    from somp_ref.adapters import models
+
+    assert cli_options.DTYPES == models.DTYPES
+
+
+def test_every_help_says_what_each_flag_does_its_default_and_shows_an_example():
+    for command, parser in subcommand_parsers(build_parser()).items():
+        assert parser.description and "example" in (parser.epilog or ""), command
+        for flag, action in flag_actions(parser).items():
+            text = action.help or ""
+            assert text and "\n" not in text, (command, flag)
+            assert "(default" in text or "(required)" in text, (command, flag, text)
+            assert ("(required)" in text) == action.required, (command, flag, text)
+
+
+def test_the_ranking_flags_reach_the_ranking(tmp_path, monkeypatch):
+    from stores import write_planted_store
+
+    import somp_ref.ranking
+
+    store = write_planted_store(tmp_path / "store")
+    seen = {}
+
+    def record(store, token_ids, **options):
+        seen.update(options)
+        raise ValueError("recorded")
+
+    monkeypatch.setattr(somp_ref.ranking, "rank_heads", record)
+    argv = "--method ll --atoms 7 --criterion l2 --null 3 --seed 4 --layers 0-2 --exclude-layers 1"
+    out = str(tmp_path / "o.csv")
+    assert main(["rank", str(store.path), "--concept", "colors", "--out", out, *argv.split()]) == 2
+    assert seen == {
+        "method": "ll",
+        "n_atoms": 7,
+        "criterion": "l2",
+        "n_null": 3,
+        "seed": 4,
+        "layers": [0, 1, 2],
+        "exclude_layers": [1],
+    }
+
+
+needs_hf = pytest.mark.skipif(
+    not all(importlib.util.find_spec(name) for name in ("torch", "transformers")),
+    reason="needs the hf extra",
+)
+
+
+@needs_hf
+@pytest.mark.parametrize("command", MODEL_COMMANDS)
+def test_the_model_flags_reach_the_loader(command, tmp_path, monkeypatch, capsys):
+    from somp_ref.adapters import models
+    from somp_ref.heads import HeadScores
+
+    seen = {}
+
+    def record(name, **options):
+        seen.update(options, name=name)
+        raise models.ModelLoadError("recorded")
+
+    monkeypatch.setattr(models, "load_model", record)
+    ranking = tmp_path / "ranking.csv"
+    HeadScores(np.array([[0.5, 0.2]]), {}, {}, "somp", {}, np.zeros(0, dtype=np.int64)).to_csv(
+        ranking
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Describe a lemon.\n")
+    out = str(tmp_path / "out")
+    argv = {
+        "export": ["export", "--prompts", str(prompts), "--out", out],
+        "generate": ["generate", "--heads", str(ranking), "hi"],
+        "experiment": ["experiment", "colors", "--train", "2", "--test", "2", "--out", out],
+    }[command]
+    flags = ["--model", "someone/model", "--revision", "v2", "--device", "meta"]
+    flags += ["--dtype", "bfloat16", "--attn-implementation", "sdpa"]
+    assert main([*argv, *flags]) == 2
+    assert capsys.readouterr().err == f"somp-ref {command}: error: recorded\n"
+    assert seen == {
+        "name": "someone/model",
+        "revision": "v2",
+        "device": "meta",
+        "dtype": "bfloat16",
+        "attn_implementation": "sdpa",
+    }
+
+
+@needs_hf
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (
+            "export --rank-concept colors --layers 1-5",
+            "--layers: the model has layers 0-1, got 2,3",
+        ),
+        ("export --rank-concept colors --exclude-layers 2", "--exclude-layers: the model has"),
+        ("experiment colors --train 2 --test 2 --exclude-layers 7", "layers 0-1, got 7"),
+    ],
+)
+def test_layers_the_model_lacks_fail_before_any_forward_pass(
+    argv, message, tmp_path, monkeypatch, capsys
+):
+    from models import tiny_mistral
+
+    from somp_ref.adapters import models
+
+    monkeypatch.setattr(models, "load_model", lambda name, **options: (tiny_mistral(64), None))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Describe a lemon.\n")
+    words = argv.split()
+    if words[0] == "export":
+        words += ["--prompts", str(prompts)]
+    assert main([*words, "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"somp-ref {words[0]}: error: ") and message in err, err
+    assert not (tmp_path / "out" / "meta.json").exists()

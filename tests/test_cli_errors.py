@@ -46,6 +46,8 @@ def files(tmp_path_factory) -> dict[str, Path]:
     scores.to_csv(root / "ranking.csv")
     (root / "negative.csv").write_text("layer,head,score\n0,-1,0.5\n")
     (root / "previous.csv").write_bytes(PREVIOUS)
+    (root / "truncated.json").write_text('{"format": "somp_ref.head_scores", ')
+    (root / "other.json").write_text('{"format": "something else"}')
     return {"root": root}
 
 
@@ -65,7 +67,7 @@ CASES = [
     ("rank @store --concept @concept.txt --out @folder", "folder: is a directory"),
     ("rank @store --concept @concept.txt --out @file/out.csv", "file is not a directory"),
     ("rank @store --concept @concept.txt --out @nowhere/o.csv", "nowhere does not exist"),
-    ("rank @store --concept @concept.txt --out @o.csv --json @folder", "folder: is a directory"),
+    ("rank @store --concept @concept.txt --out @o.csv --json-out @folder", "folder: is a dir"),
     ("rank @store --concept @concept.txt --out @o.csv --plot @p.xyz", "cannot write .xyz"),
     ("rank @store --concept nonsense --out @out.csv", "unknown concept 'nonsense'"),
     ("rank @store --concept @concept.txt --out @o.csv --atoms 0", "--atoms: must be >= 1"),
@@ -73,10 +75,22 @@ CASES = [
     ("rank @store --concept @concept.txt --out @o.csv --exclude-layers 5-2", "'5-2' is empty"),
     ("rank @store --concept @concept.txt --out @o.csv --exclude-layers x", "ranges like 0,1"),
     ("rank @store --concept @concept.txt --out @o.csv --method x", "invalid choice: 'x'"),
+    ("rank @store --concept @concept.txt --out @o.csv --method lens", "'somp', 'll', 'spec"),
+    ("rank @store --concept @concept.txt --out @o.csv --criterion l3", "invalid choice: 'l3'"),
+    ("rank @store --concept @concept.txt --out @o.csv --null 1", "--null: must be >= 2"),
+    ("rank @store --concept @concept.txt --out @o.csv --seed -1", "--seed: must be >= 0"),
+    ("rank @store --concept @concept.txt --out @o.csv --layers 2-1", "'2-1' is empty"),
+    ("rank @store --concept @concept.txt --out @o.csv --layers 0-2,7", "layers 0-2, got 7"),
+    ("rank @store --concept @concept.txt --out @o.csv --exclude-layers 3", "0-2, got 3"),
+    ("rank @store --concept @concept.txt --out @o.csv --layers one", "ranges like 0,1"),
+    # rank: renamed flags name their new spelling; flags are never abbreviated
+    ("rank @store --concept @concept.txt --out @o.csv --json @o.json", "now --json-out"),
+    ("rank @store --concept @concept.txt --out @o.csv --atom 3", "arguments: --atom 3"),
     # inspect
     ("inspect @nowhere", "no such store directory"),
     ("inspect @badmeta", "meta.json: unreadable"),
-    ("inspect @store --top -1", "--top: must be >= 1, got -1"),
+    ("inspect @store --atoms -1", "--atoms: must be >= 1, got -1"),
+    ("inspect @store --head 1.2 --top 5", "--top is now --atoms"),
     ("inspect @store --head 1.x", "a head is LAYER.HEAD"),
     ("inspect @store --head 9.0", "layer must be in [0, 3), got 9"),
     # demo
@@ -95,8 +109,19 @@ CASES = [
     ("export --prompts @concept.txt --out @new --batch-size 0", "--batch-size: must be >= 1"),
     ("export --prompts @concept.txt --out @new --model @nowhere", "nowhere does not exist"),
     ("export --prompts @concept.txt --out @new --model @folder", "no config.json"),
-    ("export --prompts @concept.txt --out @new --rank @empty.txt", "has no words"),
-    ("export --prompts @concept.txt --out @new --rank colors --rank-out @folder", "directory"),
+    ("export --prompts @concept.txt --out @new --rank-concept @empty.txt", "has no words"),
+    ("export --prompts @concept.txt --out @new --rank-concept toxic --rank-out @folder", "a dir"),
+    ("export --prompts @concept.txt --out @new --rank red", "--rank is now --rank-concept"),
+    ("export --prompts @concept.txt --out @new --method x", "invalid choice: 'x'"),
+    ("export --prompts @concept.txt --out @new --atoms 0", "--atoms: must be >= 1"),
+    ("export --prompts @concept.txt --out @new --criterion x", "invalid choice: 'x'"),
+    ("export --prompts @concept.txt --out @new --null 1", "--null: must be >= 2"),
+    ("export --prompts @concept.txt --out @new --seed x", "expected an integer, got 'x'"),
+    ("export --prompts @concept.txt --out @new --layers 3-1", "'3-1' is empty"),
+    ("export --prompts @concept.txt --out @new --exclude-layers 0-", "ranges like 0,1"),
+    ("export --prompts @concept.txt --out @new --dtype int8", "invalid choice: 'int8'"),
+    ("export --prompts @concept.txt --out @new --revision v1", "hub ids only, not to 'default'"),
+    ("export --prompts @concept.txt --out @new --revision", "expected one argument"),
     # generate
     ("generate --heads @folder hi", "is a directory, expected a ranking CSV"),
     ("generate --heads @nowhere.csv hi", "ranking CSV does not exist"),
@@ -106,11 +131,26 @@ CASES = [
     ("generate --heads @ranking.csv --top -1 hi", "--top: must be >= 1"),
     ("generate --heads @ranking.csv --max-new-tokens 0 hi", "--max-new-tokens: must be >= 1"),
     ("generate --heads @ranking.csv --model @nowhere hi", "nowhere does not exist"),
+    ("generate --heads @nowhere.json hi", "ranking JSON file does not exist"),
+    ("generate --heads @truncated.json hi", "truncated.json: not valid JSON"),
+    ("generate --heads @other.json hi", "not a somp_ref head-scores JSON file"),
+    ("generate --heads @ranking.csv --dtype half hi", "invalid choice: 'half'"),
+    ("generate --heads @ranking.csv --alpha x hi", "invalid float value: 'x'"),
+    ("generate hi", "the following arguments are required: --heads"),
+    ("generate --heads @ranking.csv --revision main hi", "applies to hub ids only"),
     # experiment
     ("experiment colors --out @file", "file: exists and is not a directory"),
     ("experiment colors --out @file/sub", "file is not a directory"),
-    ("experiment colors --heads 3,x", "expected integers >= 1 like 3,8,16"),
-    ("experiment colors --heads 0", "expected integers >= 1 like 3,8,16"),
+    ("experiment colors --k 3,x", "expected integers >= 1 like 3,8,16"),
+    ("experiment colors --k 0", "expected integers >= 1 like 3,8,16"),
+    ("experiment colors --heads 3,8", "--heads is now --k"),
+    ("experiment colors --rank somp", "--rank is now --method"),
+    ("experiment colors --method x", "invalid choice: 'x'"),
+    ("experiment colors --atoms 0", "--atoms: must be >= 1"),
+    ("experiment colors --exclude-layers 0,x", "ranges like 0,1"),
+    ("experiment colors --dtype x", "invalid choice: 'x'"),
+    ("experiment colors --seeds -1", "--seeds: must be >= 0"),
+    ("experiment colors --out @new --revision main", "applies to hub ids only"),
     ("experiment colors --null 1", "--null: must be >= 2"),
     ("experiment colors --exclude-layers 5-2", "'5-2' is empty"),
     ("experiment nothing", "invalid choice: 'nothing'"),
@@ -120,6 +160,7 @@ CASES = [
     ("verify --port no_such_module:fn", "No module named 'no_such_module'"),
     ("verify --port somp_ref:no_such_function", "somp_ref has no attribute"),
     ("verify --model @nowhere", "nowhere does not exist"),
+    ("verify --json yes", "unrecognized arguments: yes"),
 ]
 
 
@@ -171,6 +212,7 @@ PROCESS_CASES = [
     "export --prompts @concept.txt --out @new --model @nowhere",
     "generate --heads @binary.txt hi",
     "experiment colors --out @new --model ./no/such/model",
+    "experiment colors --heads 3,8",
     "verify --port no_such_module:fn",
 ]
 
@@ -193,7 +235,7 @@ def limit_file_size() -> None:
 
 def test_a_full_disk_is_one_line_and_keeps_the_previous_output(files):
     root = files["root"]
-    template = "rank @store --concept @concept.txt --out @previous.csv"
+    template = "rank @store --concept @concept.txt --method somp --out @previous.csv"
     process = run_process(template, root, preexec_fn=limit_file_size)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2, err

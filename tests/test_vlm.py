@@ -13,9 +13,9 @@ pytest.importorskip("transformers")
 
 from models import IMAGE, tiny_vlm  # noqa: E402
 
-from somp_ref.adapters.capture import capture_z, effective_o_proj  # noqa: E402
-from somp_ref.adapters.families import attn_out_norms, head_layout, o_proj_modules  # noqa: E402
+from somp_ref.adapters.capture import capture_z  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
+from somp_ref.adapters.model_heads import model_heads  # noqa: E402
 from somp_ref.adapters.vision import (  # noqa: E402
     check_image_tokens,
     classify_images,
@@ -58,10 +58,10 @@ def logits(model, inputs):
 
 def test_head_contributions_sum_to_what_joins_the_residual_stream(vlm, tokenizer):
     model, family = vlm
-    layout = head_layout(model)
+    heads = model_heads(model)
     inputs = inputs_for(model, tokenizer)
-    norms = attn_out_norms(model)
-    targets = norms if norms is not None else o_proj_modules(model)
+    norms = heads.attn_out_norms
+    targets = norms if norms is not None else heads.o_proj
     seen = {}
     handles = [
         m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
@@ -74,8 +74,8 @@ def test_head_contributions_sum_to_what_joins_the_residual_stream(vlm, tokenizer
         for handle in handles:
             handle.remove()
     assert (norms is not None) == (family == "gemma3")
-    for layer in range(layout.n_layers):
-        W = effective_o_proj(model, layer).reshape(layout.d_model, layout.n_heads, layout.d_head)
+    for layer in range(heads.n_layers):
+        W = heads.effective_o_proj(layer).reshape(heads.d_model, heads.n_heads, heads.d_head)
         total = torch.einsum("bphd,mhd->bpm", captured[layer].float(), W)
         diff = (total - seen[layer]).abs().max().item()
         scale = seen[layer].abs().max().item()
@@ -84,10 +84,10 @@ def test_head_contributions_sum_to_what_joins_the_residual_stream(vlm, tokenizer
 
 def test_alpha_one_is_bit_identical_with_images(vlm, tokenizer):
     model, _ = vlm
-    layout = head_layout(model)
+    heads = model_heads(model)
     inputs = inputs_for(model, tokenizer)
     before = logits(model, inputs)
-    every = {(layer, h): 1.0 for layer in range(layout.n_layers) for h in range(layout.n_heads)}
+    every = {(layer, h): 1.0 for layer in range(heads.n_layers) for h in range(heads.n_heads)}
     with scale_heads(model, every) as calls:
         during = logits(model, inputs)
     assert all(count == 1 for count in calls.values())
@@ -96,16 +96,15 @@ def test_alpha_one_is_bit_identical_with_images(vlm, tokenizer):
 
 def test_alpha_zero_equals_zeroed_o_proj_columns(vlm, tokenizer):
     model, _ = vlm
-    layout = head_layout(model)
-    heads = [(0, 1), (1, 3)]
+    heads = model_heads(model)
+    chosen = [(0, 1), (1, 3)]
     inputs = inputs_for(model, tokenizer)
-    with scale_heads(model, {h: 0.0 for h in heads}):
+    with scale_heads(model, {h: 0.0 for h in chosen}):
         ablated = logits(model, inputs)
     edited = copy.deepcopy(model)
     with torch.no_grad():
-        for layer, head in heads:
-            cols = slice(head * layout.d_head, (head + 1) * layout.d_head)
-            o_proj_modules(edited)[layer].weight[:, cols] = 0.0
+        for layer, head in chosen:
+            model_heads(edited).o_proj[layer].weight[:, heads.columns(head)] = 0.0
     expected = logits(edited, inputs)
     diff = (ablated - expected).abs().max().item()
     assert diff <= FLOAT32_REL * expected.abs().max().item(), f"{diff:.3e}"
@@ -114,7 +113,7 @@ def test_alpha_zero_equals_zeroed_o_proj_columns(vlm, tokenizer):
 
 def test_vision_tower_is_never_hooked(vlm):
     model, _ = vlm
-    ours = {id(m) for m in o_proj_modules(model)}
+    ours = {id(m) for m in model_heads(model).o_proj}
     vision = (
         model.model.vision_tower if hasattr(model.model, "vision_tower") else model.model.visual
     )
@@ -140,7 +139,7 @@ def test_export_rank_intervene_end_to_end(vlm, tokenizer, tmp_path, positions):
     assert store.meta["family"] == family
     scores = rank_heads(store, list(range(100, 160)), 5, show_progress=False)
     heads = top_heads(scores, 2)
-    assert len(heads) == 2 and np.isfinite(scores.explained_variance).all()
+    assert len(heads) == 2 and np.isfinite(scores.details["explained_variance"]).all()
     inputs = inputs_for(model, tokenizer)
     with scale_heads(model, {h: -1.0 for h in heads}):
         steered = logits(model, inputs)

@@ -214,8 +214,8 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
         import torch
 
         from somp_ref.adapters.capture import capture_z
-        from somp_ref.adapters.families import head_layout, o_proj_modules
         from somp_ref.adapters.intervene import scale_heads
+        from somp_ref.adapters.model_heads import model_heads
         from somp_ref.adapters.models import DEFAULT_MODEL, ModelLoadError, load_model
         from somp_ref.adapters.tokenization import encode
     except ImportError:
@@ -230,15 +230,14 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
         reason = " ".join(str(err).split())
         yield Check("model internals", None, None, "skip", f"default model unavailable: {reason}")
         return
-    layout = head_layout(model)
+    heads = model_heads(model)
     batch = encode(
         tokenizer, ["Describe the color of a ripe banana.", "Two plus two is"], chat_template=False
     )
     outputs: dict[int, torch.Tensor] = {}
-    modules = o_proj_modules(model)
     handles = [
         m.register_forward_hook(lambda mod, a, out, i=i: outputs.__setitem__(i, out))
-        for i, m in enumerate(modules)
+        for i, m in enumerate(heads.o_proj)
     ]
     try:
         with capture_z(model) as captured, torch.no_grad():
@@ -247,34 +246,32 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
         for handle in handles:
             handle.remove()
     worst = 0.0
-    for layer, module in enumerate(modules):
-        W = module.weight.reshape(layout.d_model, layout.n_heads, layout.d_head)
+    for layer, module in enumerate(heads.o_proj):
+        W = module.weight.reshape(heads.d_model, heads.n_heads, heads.d_head)
         total = torch.einsum("bphd,mhd->bpm", captured[layer], W.detach())
         worst = max(
             worst, ((total - outputs[layer]).abs().max() / outputs[layer].abs().max()).item()
         )
     yield _judge(f"{model_name}: heads sum to o_proj output (float32)", worst, 1e-5)
-    every = {(i, h): 1.0 for i in range(layout.n_layers) for h in range(layout.n_heads)}
+    every = {(i, h): 1.0 for i in range(heads.n_layers) for h in range(heads.n_heads)}
     with scale_heads(model, every), torch.no_grad():
         same = model(**batch).logits
     yield _judge(
         f"{model_name}: alpha = 1 bit-identical logits", (same - base).abs().max().item(), 0.0
     )
-    heads = [(0, 1), (layout.n_layers // 2, 2)]
-    with scale_heads(model, {h: 0.0 for h in heads}), torch.no_grad():
+    ablate = [(0, 1), (heads.n_layers // 2, 2)]
+    with scale_heads(model, {h: 0.0 for h in ablate}), torch.no_grad():
         ablated = model(**batch).logits
     saved = {}
     with torch.no_grad():
-        for layer, head in heads:
-            cols = slice(head * layout.d_head, (head + 1) * layout.d_head)
-            saved[layer, head] = modules[layer].weight[:, cols].clone()
-            modules[layer].weight[:, cols] = 0.0
+        for layer, head in ablate:
+            saved[layer, head] = heads.o_proj[layer].weight[:, heads.columns(head)].clone()
+            heads.o_proj[layer].weight[:, heads.columns(head)] = 0.0
         try:
             edited = model(**batch).logits
         finally:
             for (layer, head), weight in saved.items():
-                cols = slice(head * layout.d_head, (head + 1) * layout.d_head)
-                modules[layer].weight[:, cols] = weight
+                heads.o_proj[layer].weight[:, heads.columns(head)] = weight
     err = ((ablated - edited).abs().max() / edited.abs().max()).item()
     yield _judge(f"{model_name}: alpha = 0 equals zeroed o_proj columns", err, 1e-5)
 

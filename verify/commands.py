@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from somp_ref.cli_options import add_model
+
 
 def _format(rows: list[dict]) -> str:
     width = max(len(r["name"]) for r in rows) + 2
@@ -61,23 +63,31 @@ def register(subparsers) -> None:
             "Run every agreement check (naive vs fast engine, factored vs materialised "
             "pursuit, scikit-learn's OMP and SPAMS when installed, Logit Lens vs MP, the "
             "torch port in float64/float32 and on CUDA when present, model internals, store "
-            "round trip, golden vectors) and print measured error, tolerance and status. "
-            "With --port, run an implementation against the golden vectors instead. Exit "
-            "status 1 on any failed check, 2 on bad arguments (an unknown port or model)."
+            "round trip, golden vectors) and print measured error, tolerance and status, "
+            "as a table or, with --json, as JSON on stdout (writes no file). With --port, "
+            "run an implementation against the golden vectors instead. Exit status 1 on any "
+            "failed check, 2 on bad arguments (an unknown port or model)."
         ),
         epilog="a port is called as port(H, D, n_atoms, *, center, normalize, criterion, "
         "tol) and returns support, coef, explained_variance (attributes or keys). "
-        "example: somp-ref verify --port somp_ref.adapters.torch_somp:somp_torch",
+        "examples: somp-ref verify --model none; "
+        "somp-ref verify --port somp_ref.adapters.torch_somp:somp_torch",
     )
     parser.add_argument(
         "--port",
         metavar="MODULE:FUNCTION",
-        help="check this implementation against the golden vectors",
+        help="check this implementation against the golden vectors instead "
+        "(default: run the agreement checks)",
+    )
+    add_model(
+        parser,
+        "model for the internals checks, loaded on the CPU in float32: 'default' (the "
+        "embedded SmolLM2), a local checkpoint, a hub id, or 'none' to skip them "
+        "(default: default)",
     )
     parser.add_argument(
-        "--model",
-        default="default",
-        help="model for the internals checks ('default', a path, a hub id, or 'none' to skip)",
+        "--json",
+        action="store_true",
+        help="print the results as JSON instead of a table (default: table)",
     )
-    parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.set_defaults(func=_run_verify)

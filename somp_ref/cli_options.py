@@ -1,0 +1,311 @@
+"""The options the ``somp-ref`` subcommands share, and their argparse types.
+
+Every flag that more than one subcommand takes is defined here, once, so that a flag name
+has one meaning (the same dest, type and choices) wherever it appears; each subcommand
+only words the help for what it does with it. The groups:
+
+* model: ``--model``, ``--revision``, ``--device``, ``--dtype``, ``--attn-implementation``
+  (the commands that load a model);
+* ranking: ``--method`` (:data:`somp_ref.ranking.METHODS`, default
+  :data:`somp_ref.ranking.DEFAULT_METHOD`), ``--atoms`` (50, the paper's number),
+  ``--criterion``, ``--null``, ``--seed``, ``--layers``, ``--exclude-layers``;
+* heads selection: ``--heads FILE`` (a ranking), ``--top K``;
+* steering and outputs: ``--alpha``, ``--batch-size``, ``--max-new-tokens``, ``--out``.
+
+Only argparse arguments and types live here: the core's commands use this module as the
+adapters' do, so it imports neither torch nor ``somp_ref.adapters``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+
+from somp_ref.ranking import DEFAULT_METHOD, METHODS
+
+#: SOMP atoms per head unless told otherwise: the paper's number.
+DEFAULT_ATOMS = 50
+#: Random dictionaries behind the "specificity" ranking (as the measured experiments).
+DEFAULT_NULL = 6
+#: Model weight dtypes ``somp_ref.adapters.models.load_model`` accepts (a test keeps the
+#: two equal; the core cannot import the adapters to read them).
+DTYPES = ("float32", "float16", "bfloat16", "float64")
+#: SOMP's atom-selection norms across samples (see :func:`somp_ref.somp`).
+CRITERIA = ("l1", "l2")
+#: What each ranking method is, for the help of ``--method``.
+METHOD_HELP = {
+    "somp": "SOMP explained variance",
+    "ll": "the Logit Lens baseline",
+    "specificity": "SOMP explained variance as a z-score against --null random dictionaries",
+}
+
+
+# ------------------------------------------------------------------ types
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer >= ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"int_at_least_{minimum}"
+    return parse
+
+
+positive_int = int_at_least(1)
+non_negative_int = int_at_least(0)
+at_least_two = int_at_least(2)
+
+
+def layer_list(text: str) -> list[int]:
+    """An argparse type: layers as '0,1,5-7' -> [0, 1, 5, 6, 7] (0-based, ranges inclusive)."""
+    layers: list[int] = []
+    for part in text.split(","):
+        first, dash, last = part.strip().partition("-")
+        if not (first.isdigit() and (last.isdigit() or not dash)):
+            raise argparse.ArgumentTypeError(
+                f"layers are 0-based numbers or ranges like 0,1,5-7, got {text!r}"
+            )
+        low, high = int(first), int(last or first)
+        if high < low:
+            raise argparse.ArgumentTypeError(f"the range {part.strip()!r} is empty")
+        layers += range(low, high + 1)
+    return layers
+
+
+def k_list(text: str) -> list[int]:
+    """An argparse type: values of k as '3,8,16' -> [3, 8, 16], each >= 1."""
+    parts = text.split(",")
+    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 3,8,16, got {text!r}")
+    return [int(part) for part in parts]
+
+
+def head_spec(text: str) -> tuple[int, int]:
+    """An argparse type: a head as 'LAYER.HEAD' -> (layer, head), both 0-based."""
+    layer, sep, head = text.partition(".")
+    if not (sep and layer.isdigit() and head.isdigit()):
+        raise argparse.ArgumentTypeError(f"a head is LAYER.HEAD, e.g. 12.3, got {text!r}")
+    return int(layer), int(head)
+
+
+# ------------------------------------------------------------------ renamed flags
+
+
+def renamed(parser: argparse.ArgumentParser, names: Mapping[str, str]) -> None:
+    """Record flags ``parser`` used to take under another name (old -> what to use now), so
+    that passing an old one says what replaced it (see ``somp_ref.cli``)."""
+    parser.renamed_flags = {**getattr(parser, "renamed_flags", {}), **names}
+
+
+# ------------------------------------------------------------------ model
+
+
+def add_model(parser: argparse.ArgumentParser, help: str | None = None) -> None:
+    """``--model``: which model (every command that loads one)."""
+    parser.add_argument(
+        "--model",
+        default="default",
+        metavar="NAME",
+        help=help
+        or "'default' (the embedded SmolLM2-135M-Instruct, offline), a local checkpoint "
+        "directory, or a hub id (default: default)",
+    )
+
+
+def add_model_loading(parser: argparse.ArgumentParser) -> None:
+    """``--model`` and how to load it: ``--revision``, ``--device``, ``--dtype``,
+    ``--attn-implementation``."""
+    add_model(parser)
+    parser.add_argument(
+        "--revision",
+        metavar="REV",
+        help="for a hub id: the branch, tag or commit to load, pinned to its commit "
+        "(default: main)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="torch device, e.g. cuda or cuda:1 (default: cpu)"
+    )
+    parser.add_argument(
+        "--dtype",
+        default="float32",
+        choices=DTYPES,
+        help="dtype of the model weights (default: float32)",
+    )
+    parser.add_argument(
+        "--attn-implementation",
+        default="eager",
+        metavar="IMPL",
+        help="transformers attention kernel: eager (deterministic, what the checks compare "
+        "against), sdpa, flash_attention_2 (default: eager)",
+    )
+
+
+# ------------------------------------------------------------------ ranking
+
+
+def add_method(parser: argparse.ArgumentParser) -> None:
+    """``--method``: how heads are ranked."""
+    described = "; ".join(f"{name}: {METHOD_HELP.get(name, name)}" for name in METHODS)
+    parser.add_argument(
+        "--method",
+        choices=METHODS,
+        default=DEFAULT_METHOD,
+        help=f"how heads are ranked ({described}) (default: {DEFAULT_METHOD})",
+    )
+
+
+def add_atoms(parser: argparse.ArgumentParser, help: str = "SOMP atoms per head") -> None:
+    """``--atoms``: SOMP atoms (default 50, the paper's number)."""
+    parser.add_argument(
+        "--atoms",
+        type=positive_int,
+        default=DEFAULT_ATOMS,
+        metavar="N",
+        help=f"{help} (default: {DEFAULT_ATOMS})",
+    )
+
+
+def add_criterion(parser: argparse.ArgumentParser) -> None:
+    """``--criterion``: the norm across samples in SOMP's atom score."""
+    parser.add_argument(
+        "--criterion",
+        choices=CRITERIA,
+        default="l1",
+        help="norm across samples in SOMP's atom score (default: l1, as the authors)",
+    )
+
+
+def add_null(parser: argparse.ArgumentParser) -> None:
+    """``--null``: random dictionaries of the specificity ranking."""
+    parser.add_argument(
+        "--null",
+        type=at_least_two,
+        default=DEFAULT_NULL,
+        metavar="N",
+        help=f"random token dictionaries behind --method specificity (default: {DEFAULT_NULL})",
+    )
+
+
+def add_seed(parser: argparse.ArgumentParser, help: str) -> None:
+    """``--seed``: a random seed (``help`` says what it draws)."""
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, metavar="N", help=f"{help} (default: 0)"
+    )
+
+
+def add_exclude_layers(parser: argparse.ArgumentParser) -> None:
+    """``--exclude-layers``: layers never ranked nor selected."""
+    parser.add_argument(
+        "--exclude-layers",
+        type=layer_list,
+        default=[],
+        metavar="LAYERS",
+        help="layers to skip, 0-based, e.g. 0 or 0,1 or 0-2 (default: none)",
+    )
+
+
+def add_layers(parser: argparse.ArgumentParser) -> None:
+    """``--layers`` and ``--exclude-layers``: which layers are ranked."""
+    parser.add_argument(
+        "--layers",
+        type=layer_list,
+        default=None,
+        metavar="LAYERS",
+        help="layers to rank, 0-based, e.g. 10-29 or 0,5,7; others get no score (default: all)",
+    )
+    add_exclude_layers(parser)
+
+
+def check_layer_flags(args: argparse.Namespace, n_layers: int, owner: str) -> None:
+    """ValueError if ``--layers`` or ``--exclude-layers`` name a layer that ``owner`` ("the
+    store", "the model") with ``n_layers`` layers does not have: before any work is done."""
+    for flag in ("--layers", "--exclude-layers"):
+        values = getattr(args, flag[2:].replace("-", "_"), None) or ()
+        bad = sorted({layer for layer in values if layer >= n_layers})
+        if bad:
+            raise ValueError(
+                f"{flag}: {owner} has layers 0-{n_layers - 1}, got {','.join(map(str, bad))}"
+            )
+
+
+def add_ranking(parser: argparse.ArgumentParser) -> None:
+    """Every option of a ranking, as ``rank`` and ``export --rank-concept`` take them."""
+    add_method(parser)
+    add_atoms(parser)
+    add_criterion(parser)
+    add_null(parser)
+    add_seed(parser, "seed drawing the --null dictionaries")
+    add_layers(parser)
+
+
+def ranking_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`somp_ref.ranking.rank` that :func:`add_ranking`'s
+    flags set."""
+    return {
+        "method": args.method,
+        "n_atoms": args.atoms,
+        "criterion": args.criterion,
+        "n_null": args.null,
+        "seed": args.seed,
+        "layers": args.layers,
+        "exclude_layers": args.exclude_layers,
+    }
+
+
+# ------------------------------------------------------------------ heads, steering, outputs
+
+
+def add_heads_selection(parser: argparse.ArgumentParser) -> None:
+    """``--heads FILE`` (a ranking) and ``--top K`` (how many of its best heads)."""
+    parser.add_argument(
+        "--heads",
+        required=True,
+        metavar="FILE",
+        help="a ranking: the CSV (or JSON) that 'somp-ref rank' writes (required)",
+    )
+    parser.add_argument(
+        "--top",
+        type=positive_int,
+        default=8,
+        metavar="K",
+        help="how many of the ranking's best heads (default: 8)",
+    )
+
+
+def add_alpha(parser: argparse.ArgumentParser, default: float | None, help: str) -> None:
+    """``--alpha``: the factor the selected heads are scaled by."""
+    parser.add_argument("--alpha", type=float, default=default, help=help)
+
+
+def add_batch_size(parser: argparse.ArgumentParser, default: int) -> None:
+    """``--batch-size``: prompts per forward pass (results do not depend on it)."""
+    parser.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=default,
+        metavar="N",
+        help=f"prompts per forward pass; results do not depend on it (default: {default})",
+    )
+
+
+def add_max_new_tokens(parser: argparse.ArgumentParser, default: int | None, help: str) -> None:
+    """``--max-new-tokens``: tokens generated per answer."""
+    parser.add_argument(
+        "--max-new-tokens", type=positive_int, default=default, metavar="N", help=help
+    )
+
+
+def add_out(parser: argparse.ArgumentParser, help: str, *, default: str | None = None) -> None:
+    """``--out``: where the command writes its main output (``help`` says what it is);
+    required unless it has a ``default``."""
+    parser.add_argument(
+        "--out", required=default is None, default=default, metavar="PATH", help=help
+    )
