@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from somp_ref.factored import Dictionary
+from somp_ref.factored import Dictionary, rescaled
 from somp_ref.pursuit import (
     DEPENDENT_TOL,
     GAIN_FLOOR,
@@ -206,8 +206,14 @@ class TorchEngine:
         options: PursuitOptions,
     ) -> list[SompResult]:
         """SOMP of every head of a layer (see :class:`somp_ref.ranking.Engine`)."""
+        if not options.normalize and dictionary.atom_exp is not None:
+            raise ValueError(
+                "the torch engine compares unnormalised scores of atoms as given; these atoms "
+                "span more than float64's safe range: use engine='numpy' or normalize=True"
+            )
         n, n_heads, d_head = z.shape
         as_tensor = partial(torch.tensor, dtype=self.dtype, device=self.device)  # copies
+        z, _ = rescaled(np.asarray(z, dtype=np.float64))  # EV and support are scale-free
         Z = as_tensor(z).permute(1, 0, 2)  # (heads, n, d_head)
         W = as_tensor(o_proj).reshape(-1, n_heads, d_head).permute(1, 0, 2)
         D = as_tensor(dictionary.atoms)

@@ -27,6 +27,9 @@ EPS = float(np.finfo(np.float64).eps)
 #: the bound update can never make a bound fall below the score it covers.
 _BOUND_SLACK = 64 * EPS
 
+#: Steps the fast engine's buffers hold before they first grow.
+_INITIAL_STEPS = 64
+
 #: Stale candidates scored exactly per round of the fast engine's lazy argmax.
 _SCORE_BATCH = 32
 
@@ -170,8 +173,11 @@ class _Scorer:
         self.bound = np.linalg.norm(Ct, ord=order, axis=1) / self.scale
         self.fresh = np.ones(v, dtype=bool)
         self.stamp = np.zeros(v, dtype=np.int64)
-        self.At = np.empty((n_atoms, n))
-        self.U = np.empty((n_atoms, v))
+        # Step buffers grow by doubling: Matching Pursuit's n_atoms is not capped by the
+        # dictionary, and a huge one must cost nothing until the steps are taken.
+        capacity = min(n_atoms, _INITIAL_STEPS)
+        self.At = np.empty((capacity, n))
+        self.U = np.empty((capacity, v))
         self.steps = 0
         self._rows = np.empty((min(_SCORE_BATCH, v), n))
         self._work = np.empty_like(self._rows)
@@ -179,6 +185,9 @@ class _Scorer:
     def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
         """Record step ``R <- R - a q^T`` (``u = q^T D^T``) and loosen the bounds."""
         t = self.steps
+        if t == self.At.shape[0]:
+            self.At = np.concatenate([self.At, np.empty_like(self.At)])
+            self.U = np.concatenate([self.U, np.empty_like(self.U)])
         self.At[t] = a
         self.U[t] = u
         self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)

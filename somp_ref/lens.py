@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from somp_ref.decisions import TIE_RTOL, binary_exponent
-from somp_ref.validation import as_matrix, check_positive_int, check_same_width
+from somp_ref.validation import as_matrix, check_positive_int, check_real, check_same_width
 
 #: Samples per block when a computation needs the (n_samples, n_atoms_total) logits: keeps
 #: memory bounded for full vocabularies (~50k atoms).
@@ -70,8 +70,10 @@ def logit_lens(X, D, top: int = 10, *, softcap: float | None = None) -> LogitLen
     D = as_matrix(D, "D")
     check_same_width(X, D, ("X", "D"))
     top = min(check_positive_int(top, "top"), D.shape[0])
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"softcap must be > 0, got {softcap}")
+    if softcap is not None:
+        softcap = check_real(softcap, "softcap")
+        if not 0.0 < softcap < np.inf:
+            raise ValueError(f"softcap must be a finite number > 0, got {softcap}")
     # Ranking is invariant to each sample's scale: rescale samples by powers of two (exact)
     # so that huge or tiny inputs neither overflow nor underflow; atoms too, putting their
     # factor back on the logits (they are ranked as given); undo it on the reported values.
@@ -152,4 +154,12 @@ def ll_head_score(H, D) -> float:
     H = as_matrix(H, "H")
     D = as_matrix(D, "D")
     check_same_width(H, D, ("H", "D"))
-    return float(D.mean(axis=0) @ H.mean(axis=0))
+    # Rescale by powers of two (exact) so that neither the means nor their product
+    # overflow or underflow on the way; the value itself must fit in float64.
+    h_exp, d_exp = int(binary_exponent(H)), int(binary_exponent(D))
+    unit = np.ldexp(D, -d_exp).mean(axis=0) @ np.ldexp(H, -h_exp).mean(axis=0)
+    with np.errstate(over="ignore"):
+        score = float(np.ldexp(unit, h_exp + d_exp))
+    if not np.isfinite(score):
+        raise ValueError("the mean concept logit overflows float64: rescale H or D")
+    return score

@@ -27,6 +27,7 @@ from somp_ref.oracle import mp_naive, somp_naive
 from somp_ref.validation import (
     as_matrix,
     check_choice,
+    check_flag,
     check_positive_int,
     check_same_width,
     check_tolerance,
@@ -101,6 +102,7 @@ class _Problem:
     n_atoms: int
     order: int
     tol: float
+    normalize: bool
 
 
 def _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine) -> _Problem:
@@ -111,6 +113,7 @@ def _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine) -> _Probl
     n_atoms = check_positive_int(n_atoms, "n_atoms")
     order = NORM_ORDER[check_choice(criterion, "criterion", NORM_ORDER)]
     tol = check_tolerance(tol)
+    center, normalize = check_flag(center, "center"), check_flag(normalize, "normalize")
     check_choice(engine, "engine", ("fast", "naive"))
     h_exp = int(binary_exponent(H))
     if h_exp:
@@ -121,7 +124,7 @@ def _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine) -> _Probl
     if d_exp.any():
         D = np.ldexp(D, -d_exp[:, None])
     mean = H.mean(axis=0) if center else np.zeros(H.shape[1])
-    return _Problem(H, D, mean, h_exp, d_exp, n_atoms, order, tol)
+    return _Problem(H, D, mean, h_exp, d_exp, n_atoms, order, tol, normalize)
 
 
 def pursuit_result(
@@ -269,7 +272,8 @@ def somp(
     """
     problem = _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine)
     run = _run_naive if engine == "naive" else _run_fast
-    return run(problem, min(problem.n_atoms, problem.D.shape[0]), normalize=normalize, refit=True)
+    n_atoms = min(problem.n_atoms, problem.D.shape[0])
+    return run(problem, n_atoms, normalize=problem.normalize, refit=True)
 
 
 def matching_pursuit(
@@ -311,4 +315,4 @@ def matching_pursuit(
     """
     problem = _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine)
     run = _run_naive if engine == "naive" else _run_fast
-    return run(problem, problem.n_atoms, normalize=normalize, refit=False)
+    return run(problem, problem.n_atoms, normalize=problem.normalize, refit=False)

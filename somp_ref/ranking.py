@@ -17,12 +17,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from somp_ref.factored import Dictionary, factored_somp, head_somp, mean_concept_logits
+from somp_ref.factored import (
+    Dictionary,
+    factored_somp,
+    head_somp,
+    mean_concept_logits,
+    rescaled,
+)
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
 from somp_ref.pursuit import NORM_ORDER, SompResult
 from somp_ref.store import ActivationStore, StoreError
-from somp_ref.validation import check_choice, check_positive_int, check_tolerance
+from somp_ref.validation import check_choice, check_flag, check_positive_int, check_tolerance
 
 #: Every ranking :func:`rank_heads` offers (see its ``method``).
 METHODS = ("somp", "ll", "specificity")
@@ -58,8 +64,10 @@ class Engine(Protocol):
 
         Parameters
         ----------
-        z : ndarray of shape (n_samples, n_heads, d_head), float64
+        z : ndarray of shape (n_samples, n_heads, d_head)
+            As stored (any float dtype, possibly memory-mapped), checked finite.
         o_proj : ndarray of shape (d_model, n_heads * d_head), float64
+            Rescaled into the safe range (:func:`somp_ref.factored.rescaled`).
         dictionary : Dictionary
         n_atoms : int
         options : PursuitOptions
@@ -67,13 +75,18 @@ class Engine(Protocol):
         Returns
         -------
         list of SompResult
-            One per head, as :func:`somp_ref.factored.head_somp` would return it.
+            One per head; explained variance and support as
+            :func:`somp_ref.factored.head_somp` returns them (coefficients may be in the
+            units of rescaled inputs).
         """
         ...
 
 
 class NumpyEngine:
-    """The reference engine: :func:`somp_ref.factored.factored_somp`, head by head."""
+    """The reference engine: :func:`somp_ref.factored.factored_somp`, head by head.
+
+    Each head's z is widened to float64 alone, so memory stays at one head's samples.
+    """
 
     name = "numpy"
 
@@ -83,9 +96,10 @@ class NumpyEngine:
         results = []
         for head in range(z.shape[1]):
             cols = slice(head * d_head, (head + 1) * d_head)
+            z_head, _ = rescaled(np.asarray(z[:, head], dtype=np.float64))
             results.append(
                 factored_somp(
-                    z[:, head],
+                    z_head,
                     o_proj[:, cols],
                     projected[:, cols],
                     dictionary,
@@ -167,16 +181,31 @@ def _chosen_layers(
 
 
 def _layers(store: ActivationStore, chosen: list[int], desc: str, show: bool):
-    """Yield (layer, z (n, heads, d_head), o_proj (d_model, heads * d_head)) in float64,
-    checked finite."""
+    """Yield (layer, z (n, heads, d_head) as stored, o_proj (d_model, heads * d_head) in
+    float64 rescaled into the safe range, o_proj's exponent), every value checked finite.
+    """
     for layer in progress(chosen, desc=desc, enabled=show):
-        z_layer, o_proj = store.layer(layer)
-        z = np.asarray(z_layer, dtype=np.float64)
-        if not np.isfinite(z).all():
-            sample, head, _ = (int(i) for i in np.argwhere(~np.isfinite(z))[0])
+        z, o_proj = store.layer(layer)
+        for head in range(store.n_heads):
             _finite(z[:, head], store, f"layer {layer}, head {head}: z (sample, d_head)")
         o_proj = _finite(np.asarray(o_proj, dtype=np.float64), store, f"layer {layer}: o_proj")
-        yield layer, z, o_proj
+        yield (layer, z, *rescaled(o_proj))
+
+
+def _mean_logits(
+    z: np.ndarray, projected: np.ndarray, exponents: np.ndarray, store: ActivationStore, where: str
+) -> np.ndarray:
+    """Each atom's mean logit from one head in the units of the data as given (v,).
+
+    ``projected`` is the rescaled ``D @ o_proj_head``; ``exponents`` (v,) the powers of two
+    that undo the rescaling of o_proj and of each atom.
+    """
+    z, z_exp = rescaled(np.asarray(z, dtype=np.float64))
+    with np.errstate(over="ignore"):
+        logits = np.ldexp(mean_concept_logits(z, projected), exponents + z_exp)
+    if not np.isfinite(logits).all():
+        raise StoreError(f"{store.path}: {where}: a mean logit overflows float64")
+    return logits
 
 
 def rank_heads(
@@ -253,8 +282,8 @@ def rank_heads(
         )
     n_atoms = check_positive_int(n_atoms, "n_atoms")
     options = PursuitOptions(
-        center=True if center is None else bool(center),
-        normalize=bool(normalize),
+        center=True if center is None else check_flag(center, "center"),
+        normalize=check_flag(normalize, "normalize"),
         order=NORM_ORDER[check_choice(criterion, "criterion", NORM_ORDER)],
         tol=check_tolerance(tol),
     )
@@ -267,7 +296,10 @@ def rank_heads(
     score = np.full((store.n_layers, store.n_heads), np.nan)
     supports: dict[Head, np.ndarray] = {}
     increments: dict[Head, np.ndarray] = {}
-    for layer, z, o_proj in _layers(store, chosen, f"rank ({method})", show_progress):
+    if not chosen:
+        raise ValueError(f"no layer left to rank (layers {layers}, excluded {exclude_layers})")
+    atom_exp = dictionary.exponents()
+    for layer, z, o_proj, o_exp in _layers(store, chosen, f"rank ({method})", show_progress):
         if method == "somp":
             results = pursuer.pursue_layer(z, o_proj, dictionary, n_atoms, options)
             for head, res in enumerate(results):
@@ -275,13 +307,17 @@ def rank_heads(
                 supports[layer, head] = ids[res.support]
                 increments[layer, head] = np.diff(res.explained_variance)
         else:
-            projected = atoms @ o_proj
+            projected = dictionary.atoms @ o_proj
             d_head = store.d_head
             for head in range(store.n_heads):
                 cols = slice(head * d_head, (head + 1) * d_head)
-                logits = mean_concept_logits(z[:, head], projected[:, cols])
+                where = f"layer {layer}, head {head}"
+                logits = _mean_logits(
+                    z[:, head], projected[:, cols], atom_exp + o_exp, store, where
+                )
                 order = np.argsort(-logits, kind="stable")[:n_atoms]
-                score[layer, head] = float(logits.mean())
+                # The mean as a sum of logit / v: no partial sum can overflow.
+                score[layer, head] = float(np.sum(logits / logits.size))
                 supports[layer, head] = ids[order]
                 increments[layer, head] = logits[order]
     params = {

@@ -6,6 +6,7 @@ what they receive. Errors name the argument, what was expected and what came.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -68,17 +69,36 @@ def check_positive_int(value: Any, name: str) -> int:
 def check_choice(value: Any, name: str, choices: Iterable[str]) -> str:
     """Return ``value`` if it is one of ``choices``, else raise ValueError listing them."""
     choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(
+            f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r:.60}"
+        )
     return value
+
+
+def check_flag(value: Any, name: str) -> bool:
+    """Return ``value`` as a bool, accepting only True and False (numpy's too).
+
+    ``center="no"`` is truthy and ``normalize=None`` falsy: both would silently run the
+    opposite of what their author meant, so anything but a boolean is refused.
+    """
+    if not isinstance(value, (bool, np.bool_)):
+        raise InputTypeError(
+            f"{name} must be True or False, got {type(value).__name__} {value!r:.60}"
+        )
+    return bool(value)
+
+
+def check_real(value: Any, name: str) -> float:
+    """Return ``value`` as a float, accepting real numbers only (no bool, no string)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise InputTypeError(f"{name} must be a number, got {type(value).__name__} {value!r:.60}")
+    return float(value)
 
 
 def check_tolerance(value: Any, name: str = "tol") -> float:
     """Return ``value`` as a float in [0, 1) (a fraction of the signal energy)."""
-    try:
-        tol = float(value)
-    except (TypeError, ValueError):
-        raise InputTypeError(f"{name} must be a number in [0, 1), got {value!r}") from None
+    tol = check_real(value, name)
     if not 0.0 <= tol < 1.0:
         raise ValueError(f"{name} must be in [0, 1), got {tol}")
     return tol

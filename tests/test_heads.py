@@ -238,3 +238,71 @@ def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(tmp_path,
     where = r"layer 1, head 2: z \(sample, d_head\) holds .* at \(5, 0\)"
     with pytest.raises(StoreError, match=where):
         rank_heads(store, list(CONCEPT), 4, show_progress=False)
+
+
+@pytest.mark.parametrize("factor", [1e160, 1e-160])
+def test_head_somp_is_scale_free(factor):
+    # The factored energy squares z and W_O entries: at 1e160 it overflowed to inf and the
+    # zero-signal rule reported an empty, "converged" support.
+    rng = np.random.default_rng(3)
+    z, w, D = (
+        rng.standard_normal((20, 4)),
+        rng.standard_normal((12, 4)),
+        rng.standard_normal((9, 12)),
+    )
+    base = head_somp(z, w, D, 5)
+    for args in ((z * factor, w, D), (z, w * factor, D), (z, w, D * factor)):
+        scaled = head_somp(*args, 5)
+        assert scaled.support.tolist() == base.support.tolist() and scaled.n_selected == 5
+        assert_allclose(scaled.explained_variance, base.explained_variance, rtol=0, atol=EV_ATOL)
+    scaled = head_somp(z * factor, w, D, 5)
+    assert_allclose(scaled.coef, base.coef * factor, rtol=1e-8)
+    assert_allclose(scaled.mean, base.mean * factor, rtol=1e-12, atol=1e-12 * factor)
+
+
+def test_ranking_a_float64_store_of_extreme_values(tmp_path):
+    from somp_ref.store import ActivationStore
+
+    base = write_planted_store(tmp_path / "base", dtype="float64")
+    ids = list(CONCEPT)
+    path = tmp_path / "huge"
+    with ActivationStore.create(
+        path, n_layers=3, n_heads=4, d_head=6, d_model=24, dtype="float64"
+    ) as store:
+        for layer in range(3):
+            z, w = base.layer(layer)
+            store.write_layer(layer, z=np.asarray(z) * 1e155, o_proj=np.asarray(w) * 1e150)
+        store.write_unembed(np.asarray(base.unembed()), vocab=base.vocab())
+        store.write_samples(base.samples())
+    huge = ActivationStore.open(path)
+    expected = rank_heads(base, ids, 4, show_progress=False)
+    got = rank_heads(huge, ids, 4, show_progress=False)
+    assert_allclose(got.score, expected.score, rtol=0, atol=EV_ATOL)
+    assert all(np.array_equal(got.supports[k], expected.supports[k]) for k in expected.supports)
+    # The mean logit is not scale-free: 1e305 per head is a real value, past float64 a clear
+    # error, never a number computed from inf.
+    ll = rank_heads(huge, ids, 4, "ll", show_progress=False)
+    plain = rank_heads(base, ids, 4, "ll", show_progress=False)
+    assert_allclose(ll.score, plain.score * 1e305, rtol=1e-9)
+
+
+def test_ranking_with_every_layer_excluded_is_an_error(planted_store):
+    with pytest.raises(ValueError, match="no layer left to rank"):
+        rank_heads(planted_store, list(CONCEPT), exclude_layers=[0, 1, 2], show_progress=False)
+
+
+def test_a_mean_logit_past_float64_is_a_clear_error(tmp_path):
+    from somp_ref.store import ActivationStore, StoreError
+
+    base = write_planted_store(tmp_path / "base", dtype="float64")
+    path = tmp_path / "huge"
+    with ActivationStore.create(
+        path, n_layers=3, n_heads=4, d_head=6, d_model=24, dtype="float64"
+    ) as store:
+        for layer in range(3):
+            z, w = base.layer(layer)
+            store.write_layer(layer, z=np.asarray(z) * 1e300, o_proj=np.asarray(w) * 1e300)
+        store.write_unembed(np.asarray(base.unembed()), vocab=base.vocab())
+        store.write_samples(base.samples())
+    with pytest.raises(StoreError, match="a mean logit overflows float64"):
+        rank_heads(ActivationStore.open(path), list(CONCEPT), 4, "ll", show_progress=False)

@@ -33,6 +33,12 @@ GOOD_D = np.eye(4)
         (GOOD_H, GOOD_D, {"tol": 1.0}, ValueError, r"tol must be in \[0, 1\), got 1.0"),
         (GOOD_H, GOOD_D, {"tol": -0.1}, ValueError, r"tol must be in \[0, 1\)"),
         (GOOD_H, GOOD_D, {"tol": "x"}, TypeError, r"tol must be a number"),
+        (GOOD_H, GOOD_D, {"tol": "0.5"}, TypeError, r"tol must be a number, got str"),
+        (GOOD_H, GOOD_D, {"tol": True}, TypeError, r"tol must be a number, got bool"),
+        (GOOD_H, GOOD_D, {"center": "no"}, TypeError, r"center must be True or False, got str"),
+        (GOOD_H, GOOD_D, {"normalize": None}, TypeError, r"normalize must be True or False"),
+        (GOOD_H, GOOD_D, {"center": np.ones(2)}, TypeError, r"center must be True or False"),
+        (GOOD_H, GOOD_D, {"criterion": np.ones(2)}, ValueError, r"criterion must be one of"),
     ],
 )
 def test_bad_pursuit_inputs_raise(pursuit, H, D, kwargs, error, match):
@@ -47,3 +53,26 @@ def test_bad_lens_inputs_raise():
         logit_lens(np.ones((2, 4)), np.eye(4), top=0)
     with pytest.raises(ValueError, match=r"H must be finite"):
         ll_head_score(np.full((2, 4), np.inf), np.eye(4))
+
+
+def test_bad_lens_options_raise():
+    for softcap, error in ((np.inf, ValueError), (0.0, ValueError), ("30", TypeError)):
+        with pytest.raises(error, match="softcap must be a"):
+            logit_lens(np.ones((2, 4)), np.eye(4), softcap=softcap)
+
+
+def test_a_mean_logit_beyond_float64_is_an_error():
+    H, D = np.ones((2, 4)) * 1e300, np.eye(4) * 1e300
+    with pytest.raises(ValueError, match="overflows float64"):
+        ll_head_score(H, D)
+    # Each factor alone is fine, and the means are computed without overflowing.
+    assert ll_head_score(H, np.eye(4)) == pytest.approx(1e300)  # (1/4, ...) . (1e300, ...)
+
+
+def test_matching_pursuit_with_a_huge_step_budget_stops_by_itself():
+    # n_atoms is not capped for MP (atoms may repeat); its buffers must grow with the steps
+    # taken, not be allocated for the budget (10**8 steps: 15 GiB).
+    rng = np.random.default_rng(0)
+    res = matching_pursuit(rng.standard_normal((2, 5)), rng.standard_normal((7, 5)), 10**8)
+    assert res.stop_reason in ("converged", "exhausted")
+    assert res.explained_variance[-1] > 1 - 1e-9
