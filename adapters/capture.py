@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -65,30 +66,70 @@ def capture_z(model: Any, *, contributions: bool = False) -> Iterator[dict[int, 
             handle.remove()
 
 
+#: Which token positions of a prompt become rows of the store (see select_positions):
+#: per-prompt rules give one row per prompt, per-token rules one row per kept token.
+PER_PROMPT_RULES = ("prompt-mean", "last", "mean", "image-mean")
+PER_TOKEN_RULES = ("all", "text", "image")
+POSITION_RULES = PER_PROMPT_RULES + PER_TOKEN_RULES
+
+
+@dataclass(frozen=True)
+class PositionMasks:
+    """Token masks (batch, pos) that some position rules need.
+
+    Attributes
+    ----------
+    prompt : Tensor or None
+        The tokens of the user's prompt text (not the chat template's own tokens).
+    image : Tensor or None
+        Image-patch tokens (vision-language models).
+    """
+
+    prompt: torch.Tensor | None = None
+    image: torch.Tensor | None = None
+
+
+def position_mask(
+    mask: torch.Tensor, rule: str, masks: PositionMasks = PositionMasks()
+) -> torch.Tensor:
+    """The positions (batch, pos) a rule averages over or keeps ("last": the last real
+    token)."""
+    mask = mask.bool()
+    if rule not in POSITION_RULES:
+        raise ValueError(f"positions must be one of {', '.join(POSITION_RULES)}, got {rule!r}")
+    if rule == "last":
+        last = (mask * torch.arange(mask.shape[1], device=mask.device)).argmax(dim=1)
+        return torch.nn.functional.one_hot(last, mask.shape[1]).bool()
+    if rule in ("mean", "all"):
+        return mask
+    if rule == "prompt-mean":
+        if masks.prompt is None:
+            raise ValueError("positions='prompt-mean' needs the prompt's token mask")
+        return mask & masks.prompt.to(mask.device).bool()
+    if masks.image is None:
+        raise ValueError(f"positions={rule!r} needs image inputs (an image token mask)")
+    image = masks.image.to(mask.device).bool()
+    return mask & (~image if rule == "text" else image)
+
+
 def select_positions(
-    z: torch.Tensor, mask: torch.Tensor, rule: str, image_mask: torch.Tensor | None = None
+    z: torch.Tensor, mask: torch.Tensor, rule: str, masks: PositionMasks = PositionMasks()
 ) -> torch.Tensor:
     """Rows kept from z (batch, pos, n_heads, d_head) under a positions rule.
 
-    "last": the last real token of each prompt (batch rows); "mean": the mean over its real
-    tokens (batch rows); "all": every real token, prompt by prompt, in order; "image" /
-    "text": every real token that is / is not an image token (needs ``image_mask``).
+    Per prompt (one row each): "prompt-mean", the mean over the tokens of the user's
+    prompt (the paper's rows for text: the chat template's own tokens left out); "mean",
+    over every real token; "last", the last real token; "image-mean", over the image
+    patches (the paper's rows for vision-language tasks). Per token: "all" every real
+    token, "text" / "image" every real token that is not / is an image token, prompt by
+    prompt, in order.
     """
-    mask = mask.to(z.device).bool()
-    if rule == "last":
-        last = (mask * torch.arange(mask.shape[1], device=z.device)).argmax(dim=1)
-        return z[torch.arange(z.shape[0], device=z.device), last]
-    if rule == "mean":
-        keep = mask[:, :, None, None]
-        total = torch.where(keep, z, torch.zeros((), dtype=z.dtype, device=z.device)).sum(dim=1)
-        return total / mask.sum(dim=1).to(z.dtype)[:, None, None]
-    if rule == "all":
-        return z[mask]
-    if rule in ("image", "text"):
-        if image_mask is None:
-            raise ValueError(f"positions={rule!r} needs image inputs (an image token mask)")
-        image_mask = image_mask.to(z.device).bool()
-        return z[mask & (image_mask if rule == "image" else ~image_mask)]
-    raise ValueError(
-        f"positions must be one of 'last', 'all', 'mean', 'image', 'text', got {rule!r}"
-    )
+    keep = position_mask(mask.to(z.device), rule, masks)
+    if rule in PER_TOKEN_RULES:
+        return z[keep]
+    counts = keep.sum(dim=1)
+    if (counts == 0).any():
+        row = int((counts == 0).nonzero()[0])
+        raise ValueError(f"positions={rule!r}: prompt {row} of the batch has no such token")
+    weights = keep.to(z.dtype) / counts.to(z.dtype)[:, None]
+    return torch.einsum("bp,bphd->bhd", weights, z)

@@ -10,13 +10,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from somp_ref.adapters.capture import capture_z, select_positions
+from somp_ref.adapters.capture import (
+    PER_PROMPT_RULES,
+    PositionMasks,
+    capture_z,
+    position_mask,
+    select_positions,
+)
 from somp_ref.adapters.model_heads import ModelHeads, model_heads
-from somp_ref.adapters.tokenization import encode, real_positions
+from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
 
-POSITIONS = ("last", "all", "mean")
+#: The rules a text export offers ("image-mean", "image", "text" need images).
+POSITIONS = ("prompt-mean", "last", "mean", "all")
 
 
 def vocabulary(tokenizer: Any, size: int) -> list[str]:
@@ -47,7 +54,7 @@ def export_activations(
     records: Sequence[dict[str, Any]],
     out: str | Path,
     *,
-    positions: str = "last",
+    positions: str = "prompt-mean",
     batch_size: int = 8,
     chat_template: bool = False,
     dtype: str = "float32",
@@ -65,8 +72,9 @@ def export_activations(
         One per prompt, each with a "prompt" string; other fields go to samples.jsonl.
     out : path
         The store directory (must not exist unless ``overwrite``).
-    positions : {"last", "all", "mean"}, default="last"
-        Which token positions become sample rows (see :func:`select_positions`).
+    positions : {"prompt-mean", "last", "mean", "all"}, default="prompt-mean"
+        Which token positions become sample rows (see :func:`select_positions`); the
+        default is the paper's: each head's output averaged over the prompt's own tokens.
     batch_size : int, default=8
         Prompts per forward pass; results do not depend on it.
     chat_template : bool, default=False
@@ -93,14 +101,22 @@ def export_activations(
     def batches():
         for start in range(0, len(records), batch_size):
             chunk = records[start : start + batch_size]
+            prompts = [str(r["prompt"]) for r in chunk]
             inputs = encode(
                 tokenizer,
-                [str(r["prompt"]) for r in chunk],
+                prompts,
                 chat_template=chat_template,
                 padding_side=padding_side,
                 device=device,
             )
-            yield chunk, inputs, None
+            masks = PositionMasks()
+            if positions == "prompt-mean":
+                masks = PositionMasks(
+                    prompt=prompt_token_mask(
+                        tokenizer, prompts, inputs, chat_template=chat_template
+                    )
+                )
+            yield chunk, inputs, masks
 
     return export_batches(
         model,
@@ -130,9 +146,9 @@ def export_batches(
     n_batches: int | None = None,
     meta: dict[str, Any] | None = None,
 ) -> ActivationStore:
-    """Export from prebuilt model inputs: each batch is ``(records, inputs, image_mask)``
-    with ``inputs`` passed as ``model(**inputs)`` (an ``attention_mask`` is required) and
-    ``image_mask`` (batch, pos) marking image tokens, or None for text-only inputs.
+    """Export from prebuilt model inputs: each batch is ``(records, inputs, masks)`` with
+    ``inputs`` passed as ``model(**inputs)`` (an ``attention_mask`` is required) and
+    ``masks`` the :class:`PositionMasks` the positions rule needs (prompt or image tokens).
 
     Heads' contributions are stored as factors: z (normalised under an attention-output
     norm, see :mod:`somp_ref.adapters.capture`) and the matching effective o_proj weight.
@@ -164,15 +180,15 @@ def export_batches(
         per_layer: list[list[np.ndarray]] = [[] for _ in range(heads.n_layers)]
         samples: list[dict[str, Any]] = []
         with capture_z(model, contributions=True) as captured:
-            for records, inputs, image_mask in progress(
+            for records, inputs, masks in progress(
                 batches, desc="export (batches)", enabled=show_progress, total=n_batches
             ):
                 model(**inputs, use_cache=False)
                 mask = inputs["attention_mask"]
                 for layer in range(heads.n_layers):
-                    rows = select_positions(captured[layer], mask, positions, image_mask)
+                    rows = select_positions(captured[layer], mask, positions, masks)
                     per_layer[layer].append(rows.float().cpu().numpy().astype(dtype))
-                samples += _sample_records(records, inputs, tokenizer, positions, image_mask)
+                samples += _sample_records(records, inputs, tokenizer, positions, masks)
         for layer, module in enumerate(
             progress(heads.o_proj, desc="write layers", enabled=show_progress)
         ):
@@ -195,21 +211,21 @@ def export_batches(
     return ActivationStore.open(out)
 
 
-def _sample_records(records, inputs, tokenizer, positions, image_mask) -> list[dict[str, Any]]:
+def _sample_records(
+    records: Sequence[dict[str, Any]],
+    inputs: dict[str, Any],
+    tokenizer: Any,
+    positions: str,
+    masks: PositionMasks,
+) -> list[dict[str, Any]]:
     """One record per stored row; with a per-token rule, one per kept token."""
-    if positions in ("last", "mean"):
+    if positions in PER_PROMPT_RULES:
         return [dict(r) for r in records]
     rows = []
-    attention = inputs["attention_mask"].bool()
-    real_index = real_positions(attention)
-    masks = attention
-    if positions != "all":
-        image = image_mask.to(masks.device).bool()
-        masks = masks & (image if positions == "image" else ~image)
-    for row, (record, ids, mask) in enumerate(
-        zip(records, inputs["input_ids"], masks, strict=True)
-    ):
-        for index in mask.nonzero().squeeze(-1).tolist():
+    real_index = real_positions(inputs["attention_mask"])
+    kept = position_mask(inputs["attention_mask"], positions, masks)
+    for row, (record, ids, keep) in enumerate(zip(records, inputs["input_ids"], kept, strict=True)):
+        for index in keep.nonzero().squeeze(-1).tolist():
             rows.append(
                 {
                     **record,

@@ -54,6 +54,46 @@ def encode(
     }
 
 
+def prompt_token_mask(
+    tokenizer: Any, prompts: Sequence[str], batch: dict[str, Any], *, chat_template: bool
+) -> Any:
+    """Which tokens of an :func:`encode` batch belong to the prompts' own text, (batch, pos).
+
+    The chat template's tokens (role markers, a system prompt, the assistant's header) and
+    special tokens are left out: these are the tokens the paper averages a head's output
+    over. A token counts when its characters overlap the prompt's span in the rendered text.
+
+    Raises
+    ------
+    ValueError
+        When the tokenizer gives no character offsets (a slow tokenizer) or the chat
+        template rewrote the prompt so that its text cannot be found.
+    """
+    import torch
+
+    texts = [render(tokenizer, p, chat_template) for p in prompts]
+    spans = []
+    for prompt, text in zip(prompts, texts, strict=True):
+        start = text.rfind(prompt)
+        if start < 0 or not prompt:
+            raise ValueError(f"cannot find the prompt {prompt[:40]!r} in its rendered text")
+        spans.append((start, start + len(prompt)))
+    ids = batch["input_ids"].cpu()
+    mask = torch.zeros(ids.shape, dtype=torch.bool)
+    for row, (text, (start, end)) in enumerate(zip(texts, spans, strict=True)):
+        plain = tokenizer(text, add_special_tokens=not chat_template, return_offsets_mapping=True)
+        if "offset_mapping" not in plain:
+            raise ValueError("positions='prompt-mean' needs a fast tokenizer (character offsets)")
+        real = batch["attention_mask"][row].cpu().bool().nonzero().squeeze(-1)
+        if ids[row, real].tolist() != plain["input_ids"]:
+            raise ValueError("the prompt tokenizes differently alone and in its batch")
+        inside = [a < end and b > start and b > a for a, b in plain["offset_mapping"]]
+        mask[row, real] = torch.tensor(inside, dtype=torch.bool)
+    if (mask.sum(dim=1) == 0).any():
+        raise ValueError("a prompt has no token of its own text (an empty prompt?)")
+    return mask.to(batch["input_ids"].device)
+
+
 def real_positions(mask: Any) -> Any:
     """Each token's index among the real (unpadded) tokens of its row, (batch, pos); pads
     get 0. Used as position ids, it makes a prompt's computation independent of padding."""

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from somp_ref.adapters.capture import PositionMasks
 from somp_ref.adapters.export import export_batches
 from somp_ref.adapters.model_heads import model_heads
 from somp_ref.store import ActivationStore
@@ -159,7 +160,7 @@ def export_vision(
     items: Sequence[dict[str, Any]],
     out: str | Path,
     *,
-    positions: str = "last",
+    positions: str = "image-mean",
     processor: Any = None,
     dtype: str = "float32",
     overwrite: bool = False,
@@ -172,7 +173,10 @@ def export_vision(
     items : sequence of dict
         Each with "prompt" (str) and "image" (array); other fields go to samples.jsonl.
         Alternatively "inputs": prebuilt model inputs (checked for image tokens).
-    positions : {"last", "text", "image", "all", "mean"}, default="last"
+    positions : {"image-mean", "last", "mean", "all", "image", "text"}, default="image-mean"
+        Which token positions become sample rows (see
+        :func:`somp_ref.adapters.capture.select_positions`); the default is the paper's:
+        each head's output averaged over the image patches.
     processor : optional
         The checkpoint's processor; without it, :func:`image_inputs` builds the inputs.
     """
@@ -190,7 +194,8 @@ def export_vision(
                 inputs = image_inputs(model, ids, item["image"])
             check_image_tokens(model, inputs)
             record = {k: v for k, v in item.items() if k not in ("image", "inputs")}
-            yield [record], _to(inputs, device), inputs["input_ids"] == image_id
+            masks = PositionMasks(image=inputs["input_ids"] == image_id)
+            yield [record], _to(inputs, device), masks
 
     return export_batches(
         model,

@@ -193,7 +193,7 @@ def test_generation_does_not_depend_on_batching(smollm):
     assert together == alone
 
 
-@pytest.mark.parametrize("positions", ["last", "mean", "all"])
+@pytest.mark.parametrize("positions", ["prompt-mean", "last", "mean", "all"])
 def test_export_rows_do_not_depend_on_batch_size_or_padding(any_model, tmp_path, positions):
     model, tokenizer = any_model
     records = [{"prompt": p, "i": i} for i, p in enumerate(PROMPTS)]
@@ -240,7 +240,42 @@ def test_export_records_weights_unembedding_and_vocab(smollm, tmp_path):
     vocab = store.vocab()
     assert len(vocab) == store.unembed().shape[0]
     assert vocab[tokenizer.encode(" red", add_special_tokens=False)[0]] == " red"
-    assert store.meta["family"] == "llama" and store.meta["positions"] == "last"
+    assert store.meta["family"] == "llama" and store.meta["positions"] == "prompt-mean"
+
+
+def test_prompt_mean_rows_average_the_prompts_own_tokens(smollm, tmp_path):
+    # The paper's rows: a head's output averaged over the prompt's tokens; the chat
+    # template's role markers and the assistant header are not the prompt.
+    from somp_ref.adapters.tokenization import encode, prompt_token_mask
+
+    model, tokenizer = smollm
+    prompts = PROMPTS[:4]
+    batch = encode(tokenizer, prompts, chat_template=True)
+    mask = prompt_token_mask(tokenizer, prompts, batch, chat_template=True)
+    for row, prompt in enumerate(prompts):
+        text = tokenizer.decode(batch["input_ids"][row][mask[row]])
+        assert text.strip() == prompt
+    records = [{"prompt": p} for p in prompts]
+    options = {"chat_template": True, "batch_size": 2, "show_progress": False}
+    means = export_activations(model, tokenizer, records, tmp_path / "m", **options)
+    every = export_activations(
+        model, tokenizer, records, tmp_path / "a", positions="all", **options
+    )
+    rows = every.samples()
+    for row, prompt in enumerate(prompts):
+        positions = [
+            i for i, r in enumerate(rows) if r["prompt"] == prompt and mask[row].nonzero().numel()
+        ]
+        real = batch["attention_mask"][row].bool()
+        own = mask[row][real].numpy()  # the prompt's tokens among its real tokens, in order
+        z_all = every.layer(7)[0][positions][own]
+        np.testing.assert_allclose(
+            means.layer(7)[0][row],
+            z_all.mean(axis=0),
+            rtol=0,
+            atol=EXPORT_REL * np.abs(z_all).max(),
+        )
+    assert means.meta["positions"] == "prompt-mean"
 
 
 def test_interrupted_export_never_reads_as_complete(smollm, tmp_path):
