@@ -10,11 +10,15 @@ from __future__ import annotations
 import argparse
 import errno
 import importlib.util
+import json
+import os
+import re
 import textwrap
 from collections.abc import Callable
 from pathlib import Path
 
 from somp_ref.cli_options import (
+    MAX_LAYERS,
     add_alpha,
     add_atoms,
     add_batch_size,
@@ -27,6 +31,7 @@ from somp_ref.cli_options import (
     add_out,
     add_ranking,
     check_layer_flags,
+    check_some_layer_left,
     k_list,
     non_negative_int,
     positive_int,
@@ -35,6 +40,11 @@ from somp_ref.cli_options import (
 )
 
 INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
+
+
+#: export's position rules (somp_ref.adapters.export.POSITIONS, kept here torch-free so
+#: that --help is instant; a test keeps the two equal). The first is the default.
+EXPORT_POSITIONS = ("prompt-mean", "last", "mean", "all")
 
 
 def _needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
@@ -48,19 +58,129 @@ def _needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse
     return wrapped
 
 
-def _check_store_target(out: str, overwrite: bool) -> None:
-    """Raise before the model loads if ``export`` could not create its store at ``out``
-    (the same rules as :meth:`somp_ref.store.ActivationStore.create`)."""
-    from somp_ref.files import check_output_dir
-    from somp_ref.store import META_FILE, StoreError
+#: The temporary files of ``somp_ref.files.write_atomically`` (``.NAME.PID-RANDOM.tmp``),
+#: which a writer killed mid-write leaves in a store.
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
+#: The hidden copies an overwrite of a store makes beside it (``.NAME.new-PID-RANDOM``,
+#: ``.NAME.old-PID-RANDOM``): never a store to write.
+_HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-[0-9]+-[0-9a-f]+")
 
+
+def _check_store_target(out: str, overwrite: bool) -> None:
+    """Raise before the model loads if ``export`` could not create its store at ``out``.
+
+    :meth:`somp_ref.store.ActivationStore.create` has no dry run, so its rules are
+    repeated here: ``out`` is not a symbolic link; it is free, or (with ``overwrite``) an
+    empty directory or a store (a ``meta.json`` of the store format, a regular file)
+    holding nothing but a store's own files; nor is it one of the hidden copies an
+    overwrite makes. (The full meta.json schema is checked by ``create`` alone.)
+    """
+    from somp_ref.files import check_output_dir
+    from somp_ref.store import StoreError
+
+    if os.path.islink(out):
+        raise StoreError(f"{out} is a symbolic link: refusing to write a store through it")
+    if _HIDDEN_SIBLING.fullmatch(Path(out).name):
+        raise StoreError(
+            f"{out} is a hidden copy an overwrite of a store makes, not a store to write"
+        )
     path = check_output_dir(out)
     if not path.exists():
         return
     if not overwrite:
         raise FileExistsError(errno.EEXIST, "already exists (pass --overwrite to replace it)", out)
-    if any(path.iterdir()) and not (path / META_FILE).is_file():
-        raise StoreError(f"{out} exists and is not a store: refusing to overwrite it")
+    with os.scandir(path) as entries:
+        names = {entry.name: entry.is_dir(follow_symlinks=False) for entry in entries}
+    if not names:
+        return
+    own = _store_own_names(path, out)
+    foreign = sorted(
+        name
+        for name, is_dir in names.items()
+        if is_dir or not (name in own or _temp_of(name) in own)
+    )
+    if foreign:
+        raise StoreError(
+            f"{out} holds {foreign[0]!r}, which is not part of a store: refusing to overwrite it"
+        )
+
+
+def _temp_of(name: str) -> str | None:
+    match = _TEMP_NAME.fullmatch(name)
+    return None if match is None else match[1]
+
+
+def _store_own_names(path: Path, out: str) -> set[str]:
+    """The file names a store at ``path`` may hold, from its meta.json; StoreError if it
+    has none of the store format."""
+    from somp_ref.files import read_user_text
+    from somp_ref.store import (
+        FORMAT,
+        FORMAT_VERSION,
+        META_FILE,
+        SAMPLES_FILE,
+        UNEMBED_FILE,
+        StoreError,
+        layer_file,
+    )
+
+    def not_a_store(reason: str) -> StoreError:
+        return StoreError(f"{out} exists and is not a store: refusing to overwrite it ({reason})")
+
+    meta_path = path / META_FILE
+    if os.path.islink(meta_path):
+        raise not_a_store(f"{META_FILE} is a symbolic link")
+    if not meta_path.exists():
+        raise not_a_store(f"no {META_FILE}")
+    try:
+        meta = json.loads(read_user_text(meta_path, "store meta file"))
+    except OSError as err:
+        raise not_a_store(f"{META_FILE}: {err.strerror}") from None
+    except (ValueError, RecursionError) as err:
+        raise not_a_store(f"{META_FILE} unreadable: {str(err) or type(err).__name__}") from None
+    n_layers = meta.get("n_layers") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise not_a_store(f"{META_FILE} is not of the format {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise not_a_store(f"{META_FILE} has format version {meta.get('format_version')!r}")
+    if type(n_layers) is not int or not 1 <= n_layers <= MAX_LAYERS:
+        raise not_a_store(f"{META_FILE} has n_layers {n_layers!r}")
+    return {META_FILE, UNEMBED_FILE, SAMPLES_FILE, *(layer_file(i) for i in range(n_layers))}
+
+
+def _check_device(device: str) -> None:
+    """Raise before the model loads unless torch can use ``device``: torch parses it, and
+    an accelerator (cuda, mps, xpu, ...) is available with that index. Imports torch:
+    call it after the cheap checks."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {device!r}: {_first_line(err)}") from None
+    if parsed.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, parsed.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and not is_available():
+        raise ValueError(
+            f"--device {device}: no {parsed.type} device is available to torch "
+            f"{torch.__version__} here (torch.{parsed.type}.is_available() is False)"
+        )
+    device_count = getattr(backend, "device_count", None)
+    if parsed.index is not None and callable(device_count) and parsed.index >= device_count():
+        count = device_count()
+        raise ValueError(
+            f"--device {device}: there {'is' if count == 1 else 'are'} {count} "
+            f"{parsed.type} device{'' if count == 1 else 's'} here"
+            + (f" ({parsed.type}:0)" if count == 1 else "")
+            + (f" ({parsed.type}:0 to {parsed.type}:{count - 1})" if count > 1 else "")
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _check_model(args: argparse.Namespace) -> None:
@@ -104,7 +224,7 @@ def _read_ranking(path: str):
 def _run_export(args: argparse.Namespace) -> int:
     from somp_ref.adapters.prompts import read_prompts
     from somp_ref.concepts import load_concept
-    from somp_ref.files import check_output_file
+    from somp_ref.files import check_output_file, check_outside, write_all_atomically
 
     records = read_prompts(args.prompts)
     _check_store_target(args.out, args.overwrite)
@@ -112,8 +232,12 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.rank_concept:
         load_concept(args.rank_concept)
         stem = Path(args.rank_concept).stem
-        rank_out = check_output_file(args.rank_out or f"{args.out}-{stem}.csv")
+        rank_out = args.rank_out if args.rank_out is not None else f"{Path(args.out)}-{stem}.csv"
+        check_outside("--rank-out", rank_out, args.out, f"the store --out {args.out}")
+        check_output_file(rank_out)
+        check_some_layer_left(args)
     _check_model(args)
+    _check_device(args.device)
     from somp_ref.adapters.export import export_activations  # imports torch: after the checks
 
     model, tokenizer = _load(args)
@@ -138,7 +262,7 @@ def _run_export(args: argparse.Namespace) -> int:
         scores = rank(
             store, args.rank_concept, engine="torch", device=args.device, **ranking_options(args)
         )
-        scores.to_csv(rank_out)
+        write_all_atomically([(rank_out, scores.to_csv)])
         print(format_top_heads(scores))
         print(f"wrote {rank_out}")
     return 0
@@ -148,7 +272,16 @@ def _run_generate(args: argparse.Namespace) -> int:
     from somp_ref.selection import top_heads
 
     heads = top_heads(_read_ranking(args.heads), args.top)
+    if len(heads) < args.top:
+        scored = {0: "no head has", 1: "only 1 head has"}.get(
+            len(heads), f"only {len(heads)} heads have"
+        )
+        raise ValueError(
+            f"{args.heads}: {scored} a score (the others are NaN or missing), fewer than "
+            f"--top {args.top}"
+        )
     _check_model(args)
+    _check_device(args.device)
     from somp_ref.adapters.generation import generate  # imports torch: after the checks
     from somp_ref.adapters.intervene import scale_heads
 
@@ -195,15 +328,18 @@ def register(subparsers) -> None:
     export.add_argument(
         "--prompts",
         required=True,
-        help="builtin:colors | builtin:neutral | a .txt file (one prompt a line) | a .jsonl "
-        "file (records with a 'prompt' field) (required)",
+        help="builtin:colors | builtin:neutral | a .txt (or suffix-less) file, one prompt a "
+        "line | a .jsonl file, records with a 'prompt' field | a .json file, an array of "
+        "prompts or of such records; the suffix in any case (required)",
     )
     export.add_argument(
         "--positions",
-        choices=("last", "all", "mean"),
-        default="last",
-        help="which tokens become rows: the last prompt token, all tokens, or their mean "
-        "(default: last)",
+        choices=EXPORT_POSITIONS,
+        default=EXPORT_POSITIONS[0],
+        help="which tokens become rows: prompt-mean = each head's output averaged over the "
+        "prompt's own tokens (the paper's rows; the chat template's tokens left out), last = "
+        "the last token, mean = every token, all = one row per token "
+        f"(default: {EXPORT_POSITIONS[0]})",
     )
     add_out(export, "store directory to create (required)")
     add_batch_size(export, 8)
@@ -268,6 +404,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)
     _check_model(args)
+    _check_device(args.device)
     from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
     from somp_ref.adapters.report import write_report
     from somp_ref.adapters.tasks import build_task

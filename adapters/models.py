@@ -150,7 +150,10 @@ def default_gguf() -> Path:
     name = Path(GGUF_MEMBER).name
     given = os.environ.get(GGUF_ENV)
     if given:
-        path = Path(given).expanduser()
+        try:
+            path = Path(given).expanduser()
+        except RuntimeError:  # "~user/..." for a user without a home directory
+            raise ModelLoadError(f"{GGUF_ENV}={given}: cannot expand '~' (no such user)") from None
         if not path.is_file():
             raise ModelLoadError(f"{GGUF_ENV}={given}: no such file (expected {name})")
         actual = sha256_of(path)
@@ -231,9 +234,16 @@ def local_checkpoint(name_or_path: str) -> Path | None:
     Raises
     ------
     ModelLoadError
-        A local path that is missing, a file, or a directory without ``config.json``.
+        A local path that is missing, a file, or a directory without ``config.json``; a
+        ``~user`` that cannot be expanded.
     """
-    path = Path(name_or_path).expanduser()
+    try:
+        path = Path(name_or_path).expanduser()
+    except RuntimeError:  # "~user/..." for a user without a home directory
+        raise ModelLoadError(
+            f"model directory {name_or_path}: cannot expand {name_or_path.split('/')[0]!r} "
+            "(no such user, or no home directory)"
+        ) from None
     looks_local = name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1
     if not (looks_local or path.exists()):
         return None

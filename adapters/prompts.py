@@ -1,9 +1,16 @@
 """Prompt sources: a text file (one prompt a line), a JSONL file (records with a "prompt"
-field, other fields kept), or a built-in set (``builtin:NAME``)."""
+field, other fields kept), a JSON file (an array of prompt strings or of such records), or
+a built-in set (``builtin:NAME``).
+
+The kind of file is its suffix, in any case (``.JSONL`` is JSONL): a suffix that is none of
+these is refused rather than read as text, so a JSON file is never taken for prompts that
+are lines of JSON. Every prompt must have some text: an empty one is refused before any
+model loads."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -54,28 +61,84 @@ BUILTIN: dict[str, list[dict[str, Any]]] = {
 }
 
 
+#: Prompt file suffixes (compared in lower case) and what each holds.
+PROMPT_SUFFIXES = {
+    ".txt": "one prompt a line",
+    "": "one prompt a line",
+    ".jsonl": "one JSON record with a 'prompt' string a line",
+    ".json": "a JSON array of prompt strings or of records with a 'prompt' string",
+}
+_WHAT = "prompt file (.txt: one prompt a line, .jsonl: records, .json: an array)"
+
+
 def read_prompts(spec: str) -> list[dict[str, Any]]:
-    """Prompt records from ``builtin:NAME``, a ``.jsonl`` file or a text file."""
+    """Prompt records from ``builtin:NAME``, or a ``.txt`` (or suffix-less), ``.jsonl`` or
+    ``.json`` file (see :data:`PROMPT_SUFFIXES`).
+
+    Raises
+    ------
+    ValueError
+        Naming the file (and line or entry): an unknown built-in set, another suffix, a
+        malformed or too deeply nested JSON value, a record without a 'prompt' string, an
+        empty prompt, or no prompts at all.
+    OSError
+        The file is missing or a directory (see :func:`somp_ref.files.read_user_text`).
+    """
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN:
             raise ValueError(f"unknown built-in prompts {name!r}; have: {', '.join(BUILTIN)}")
         return [dict(r) for r in BUILTIN[name]]
     path = Path(spec)
-    text = read_user_text(path, "prompt file (.txt: one prompt a line, .jsonl: records)")
-    lines = [line for line in text.splitlines() if line.strip()]
-    if path.suffix == ".jsonl":
+    suffix = path.suffix.lower()
+    if suffix not in PROMPT_SUFFIXES:
+        raise ValueError(
+            f"{spec}: unknown prompt file suffix {path.suffix!r}; use .txt or none (one "
+            "prompt a line), .jsonl (one record with a 'prompt' string a line), .json (an "
+            "array of prompt strings or records), in any case, or builtin:NAME"
+        )
+    text = read_user_text(path, _WHAT)
+    if suffix == ".json":
+        records = _json_records(_parse_json(text, spec, "valid JSON"), spec)
+    elif suffix == ".jsonl":
         records = []
-        for number, line in enumerate(lines, start=1):
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{number}: not a JSON record ({err.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-                raise ValueError(f"{path}:{number}: each JSONL record needs a 'prompt' string")
-            records.append(record)
+        for number, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                where = f"{spec}:{number}"
+                records.append(_record(_parse_json(line, where, "a JSON record"), where))
     else:
-        records = [{"prompt": line.strip()} for line in lines]
+        records = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
     if not records:
         raise ValueError(f"{path} holds no prompts")
     return records
+
+
+def _parse_json(text: str, where: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: not {what} ({err.msg})") from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise ValueError(f"{where}: JSON too deeply nested, not prompts") from None
+
+
+def _json_records(value: Any, where: str | os.PathLike) -> list[dict[str, Any]]:
+    """The records of a .json prompt file: an array of strings or of records."""
+    if not isinstance(value, list):
+        raise ValueError(
+            f"{where}: a .json prompt file is an array of prompt strings or of records with "
+            f"a 'prompt' string, got {type(value).__name__}"
+        )
+    return [
+        _record({"prompt": item} if isinstance(item, str) else item, f"{where}: entry {number}")
+        for number, item in enumerate(value)
+    ]
+
+
+def _record(value: Any, where: str) -> dict[str, Any]:
+    """A prompt record, checked: an object whose 'prompt' is a string with some text."""
+    if not isinstance(value, dict) or not isinstance(value.get("prompt"), str):
+        raise ValueError(f"{where}: each record needs a 'prompt' string")
+    if not value["prompt"].strip():
+        raise ValueError(f"{where}: empty prompt (a prompt needs some text)")
+    return value

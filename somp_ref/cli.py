@@ -9,6 +9,8 @@ Every expected failure is one line on stderr and exit status 2: usage errors (ar
 with the types of :mod:`somp_ref.cli_options`), and the :data:`EXPECTED_ERRORS` a command
 raises (bad or missing files, a bad store, a full disk, a missing extra, a model that
 cannot be loaded).
+Two resource limits are reported the same way: Ctrl-C is one line, "interrupted", with exit
+status 130, and running out of memory (a store larger than RAM) one line, "out of memory".
 Anything else is a bug and keeps its traceback. A command's own "no" (``demo``'s planted
 heads not found, ``verify``'s failed check) is a result: exit status 1.
 """
@@ -29,6 +31,7 @@ from somp_ref.cli_options import (  # noqa: F401  (the types stay importable fro
     add_ranking,
     add_seed,
     check_layer_flags,
+    check_some_layer_left,
     head_spec,
     int_at_least,
     layer_list,
@@ -41,6 +44,8 @@ from somp_ref.errors import UserError
 
 ENTRY_POINT_GROUP = "somp_ref.commands"
 USAGE_ERROR = 2
+#: The shell's status for a command ended by SIGINT (128 + 2): Ctrl-C.
+INTERRUPTED = 130
 
 #: What a command may raise for bad input or a broken environment. OSError covers missing
 #: files, directories where files belong, permissions and a full disk; ValueError covers
@@ -129,38 +134,46 @@ def _add_demo(subparsers) -> None:
 
 def _run_rank(args: argparse.Namespace) -> int:
     from somp_ref.concepts import load_concept, store_concept_ids
-    from somp_ref.files import check_output_file
+    from somp_ref.files import (
+        check_distinct_outputs,
+        check_output_file,
+        check_outside,
+        write_all_atomically,
+    )
     from somp_ref.head_scores import format_top_heads
     from somp_ref.ranking import rank_heads
     from somp_ref.store import ActivationStore
 
     # Everything cheap first: a bad output path must not cost a ranking.
-    for path in filter(None, (args.out, args.json_out)):
-        check_output_file(path)
-    if args.plot:
+    outputs = {"--out": args.out, "--json-out": args.json_out, "--plot": args.plot}
+    for flag, path in outputs.items():
+        if path is not None:
+            check_outside(flag, path, args.store, f"the store {args.store}")
+            check_output_file(path)
+    check_distinct_outputs(outputs)
+    if args.plot is not None:
         from somp_ref.plots import check_plot_file
 
         check_plot_file(args.plot)
+    check_some_layer_left(args)
     load_concept(args.concept)
     store = ActivationStore.open(args.store)
     check_layer_flags(args, store.n_layers, "the store")
     concept = store_concept_ids(store.vocab(), args.concept)
-    print(f"concept {args.concept}: {concept.report()}", file=sys.stderr)
+    print(f"concept {args.concept}: {concept.report()}")
     scores = rank_heads(store, concept.ids, **ranking_options(args))
-    scores.to_csv(args.out)
-    if args.json_out:
-        scores.to_json(args.json_out)
-    print(format_top_heads(scores, args.show))
-    print(f"\nwrote {args.out}" + (f" and {args.json_out}" if args.json_out else ""))
-    if args.plot:
+    # All outputs or none: a failure (a full disk) leaves every previous file as it was.
+    writes = [(args.out, scores.to_csv)]
+    if args.json_out is not None:
+        writes.append((args.json_out, scores.to_json))
+    if args.plot is not None:
         from somp_ref.plots import head_heatmap
 
-        head_heatmap(
-            scores.score,
-            args.plot,
-            title=f"{args.concept}: {args.method} ({args.atoms} atoms)",
-        )
-        print(f"wrote {args.plot}")
+        title = f"{args.concept}: {args.method} ({args.atoms} atoms)"
+        writes.append((args.plot, lambda path: head_heatmap(scores.score, path, title=title)))
+    write_all_atomically(writes)
+    print(format_top_heads(scores, args.show))
+    print("\nwrote " + ", ".join(str(path) for path, _ in writes))
     return 0
 
 
@@ -270,18 +283,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _never_fail_on_encoding() -> None:
+    """Let stdout and stderr print any text: a character their encoding lacks (a token of
+    another script under ``PYTHONIOENCODING=ascii``, a lone surrogate) is written as a
+    backslash escape instead of failing the command after its work is done."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            try:
+                reconfigure(errors="backslashreplace")
+            except (ValueError, OSError):  # a closed or detached stream: nothing to print to
+                pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run one subcommand; returns the exit status (2: a usage error or
-    an expected failure, reported on one line of stderr)."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        parser.print_help()
-        return USAGE_ERROR
+    an expected failure, reported on one line of stderr; 130: interrupted, Ctrl-C)."""
+    _never_fail_on_encoding()
+    prog = "somp-ref"
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return USAGE_ERROR
+        prog = f"somp-ref {args.command}"
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return INTERRUPTED
+    except MemoryError as err:  # a resource limit (a store larger than memory), not a bug
+        detail = describe(err) if str(err) else ""
+        print(f"{prog}: error: out of memory" + (f": {detail}" if detail else ""), file=sys.stderr)
+        return USAGE_ERROR
     except EXPECTED_ERRORS as err:
-        print(f"somp-ref {args.command}: error: {describe(err)}", file=sys.stderr)
+        print(f"{prog}: error: {describe(err)}", file=sys.stderr)
         return USAGE_ERROR
 
 

@@ -19,7 +19,10 @@ adapters' do, so it imports neither torch nor ``somp_ref.adapters``.
 from __future__ import annotations
 
 import argparse
+import math
+import re
 from collections.abc import Callable, Mapping
+from importlib.metadata import entry_points
 
 from somp_ref.ranking import DEFAULT_METHOD, METHODS
 
@@ -32,6 +35,35 @@ DEFAULT_NULL = 6
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: SOMP's atom-selection norms across samples (see :func:`somp_ref.somp`).
 CRITERIA = ("l1", "l2")
+#: Layers a model may have: the activation store's schema bound on n_layers. A layer number
+#: at or past it is refused while parsing (``0-99999999999`` would build a list of 1e11).
+MAX_LAYERS = 4096
+#: Device types torch itself parses (``torch.device``); others come from out-of-tree
+#: backends that torch loads through the entry-point group ``torch.backends``.
+TORCH_DEVICE_TYPES = (
+    "cpu",
+    "cuda",
+    "mps",
+    "xpu",
+    "meta",
+    "hip",
+    "xla",
+    "hpu",
+    "mtia",
+    "maia",
+    "ipu",
+    "ve",
+    "fpga",
+    "lazy",
+    "vulkan",
+    "mkldnn",
+    "opengl",
+    "opencl",
+    "ideep",
+    "privateuseone",
+)
+_DEVICE = re.compile(r"([a-z][a-z0-9_]*)(?::(0|[1-9][0-9]{0,3}))?")
+_LAYER_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
 #: What each ranking method is, for the help of ``--method``.
 METHOD_HELP = {
     "somp": "SOMP explained variance",
@@ -65,19 +97,62 @@ at_least_two = int_at_least(2)
 
 
 def layer_list(text: str) -> list[int]:
-    """An argparse type: layers as '0,1,5-7' -> [0, 1, 5, 6, 7] (0-based, ranges inclusive)."""
+    """An argparse type: layers as '0,1,5-7' -> [0, 1, 5, 6, 7] (0-based, ranges inclusive,
+    each below :data:`MAX_LAYERS`)."""
     layers: list[int] = []
     for part in text.split(","):
-        first, dash, last = part.strip().partition("-")
-        if not (first.isdigit() and (last.isdigit() or not dash)):
+        match = _LAYER_PART.fullmatch(part.strip())
+        if match is None:
             raise argparse.ArgumentTypeError(
-                f"layers are 0-based numbers or ranges like 0,1,5-7, got {text!r}"
+                f"layers are 0-based numbers or ranges like 0,1,5-7, got {text!r:.80}"
             )
-        low, high = int(first), int(last or first)
+        low, high = (_layer_number(digits) for digits in (match[1], match[2] or match[1]))
         if high < low:
             raise argparse.ArgumentTypeError(f"the range {part.strip()!r} is empty")
         layers += range(low, high + 1)
     return layers
+
+
+def _layer_number(digits: str) -> int:
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > len(str(MAX_LAYERS)) or int(significant) >= MAX_LAYERS:
+        shown = significant if len(significant) <= 12 else significant[:12] + "..."
+        raise argparse.ArgumentTypeError(
+            f"layer {shown} is past any model's: layers are numbered 0-{MAX_LAYERS - 1}"
+        )
+    return int(significant)
+
+
+def finite_float(text: str) -> float:
+    """An argparse type: a finite number (nan and inf are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def device_spec(text: str) -> str:
+    """An argparse type: a torch device, ``TYPE`` or ``TYPE:INDEX`` ('cpu', 'cuda:1').
+
+    Checked without importing torch: the form, and a type torch parses (unless an
+    out-of-tree backend is installed, whose types torch alone knows). Whether the device
+    exists is checked later, before a model loads (``somp_ref.adapters.commands``).
+    """
+    match = _DEVICE.fullmatch(text)
+    if match is None:
+        raise argparse.ArgumentTypeError(
+            f"a device is TYPE or TYPE:INDEX, e.g. cpu, cuda, cuda:1, mps; got {text!r}"
+        )
+    if match[1] not in TORCH_DEVICE_TYPES and not entry_points(group="torch.backends"):
+        raise argparse.ArgumentTypeError(
+            f"unknown device type {match[1]!r} in {text!r}; torch has "
+            + ", ".join(TORCH_DEVICE_TYPES[:8])
+            + ", ..."
+        )
+    return text
 
 
 def k_list(text: str) -> list[int]:
@@ -131,7 +206,10 @@ def add_model_loading(parser: argparse.ArgumentParser) -> None:
         "(default: main)",
     )
     parser.add_argument(
-        "--device", default="cpu", help="torch device, e.g. cuda or cuda:1 (default: cpu)"
+        "--device",
+        type=device_spec,
+        default="cpu",
+        help="torch device, e.g. cuda or cuda:1 (default: cpu)",
     )
     parser.add_argument(
         "--dtype",
@@ -226,7 +304,8 @@ def add_layers(parser: argparse.ArgumentParser) -> None:
 
 def check_layer_flags(args: argparse.Namespace, n_layers: int, owner: str) -> None:
     """ValueError if ``--layers`` or ``--exclude-layers`` name a layer that ``owner`` ("the
-    store", "the model") with ``n_layers`` layers does not have: before any work is done."""
+    store", "the model") with ``n_layers`` layers does not have, or leave no layer to rank:
+    before any work is done."""
     for flag in ("--layers", "--exclude-layers"):
         values = getattr(args, flag[2:].replace("-", "_"), None) or ()
         bad = sorted({layer for layer in values if layer >= n_layers})
@@ -234,6 +313,23 @@ def check_layer_flags(args: argparse.Namespace, n_layers: int, owner: str) -> No
             raise ValueError(
                 f"{flag}: {owner} has layers 0-{n_layers - 1}, got {','.join(map(str, bad))}"
             )
+    check_some_layer_left(args, n_layers)
+
+
+def check_some_layer_left(args: argparse.Namespace, n_layers: int | None = None) -> None:
+    """ValueError if ``--layers`` and ``--exclude-layers`` leave no layer of ``n_layers``
+    (None: not known yet, only ``--layers`` minus ``--exclude-layers``) to rank."""
+    layers = getattr(args, "layers", None)
+    excluded = set(getattr(args, "exclude_layers", None) or ())
+    if not excluded:
+        return
+    if layers is None:
+        if n_layers is None:
+            return
+        layers = range(n_layers)
+    if not set(layers) - excluded:
+        what = "--layers" if getattr(args, "layers", None) is not None else f"the {n_layers} layers"
+        raise ValueError(f"--exclude-layers excludes every one of {what}: no layer left to rank")
 
 
 def add_ranking(parser: argparse.ArgumentParser) -> None:
@@ -282,7 +378,7 @@ def add_heads_selection(parser: argparse.ArgumentParser) -> None:
 
 def add_alpha(parser: argparse.ArgumentParser, default: float | None, help: str) -> None:
     """``--alpha``: the factor the selected heads are scaled by."""
-    parser.add_argument("--alpha", type=float, default=default, help=help)
+    parser.add_argument("--alpha", type=finite_float, default=default, help=help)
 
 
 def add_batch_size(parser: argparse.ArgumentParser, default: int) -> None:

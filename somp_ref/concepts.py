@@ -175,9 +175,27 @@ class VocabTokenizer:
 
 
 def store_concept_ids(vocab: list[str] | None, concept: str | os.PathLike) -> ConceptTokens:
-    """Token ids of a shipped concept or list file, using a store's vocabulary strings."""
+    """Token ids of a shipped concept or list file, using a store's vocabulary strings.
+
+    Raises
+    ------
+    ValueError
+        The store has no vocabulary strings, or none of the concept's words is a single
+        token of it (the "single" rule of :func:`concept_token_ids`): there is nothing to
+        rank against.
+    """
     if vocab is None:
         raise ValueError(
             "the store has no vocabulary strings: pass token ids, or export with a tokenizer"
         )
-    return concept_token_ids(VocabTokenizer(vocab), load_concept(concept))
+    words = load_concept(concept)
+    found = concept_token_ids(VocabTokenizer(vocab), words)
+    if not found.ids:
+        shown = ", ".join(words[:5]) + (", ..." if len(words) > 5 else "")
+        raise ValueError(
+            f"concept {concept}: none of its {len(words)} words ({shown}) is a single token "
+            f"of this store's vocabulary ({len(vocab)} tokens), with or without a leading "
+            "space, as given, capitalised or lower-case; words that split into several "
+            "tokens are dropped (the 'single' multi-token rule)"
+        )
+    return found

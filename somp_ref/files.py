@@ -3,10 +3,16 @@
 Every output is written to a hidden temporary file in the target's directory, flushed to
 disk and renamed over the target, so a reader sees either the previous file or the new one,
 never a torn mix; a failure (full disk, permissions, a crash mid-write) leaves the previous
-file byte-identical and no temporary file behind. Outputs are checked before the work that
-produces them starts, so a typo in ``--out`` fails in a second, not after an hour of
-ranking. User text files (concept lists, prompts, rankings) are read with errors that name
-the file.
+file byte-identical and no temporary file behind. A command with several outputs writes
+them all before renaming any (:func:`write_all_atomically`), so a failure never leaves new
+and old outputs side by side. Outputs are checked before the work that produces them
+starts, so a typo in ``--out`` fails in a second, not after an hour of ranking; an output
+that is a symbolic link is written to the file it points to (the link stays), and one that
+exists as anything but a regular file (a device, a FIFO, ``/dev/stdout``) is refused.
+
+User files (concept lists, prompts, rankings) are read with errors that name the file, and
+only when they are regular files of bounded size: a FIFO or a device would block or never
+end (:func:`read_user_text`).
 """
 
 from __future__ import annotations
@@ -15,30 +21,98 @@ import contextlib
 import errno
 import os
 import secrets
-from collections.abc import Callable
+import stat
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
+#: The most :func:`read_user_text` reads. The largest user file is a ranking JSON, about
+#: 2 KB a head (50 atoms: support and increments, one value a line): 64 MiB holds 30,000
+#: heads, twice the largest open models (126 layers x 128 heads); a concept list or a
+#: prompt file is kilobytes to a few megabytes. Reading stops there, so ``/dev/zero`` or a
+#: file that keeps growing cannot exhaust memory.
+MAX_USER_FILE_BYTES = 64 << 20
+
 
 def check_output_file(path: str | os.PathLike) -> Path:
-    """Raise OSError unless ``path`` can be written as a file: not a directory, inside an
-    existing, writable directory.
+    """Raise unless ``path`` can be written as a file: a non-empty name not ending with
+    ``/``, not a directory nor an existing non-regular file (a device, a FIFO, a socket),
+    inside an existing, writable directory (for a symbolic link, the directory of the
+    file it points to).
 
     Returns
     -------
     Path
-        ``path`` as a Path.
+        ``path`` as a Path (:func:`output_target` gives the file a write replaces).
 
     Raises
     ------
     IsADirectoryError, FileNotFoundError, NotADirectoryError, PermissionError
         Naming ``path``; the check runs before any work, the write itself may still fail.
+    ValueError
+        An empty path, or an existing file that is not a regular file.
     """
-    target = Path(path)
-    if target.is_dir():
-        raise IsADirectoryError(errno.EISDIR, "is a directory, expected a file name", str(path))
-    _check_directory(target.parent, target)
+    output_target(path)
+    return Path(path)
+
+
+def output_target(path: str | os.PathLike) -> Path:
+    """The file that writing ``path`` replaces: ``path`` with its symbolic links resolved
+    (absolute), after the checks of :func:`check_output_file`."""
+    given = os.fspath(path)
+    if not given:
+        raise ValueError("an empty output path: expected a file name")
+    if given.endswith(os.sep) or (os.altsep and given.endswith(os.altsep)):
+        raise IsADirectoryError(errno.EISDIR, "ends with a '/', expected a file name", given)
+    try:
+        info = os.stat(given)  # follows symbolic links: the file a write would replace
+    except FileNotFoundError:
+        info = None
+    except NotADirectoryError:
+        info = None  # an ancestor is a file: _check_directory names it
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise IsADirectoryError(errno.EISDIR, "is a directory, expected a file name", given)
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        raise ValueError(
+            f"{given}: exists and is not a regular file (a device, FIFO or socket): "
+            "refusing to replace it; name a file"
+        )
+    target = Path(os.path.realpath(given))
+    # A link is written where it points; anything else where it is named (so the messages
+    # name the directory the user wrote).
+    _check_directory(target.parent if os.path.islink(given) else Path(given).parent, Path(given))
     return target
+
+
+def check_distinct_outputs(outputs: Mapping[str, str | os.PathLike | None]) -> None:
+    """ValueError if two of a command's outputs (flag -> path; None: not written) are the
+    same file (after resolving symbolic links): the second write would replace the first.
+    """
+    seen: dict[Path, str] = {}
+    for flag, path in outputs.items():
+        if path is None:
+            continue
+        target = Path(os.path.realpath(path))
+        if target in seen:
+            raise ValueError(
+                f"{seen[target]} and {flag} are the same file ({path}): give each its own"
+            )
+        seen[target] = flag
+
+
+def check_outside(
+    flag: str, path: str | os.PathLike | None, folder: str | os.PathLike, what: str
+) -> None:
+    """ValueError if the output ``path`` of ``flag`` is ``folder`` or lies inside it (after
+    resolving symbolic links): writing it would change ``what`` ("the store STORE")."""
+    if path is None:
+        return
+    target = Path(os.path.realpath(path))
+    inside = Path(os.path.realpath(folder))
+    if target == inside:
+        raise ValueError(f"{flag} {path} is {what} itself: write it elsewhere")
+    if inside in target.parents:
+        raise ValueError(f"{flag} {path} is inside {what}: write it elsewhere")
 
 
 def check_output_dir(path: str | os.PathLike) -> Path:
@@ -92,10 +166,16 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
     Raises
     ------
     OSError
-        From :func:`check_output_file`, or a write failure (``ENOSPC``, ``EFBIG``, ...)
-        re-raised naming ``path`` instead of the temporary file.
+        ``path`` is a directory or its directory is missing or read-only, or a write
+        failure (``ENOSPC``, ``EFBIG``, ...) re-raised naming ``path`` instead of the
+        temporary file. (``path`` is replaced as named: a symbolic link is replaced, not
+        followed; :func:`write_all_atomically` is the writer of user outputs, which follows
+        it and refuses devices and FIFOs.)
     """
-    target = check_output_file(path)
+    target = Path(path)
+    if target.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a directory, expected a file name", str(path))
+    _check_directory(target.parent, target)
     # Same directory, so the rename is atomic; pid and random suffix, so concurrent
     # writers of one target never share a temporary file; hidden, so globs skip it.
     tmp = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
@@ -125,30 +205,131 @@ def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
     return write_bytes_atomically(path, text.encode("utf-8"))
 
 
-def read_user_text(path: str | os.PathLike, what: str) -> str:
+def write_all_atomically(
+    outputs: Sequence[tuple[str | os.PathLike, Callable[[Path], object]]],
+) -> list[Path]:
+    """Write several files so that a failure leaves every one of them as it was.
+
+    Each ``write(temporary)`` creates the complete file at ``temporary``, a hidden path in
+    its target's directory that ends with the target's suffix (writers that choose a format
+    by extension, such as plots, see the right one); writers that are themselves atomic
+    (:meth:`~somp_ref.head_scores.HeadScores.to_csv`) fit as they are. Only when every file
+    has been written are they renamed over their targets, in order: a failure before that
+    (a full disk, a crash) removes the temporary files and leaves every target untouched.
+    The renames do not write data; they fail only if the directory changes meanwhile.
+
+    Parameters
+    ----------
+    outputs : sequence of (path, write)
+        The files (checked by :func:`check_output_file`: a symbolic link is written where it
+        points, a device or FIFO is refused; no two may be the same file) and their writers.
+
+    Returns
+    -------
+    list of Path
+        The files written (symbolic links resolved).
+
+    Raises
+    ------
+    OSError, ValueError
+        From the checks, or a writer's failure, an OSError naming the target rather than
+        its temporary file.
+    """
+    targets = [output_target(path) for path, _ in outputs]
+    for number, target in enumerate(targets):
+        if target in targets[:number]:
+            first = outputs[targets.index(target)][0]
+            raise ValueError(
+                f"{os.fspath(first)} and {os.fspath(outputs[number][0])} are the same file: "
+                "give each output its own"
+            )
+    temporaries: list[Path] = []
+    try:
+        for (given, write), target in zip(outputs, targets, strict=True):
+            tmp = target.with_name(
+                f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}"
+            )
+            temporaries.append(tmp)
+            try:
+                write(tmp)
+            except OSError as err:
+                if err.errno and err.filename in (None, str(tmp)):
+                    raise OSError(err.errno, err.strerror, os.fspath(given)) from err
+                raise
+            except UnicodeEncodeError as err:
+                raise ValueError(
+                    f"{os.fspath(given)}: cannot be written as UTF-8 ({err.reason}: "
+                    f"{err.object[err.start : err.end]!a})"
+                ) from None
+        for tmp, target in zip(temporaries, targets, strict=True):
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp in temporaries:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        raise
+    return targets
+
+
+def read_user_text(
+    path: str | os.PathLike, what: str, *, max_bytes: int = MAX_USER_FILE_BYTES
+) -> str:
     """The UTF-8 text of a file the user named (a leading byte-order mark is dropped).
+
+    The file is opened without blocking (a FIFO with no writer would wait forever) and must
+    be a regular file (a FIFO, a terminal or ``/dev/zero`` is refused before anything is
+    read) of at most ``max_bytes``.
 
     Parameters
     ----------
     path : path
     what : str
         What the file should be, for the messages ("concept list", "prompt file").
+    max_bytes : int, default=MAX_USER_FILE_BYTES
+        A larger file is refused (see :data:`MAX_USER_FILE_BYTES`).
 
     Raises
     ------
     FileNotFoundError, IsADirectoryError
         Naming the file and what it should be.
     ValueError
-        When the file is not UTF-8 text (a binary file, another encoding).
+        When the file is not a regular file, is larger than ``max_bytes``, or is not UTF-8
+        text (a binary file, another encoding).
     """
-    file = Path(path)
-    if file.is_dir():
-        raise IsADirectoryError(errno.EISDIR, f"is a directory, expected a {what}", str(path))
-    if not file.exists():
-        raise FileNotFoundError(errno.ENOENT, f"{what} does not exist", str(path))
+    name = os.fspath(path)
+    if not name:
+        raise FileNotFoundError(errno.ENOENT, f"an empty file name, expected a {what}", name)
     try:
-        return file.read_text(encoding="utf-8-sig")
+        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"{what} does not exist", name) from None
+    except IsADirectoryError:
+        raise IsADirectoryError(errno.EISDIR, f"is a directory, expected a {what}", name) from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise IsADirectoryError(errno.EISDIR, f"is a directory, expected a {what}", name)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError(
+                f"{name}: not a regular file (a FIFO, device or socket), expected a {what}"
+            )
+        if info.st_size > max_bytes:
+            raise ValueError(
+                f"{name}: {info.st_size} bytes, more than the {max_bytes} a {what} may have"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    with os.fdopen(fd, "rb") as handle:
+        try:
+            data = handle.read(max_bytes + 1)  # a file that grew meanwhile stops here
+        except OSError as err:  # e.g. EIO from /proc/self/mem: name the file
+            raise OSError(err.errno, err.strerror, name) from None
+    if len(data) > max_bytes:
+        raise ValueError(f"{name}: more than the {max_bytes} bytes a {what} may have")
+    try:
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise ValueError(
-            f"{path}: not a UTF-8 text {what} (byte {err.start} is {err.object[err.start]:#04x})"
+            f"{name}: not a UTF-8 text {what} (byte {err.start} is {err.object[err.start]:#04x})"
         ) from None

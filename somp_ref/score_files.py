@@ -111,9 +111,10 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:
     Raises
     ------
     ValueError
-        Naming the file and the field: not JSON (e.g. truncated), another format or
-        version, a missing field, a field of the wrong type or shape, a head outside the
-        score table or listed twice, a support and its increments of different lengths.
+        Naming the file and the field: not JSON (e.g. truncated, or too deeply nested),
+        another format or version, a missing field, a field of the wrong type or shape, a
+        head outside the score table or listed twice, a support and its increments of
+        different lengths.
     """
     text = read_user_text(path, "ranking JSON file")
     try:
@@ -123,6 +124,8 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}); "
             "truncated?"
         ) from None
+    except RecursionError:  # json's decoder recurses once per level of nesting
+        raise ValueError(f"{path}: JSON too deeply nested, not a ranking") from None
     if not isinstance(payload, dict) or payload.get("format") != JSON_FORMAT:
         raise ValueError(f"{path}: not a somp_ref head-scores JSON file")
     version = payload.get("version")

@@ -61,10 +61,14 @@ def test_rank_writes_csv_json_and_prints_the_table(tmp_path, capsys):
     )
     captured = capsys.readouterr()
     assert status == 0
-    assert "5 words -> 5 tokens; dropped 1 (no single-token form): mauve" in captured.err
+    # The concept's report comes first on stdout, then the table; stderr stays empty (no
+    # progress bars off a terminal), so that an error is the only line there.
+    report, header, best = captured.out.splitlines()[:3]
+    assert report.endswith("5 words -> 5 tokens; dropped 1 (no single-token form): mauve")
+    assert captured.err == ""
     assert set(top_heads_of(HeadScores.from_csv(out))) == {(1, 2), (2, 0)}
     assert HeadScores.from_json(js).params["n_atoms"] == 5
-    assert captured.out.splitlines()[1].split()[1] in {"1.2", "2.0"}
+    assert best.split()[1] in {"1.2", "2.0"}
 
 
 def top_heads_of(scores):
@@ -263,7 +267,7 @@ def test_the_model_flags_reach_the_loader(command, tmp_path, monkeypatch, capsys
     out = str(tmp_path / "out")
     argv = {
         "export": ["export", "--prompts", str(prompts), "--out", out],
-        "generate": ["generate", "--heads", str(ranking), "hi"],
+        "generate": ["generate", "--heads", str(ranking), "--top", "2", "hi"],
         "experiment": ["experiment", "colors", "--train", "2", "--test", "2", "--out", out],
     }[command]
     flags = ["--model", "someone/model", "--revision", "v2", "--device", "meta"]
@@ -308,3 +312,11 @@ def test_layers_the_model_lacks_fail_before_any_forward_pass(
     err = capsys.readouterr().err
     assert err.startswith(f"somp-ref {words[0]}: error: ") and message in err, err
     assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_the_export_command_offers_the_exports_position_rules():
+    pytest.importorskip("torch")
+    from somp_ref.adapters.commands import EXPORT_POSITIONS
+    from somp_ref.adapters.export import POSITIONS
+
+    assert EXPORT_POSITIONS == POSITIONS

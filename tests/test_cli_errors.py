@@ -42,18 +42,53 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "empty.txt").write_text("")
     (root / "binary.txt").write_bytes(b"\xff\xfe\x00\x01")
     (root / "prompts.jsonl").write_text('{"prompt": "Describe a lemon."}\n{"prompt": \n')
-    scores = HeadScores(np.array([[0.5, 0.2]]), {}, {}, "somp", {}, np.zeros(0, dtype=np.int64))
+    grid = np.array([[0.5, 0.2, 0.1, 0.3], [0.4, 0.6, 0.7, 0.8]])  # 8 heads: --top's default
+    scores = HeadScores(grid, {}, {}, "somp", {}, np.zeros(0, dtype=np.int64))
     scores.to_csv(root / "ranking.csv")
     (root / "negative.csv").write_text("layer,head,score\n0,-1,0.5\n")
     (root / "previous.csv").write_bytes(PREVIOUS)
     (root / "truncated.json").write_text('{"format": "somp_ref.head_scores", ')
     (root / "other.json").write_text('{"format": "something else"}')
-    return {"root": root}
+    # The audit's cases (see the table): files that would hang, exhaust memory, or be read
+    # as something they are not; output paths that would destroy a store or another output.
+    os.mkfifo(root / "fifo")
+    (root / "nomatch.txt").write_text("zebra\nquokka\n")
+    (root / "w.txt").write_text("red\n")
+    deep = "[" * 100_000 + "]" * 100_000
+    (root / "nested.jsonl").write_text(deep + "\n")
+    (root / "nested.json").write_text('{"format": "somp_ref.head_scores", "x": ' + deep + "}")
+    (root / "emptyprompt.jsonl").write_text('{"prompt": "Describe a lemon."}\n{"prompt": ""}\n')
+    (root / "blank.json").write_text('["Describe a lemon.", "   "]')
+    (root / "array.json").write_text('["Describe a lemon.", {"prompt": "Describe the sky."}]')
+    (root / "upper.JSONL").write_text('{"prompt": "Describe a lemon."}\n')
+    (root / "prompts.csv").write_text("prompt\nDescribe a lemon.\n")
+    (root / "object.json").write_text('{"prompt": "Describe a lemon."}')
+    (root / "nan.csv").write_text("layer,head,score\n0,1,nan\n0,2,nan\n")
+    os.symlink(root / "store", root / "storelink")
+    os.symlink(root / "store" / "meta.json", root / "metalink.csv")
+    write_planted_store(root / "foreign")
+    (root / "foreign" / "notes.txt").write_text("mine")
+    (root / "fakemeta").mkdir()
+    (root / "fakemeta" / "meta.json").write_text("{}")
+    (root / "fakemeta" / "thesis.tex").write_text("precious")
+    (root / "badsyntax_port.py").write_text("def f(:\n")
+    (root / "raising_port.py").write_text("raise RuntimeError('boom at import')\n")
+    (root / "exiting_port.py").write_text("import sys\nsys.exit(3)\n")
+    return {"root": root, "store": digest(root / "store")}
+
+
+def digest(folder: Path) -> dict[str, bytes]:
+    """Every file of ``folder`` by name, with its bytes."""
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir())}
 
 
 def argv(template: str, root: Path) -> list[str]:
-    """``template`` split on spaces, with ``@name`` standing for ``root / name``."""
-    return [str(root / word[1:]) if word.startswith("@") else word for word in template.split()]
+    """``template`` split on spaces, with ``@name`` standing for ``root / name`` and ``''``
+    for the empty string."""
+    return [
+        f"{root}/{word[1:]}" if word.startswith("@") else "" if word == "''" else word
+        for word in template.split()
+    ]
 
 
 CASES = [
@@ -86,6 +121,31 @@ CASES = [
     # rank: renamed flags name their new spelling; flags are never abbreviated
     ("rank @store --concept @concept.txt --out @o.csv --json @o.json", "now --json-out"),
     ("rank @store --concept @concept.txt --out @o.csv --atom 3", "arguments: --atom 3"),
+    # rank: the audit's cases. Outputs never inside the store read (data loss), never two
+    # outputs in one file, never an empty name, a name ending in '/', a FIFO or a device.
+    ("rank @store --concept @concept.txt --out @store/meta.json", "inside the store"),
+    ("rank @store --concept @concept.txt --out @metalink.csv", "inside the store"),
+    ("rank @store --concept @concept.txt --out @store", "is the store"),
+    ("rank @store --concept @concept.txt --out @o.csv --json-out @store/s.json", "inside the"),
+    ("rank @store --concept @concept.txt --out @o.csv --plot @store/p.png", "inside the store"),
+    ("rank @storelink --concept @concept.txt --out @store/o.csv", "inside the store"),
+    ("rank @store --concept @concept.txt --out @same --json-out @same", "are the same file"),
+    ("rank @store --concept @concept.txt --out @o.png --plot @o.png", "are the same file"),
+    ("rank @store --concept @concept.txt --out ''", "an empty output path"),
+    ("rank @store --concept @concept.txt --out @o.csv --json-out ''", "an empty output path"),
+    ("rank @store --concept @concept.txt --out @o.csv/", "ends with a '/'"),
+    ("rank @store --concept @concept.txt --out @fifo", "fifo: exists and is not a regular"),
+    ("rank @store --concept @concept.txt --out /dev/null", "null: exists and is not a regular"),
+    # rank: user files that would hang (a FIFO) or never end (a device)
+    ("rank @store --concept @fifo --out @o.csv", "fifo: not a regular file (a FIFO"),
+    ("rank @store --concept /dev/zero --out @o.csv", "zero: not a regular file"),
+    ("rank @store --concept /dev/urandom --out @o.csv", "urandom: not a regular file"),
+    ("rank @store --concept @nomatch.txt --out @o.csv", "none of its 2 words (zebra, quokka)"),
+    ("rank @store --concept @concept.txt --out @o.csv --exclude-layers 0-99999999999", "past"),
+    ("rank @store --concept @concept.txt --out @o.csv --layers 0-99999999999", "numbered 0-4095"),
+    ("rank @store --concept @concept.txt --out @o.csv --layers 4096", "numbered 0-4095"),
+    ("rank @store --concept @concept.txt --out @o.csv --exclude-layers 0-2", "no layer left"),
+    ("rank @store --concept @concept.txt --out @o.csv --layers 1 --exclude-layers 1", "no lay"),
     # inspect
     ("inspect @nowhere", "no such store directory"),
     ("inspect @badmeta", "meta.json: unreadable"),
@@ -122,6 +182,32 @@ CASES = [
     ("export --prompts @concept.txt --out @new --dtype int8", "invalid choice: 'int8'"),
     ("export --prompts @concept.txt --out @new --revision v1", "hub ids only, not to 'default'"),
     ("export --prompts @concept.txt --out @new --revision", "expected one argument"),
+    # export: the audit's cases
+    ("export --prompts @fifo --out @new", "fifo: not a regular file"),
+    ("export --prompts /dev/zero --out @new", "zero: not a regular file"),
+    ("export --prompts @nested.jsonl --out @new", "nested.jsonl:1: JSON too deeply nested"),
+    ("export --prompts @nested.json --out @new", "nested.json: JSON too deeply nested"),
+    ("export --prompts @emptyprompt.jsonl --out @new", "emptyprompt.jsonl:2: empty prompt"),
+    ("export --prompts @blank.json --out @new", "blank.json: entry 1: empty prompt"),
+    ("export --prompts @object.json --out @new", "an array of prompt strings"),
+    ("export --prompts @prompts.csv --out @new", "unknown prompt file suffix '.csv'"),
+    ("export --prompts @array.json --out @new --model @nowhere", "nowhere does not exist"),
+    ("export --prompts @upper.JSONL --out @new --model @nowhere", "nowhere does not exist"),
+    ("export --prompts @concept.txt --out @storelink --overwrite", "is a symbolic link"),
+    ("export --prompts @concept.txt --out @foreign --overwrite", "holds 'notes.txt', which"),
+    ("export --prompts @concept.txt --out @fakemeta --overwrite", "fakemeta exists and is not a"),
+    ("export --prompts @concept.txt --out @store/.s.new-1-ab --overwrite", "a hidden copy"),
+    ("export --prompts @w.txt --out @new --rank-concept @w.txt --rank-out @new", "is the store"),
+    ("export --prompts @w.txt --out @new --rank-concept @w.txt --rank-out @new/r.csv", "inside"),
+    ("export --prompts @w.txt --out @new --rank-concept @w.txt --rank-out ''", "an empty output"),
+    ("export --prompts @concept.txt --out @new --layers 0-99999999999", "numbered 0-4095"),
+    (
+        "export --prompts @w.txt --out @new --rank-concept @w.txt --layers 1 --exclude-layers 1",
+        "no layer left",
+    ),
+    ("export --prompts @concept.txt --out @new --device bogus:99", "unknown device type 'bogus'"),
+    ("export --prompts @concept.txt --out @new --device cuda:01", "a device is TYPE or TYPE:IN"),
+    ("export --prompts @concept.txt --out @new --model ~nouser_somp_ref/m", "cannot expand"),
     # generate
     ("generate --heads @folder hi", "is a directory, expected a ranking CSV"),
     ("generate --heads @nowhere.csv hi", "ranking CSV does not exist"),
@@ -135,9 +221,18 @@ CASES = [
     ("generate --heads @truncated.json hi", "truncated.json: not valid JSON"),
     ("generate --heads @other.json hi", "not a somp_ref head-scores JSON file"),
     ("generate --heads @ranking.csv --dtype half hi", "invalid choice: 'half'"),
-    ("generate --heads @ranking.csv --alpha x hi", "invalid float value: 'x'"),
+    ("generate --heads @ranking.csv --alpha x hi", "--alpha: expected a number, got 'x'"),
     ("generate hi", "the following arguments are required: --heads"),
     ("generate --heads @ranking.csv --revision main hi", "applies to hub ids only"),
+    # generate: the audit's cases
+    ("generate --heads @fifo hi", "fifo: not a regular file"),
+    ("generate --heads @nested.json hi", "nested.json: JSON too deeply nested"),
+    ("generate --heads @nan.csv hi", "no head has a score"),
+    ("generate --heads @ranking.csv --top 9 hi", "only 8 heads have a score"),
+    ("generate --heads @ranking.csv --alpha nan hi", "--alpha: must be a finite number"),
+    ("generate --heads @ranking.csv --alpha inf hi", "--alpha: must be a finite number"),
+    ("generate --heads @ranking.csv --alpha=-inf hi", "--alpha: must be a finite number"),
+    ("generate --heads @ranking.csv --device bogus:99 hi", "unknown device type 'bogus'"),
     # experiment
     ("experiment colors --out @file", "file: exists and is not a directory"),
     ("experiment colors --out @file/sub", "file is not a directory"),
@@ -155,8 +250,16 @@ CASES = [
     ("experiment colors --exclude-layers 5-2", "'5-2' is empty"),
     ("experiment nothing", "invalid choice: 'nothing'"),
     ("experiment colors --out @new --model @nowhere", "nowhere does not exist"),
+    ("experiment colors --exclude-layers 0-99999999999", "numbered 0-4095"),
+    ("experiment colors --alpha nan", "--alpha: must be a finite number"),
+    ("experiment colors --alpha inf", "--alpha: must be a finite number"),
+    ("experiment colors --device bogus:99", "unknown device type 'bogus'"),
     # verify
     ("verify --port nocolon", "a port is 'package.module:function'"),
+    ("verify --port badsyntax_port:f", "port module badsyntax_port has a syntax error"),
+    ("verify --port raising_port:f", "failed while imported: RuntimeError: boom at import"),
+    ("verify --port exiting_port:f", "exiting_port failed while imported: SystemExit: 3"),
+    ("verify --model ~nouser_somp_ref/m", "cannot expand '~nouser_somp_ref'"),
     ("verify --port no_such_module:fn", "No module named 'no_such_module'"),
     ("verify --port somp_ref:no_such_function", "somp_ref has no attribute"),
     ("verify --model @nowhere", "nowhere does not exist"),
@@ -177,8 +280,9 @@ def no_model(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("template, message", CASES, ids=[case[0] for case in CASES])
-def test_expected_failures_are_one_line(files, no_model, capsys, template, message):
+def test_expected_failures_are_one_line(files, no_model, monkeypatch, capsys, template, message):
     root = files["root"]
+    monkeypatch.syspath_prepend(str(root))  # the --port modules
     try:
         status = main(argv(template, root))
     except SystemExit as done:  # argparse's usage errors
@@ -190,6 +294,7 @@ def test_expected_failures_are_one_line(files, no_model, capsys, template, messa
     assert err.startswith(f"somp-ref {command}: error: "), err
     assert message in err
     assert not (root / "new").exists()  # export and experiment failed before creating it
+    assert digest(root / "store") == files["store"]  # no output ever lands in the store
 
 
 def run_process(template: str, root: Path, **kwargs) -> subprocess.Popen:
@@ -214,6 +319,13 @@ PROCESS_CASES = [
     "experiment colors --out @new --model ./no/such/model",
     "experiment colors --heads 3,8",
     "verify --port no_such_module:fn",
+    # the audit's: no hang on a FIFO; stdout (a pipe here) is not a file to replace; the
+    # concept's report no longer precedes the error on stderr
+    "rank @store --concept @fifo --out @out.csv",
+    "rank @store --concept @concept.txt --out /dev/stdout",
+    "rank @store --concept @nomatch.txt --out @out.csv",
+    "export --prompts @fifo --out @new",
+    "generate --heads @fifo hi",
 ]
 
 
@@ -240,12 +352,182 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_output(files):
     out, err = process.communicate(timeout=120)
     assert process.returncode == 2, err
     assert "Traceback" not in out + err
-    # The ranking ran (its concept line and progress precede), then the write failed.
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert (
-        errors
-        == [err.splitlines()[-1]]
-        == [f"somp-ref rank: error: {root / 'previous.csv'}: File too large"]
-    )
+    # The ranking ran, then the write failed: that is the only line (the concept's report
+    # is on stdout, and off a terminal there are no progress bars).
+    assert err == f"somp-ref rank: error: {root / 'previous.csv'}: File too large\n"
     assert (root / "previous.csv").read_bytes() == PREVIOUS
     assert not [p for p in os.listdir(root) if p.startswith(".previous.csv")]
+
+
+def test_a_full_disk_keeps_every_previous_output_of_a_command(files, tmp_path):
+    """rank writes its CSV and JSON together: when the JSON does not fit, the CSV (which
+    would have fitted) is not replaced either, so the two never come from different runs."""
+    root = files["root"]
+    template = (
+        "rank @store --concept @concept.txt --method somp --out @{0}.csv --json-out @{0}.json"
+    )
+    assert main(argv(template.format("sizes"), root)) == 0
+    csv_size, json_size = ((root / f"sizes.{kind}").stat().st_size for kind in ("csv", "json"))
+    assert csv_size < json_size
+    for kind in ("csv", "json"):
+        (root / f"both.{kind}").write_bytes(PREVIOUS)
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        limit = (csv_size + json_size) // 2  # the CSV fits, the JSON does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    process = run_process(template.format("both"), root, preexec_fn=limit)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert err == f"somp-ref rank: error: {root / 'both.json'}: File too large\n"
+    assert (root / "both.csv").read_bytes() == PREVIOUS
+    assert (root / "both.json").read_bytes() == PREVIOUS
+    assert not [name for name in os.listdir(root) if name.startswith(".both.")]
+
+
+def test_an_error_found_while_ranking_is_the_only_line_on_stderr(files, tmp_path):
+    """The store is checked layer by layer as it is ranked: a corrupt last layer is found
+    after the others were ranked. Off a terminal no progress bar precedes the error."""
+    import shutil
+
+    from somp_ref.store import layer_file
+
+    store = tmp_path / "store"
+    shutil.copytree(files["root"] / "store", store)
+    layer = store / layer_file(2)
+    raw = bytearray(layer.read_bytes())
+    raw[-8:] = b"\xff" * 8  # two NaNs at the end of the data, same size
+    layer.write_bytes(bytes(raw))
+    process = run_process(f"rank {store} --concept @concept.txt --out @corrupt.csv", files["root"])
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 2, err
+    assert len(err.splitlines()) == 1 and err.startswith("somp-ref rank: error: "), err
+    assert not (files["root"] / "corrupt.csv").exists()
+
+
+def test_an_output_that_is_a_symlink_is_written_where_it_points(files, tmp_path):
+    root = files["root"]
+    target = tmp_path / "target.csv"
+    target.write_bytes(PREVIOUS)
+    link = tmp_path / "link.csv"
+    link.symlink_to(target)
+    assert main(argv(f"rank @store --concept @concept.txt --method somp --out {link}", root)) == 0
+    assert link.is_symlink() and link.resolve() == target
+    assert target.read_text().startswith("rank,layer,head,score")
+    assert sorted(os.listdir(tmp_path)) == ["link.csv", "target.csv"]
+
+
+def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
+    from somp_ref import demo
+
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "planted_heads_demo", interrupted)
+    assert main(["demo"]) == 130
+    assert capsys.readouterr().err == "somp-ref demo: interrupted\n"
+
+
+def test_ctrl_c_of_a_running_process(tmp_path):
+    """A real SIGINT, delivered while the command works."""
+    script = (
+        "import time, somp_ref.demo as demo\n"
+        "def slow(**kwargs):\n"
+        "    print('working', flush=True)\n"
+        "    time.sleep(60)\n"
+        "demo.planted_heads_demo = slow\n"
+        "from somp_ref.cli import main\n"
+        "raise SystemExit(main(['demo']))\n"
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout.readline() == "working\n"
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert err == "somp-ref demo: interrupted\n"
+
+
+def test_running_out_of_memory_is_one_line(files, monkeypatch, capsys):
+    from somp_ref import ranking
+
+    def too_big(*args, **kwargs):
+        raise MemoryError("Unable to allocate 2.38 GiB for an array with shape (20000000, 16)")
+
+    monkeypatch.setattr(ranking, "rank_heads", too_big)
+    assert main(argv("rank @store --concept @concept.txt --out @mem.csv", files["root"])) == 2
+    assert capsys.readouterr().err == (
+        "somp-ref rank: error: out of memory: Unable to allocate 2.38 GiB for an array with "
+        "shape (20000000, 16)\n"
+    )
+    assert not (files["root"] / "mem.csv").exists()
+
+
+def test_printing_never_fails_on_the_terminal_encoding(files, tmp_path):
+    """PYTHONIOENCODING=ascii and a dropped word 'café' in the concept's report: printed
+    escaped, after the CSV was written, instead of failing the command."""
+    root = files["root"]
+    (tmp_path / "accents.txt").write_text("red\ncafé\n", encoding="utf-8")
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    done = subprocess.run(
+        [sys.executable, "-m", "somp_ref", "rank", str(root / "store"), "--method", "somp"]
+        + ["--concept", str(tmp_path / "accents.txt"), "--out", str(tmp_path / "o.csv")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "dropped 1 (no single-token form): caf\\xe9" in done.stdout
+    assert (tmp_path / "o.csv").is_file()
+
+
+def test_prompt_files_are_read_by_their_suffix_in_any_case(tmp_path):
+    from somp_ref.adapters.prompts import read_prompts
+
+    (tmp_path / "a.json").write_text('["Describe a lemon.", {"prompt": "Sky?", "label": 1}]')
+    assert read_prompts(str(tmp_path / "a.json")) == [
+        {"prompt": "Describe a lemon."},
+        {"prompt": "Sky?", "label": 1},
+    ]
+    (tmp_path / "b.JSONL").write_text('{"prompt": "Describe a lemon."}\n\n{"prompt": "Sky?"}\n')
+    assert read_prompts(str(tmp_path / "b.JSONL")) == [
+        {"prompt": "Describe a lemon."},
+        {"prompt": "Sky?"},
+    ]
+    (tmp_path / "c.TXT").write_text('  ["not JSON here"]  \n\nSky?\n')
+    assert read_prompts(str(tmp_path / "c.TXT")) == [
+        {"prompt": '["not JSON here"]'},
+        {"prompt": "Sky?"},
+    ]
+    (tmp_path / "prompts").write_text("Describe a lemon.\n")
+    assert read_prompts(str(tmp_path / "prompts")) == [{"prompt": "Describe a lemon."}]
+    (tmp_path / "d.md").write_text("Describe a lemon.\n")
+    unknown = r"d.md: unknown prompt file suffix '\.md'; use \.txt or none .*\.jsonl .*\.json"
+    with pytest.raises(ValueError, match=unknown):
+        read_prompts(str(tmp_path / "d.md"))
+
+
+def test_the_device_exists_before_the_model_loads(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from somp_ref.adapters.commands import _check_device
+
+    _check_device("cpu")
+    _check_device("meta")
+    with pytest.raises(ValueError, match=r"--device 'privateuseone:x'"):
+        _check_device("privateuseone:x")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"--device cuda: no cuda device is available"):
+        _check_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    _check_device("cuda:0")
+    with pytest.raises(ValueError, match=r"--device cuda:5: there is 1 cuda device here"):
+        _check_device("cuda:5")

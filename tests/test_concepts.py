@@ -9,6 +9,7 @@ from somp_ref.concepts import (
     concept_token_ids,
     load_concept,
     shipped_concepts,
+    store_concept_ids,
     word_variants,
 )
 
@@ -100,3 +101,17 @@ def test_vocab_tokenizer_is_exact_on_single_tokens():
     assert tok.encode("xyz") == []
     found = concept_token_ids(tok, ["red"])
     assert found.ids == [0, 1, 2]
+
+
+def test_a_concept_with_no_single_token_word_in_the_store_is_a_clear_error(tmp_path):
+    vocab = ["red", " red", "green", "ze", "bra"]
+    path = tmp_path / "animals.txt"
+    path.write_text("zebra\nquokka\n")
+    with pytest.raises(ValueError) as caught:
+        store_concept_ids(vocab, path)
+    message = str(caught.value)
+    assert message.startswith(f"concept {path}: none of its 2 words (zebra, quokka) is a single")
+    assert "vocabulary (5 tokens)" in message and "the 'single' multi-token rule" in message
+    (tmp_path / "colors.txt").write_text("red\nzebra\n")
+    found = store_concept_ids(vocab, tmp_path / "colors.txt")
+    assert found.ids == [1, 0] and found.dropped == ["zebra"]

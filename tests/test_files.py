@@ -12,9 +12,13 @@ import pytest
 
 from somp_ref import files
 from somp_ref.files import (
+    check_distinct_outputs,
     check_output_dir,
     check_output_file,
+    check_outside,
+    output_target,
     read_user_text,
+    write_all_atomically,
     write_atomically,
     write_bytes_atomically,
     write_text_atomically,
@@ -152,3 +156,135 @@ def test_read_user_text(tmp_path):
         read_user_text(tmp_path, "list")
     with pytest.raises(FileNotFoundError, match="list does not exist"):
         read_user_text(tmp_path / "missing.txt", "list")
+
+
+def test_read_user_text_refuses_what_is_not_a_regular_file(tmp_path):
+    """A FIFO would block the reader (no writer) and a device never ends: both are refused
+    before a byte is read, at once."""
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match=r"fifo: not a regular file \(a FIFO, device"):
+        read_user_text(tmp_path / "fifo", "list")
+    for device in ("/dev/zero", "/dev/urandom", "/dev/null"):
+        with pytest.raises(ValueError, match=f"{device}: not a regular file"):
+            read_user_text(device, "list")
+    with pytest.raises(FileNotFoundError, match="an empty file name"):
+        read_user_text("", "list")
+
+
+def test_read_user_text_caps_the_size(tmp_path):
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"x" * 101)
+    assert read_user_text(big, "list", max_bytes=101) == "x" * 101
+    with pytest.raises(ValueError, match=r"big.txt: 101 bytes, more than the 100 a list"):
+        read_user_text(big, "list", max_bytes=100)
+    assert files.MAX_USER_FILE_BYTES == 64 << 20
+
+
+def test_output_paths_that_are_not_files_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="an empty output path"):
+        check_output_file("")
+    with pytest.raises(IsADirectoryError, match="ends with a '/'"):
+        check_output_file(f"{tmp_path}/o.csv/")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="fifo: exists and is not a regular file"):
+        check_output_file(tmp_path / "fifo")
+    with pytest.raises(ValueError, match="null: exists and is not a regular file"):
+        check_output_file("/dev/null")
+    (tmp_path / "dangling").symlink_to(tmp_path / "missing" / "x.csv")
+    with pytest.raises(FileNotFoundError, match=r"directory .*missing does not exist"):
+        check_output_file(tmp_path / "dangling")
+
+
+def test_an_output_symlink_resolves_to_its_target(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link.csv").symlink_to(tmp_path / "real" / "target.csv")
+    assert output_target(tmp_path / "link.csv") == tmp_path / "real" / "target.csv"
+    assert output_target(tmp_path / "plain.csv") == tmp_path / "plain.csv"
+
+
+def test_outputs_inside_a_folder_or_twice_the_same_are_refused(tmp_path):
+    store = tmp_path / "store"
+    store.mkdir()
+    check_outside("--out", tmp_path / "o.csv", store, "the store")
+    check_outside("--out", tmp_path / "store-colors.csv", store, "the store")  # a sibling
+    with pytest.raises(ValueError, match=r"--out .*meta.json is inside the store"):
+        check_outside("--out", store / "meta.json", store, "the store")
+    with pytest.raises(ValueError, match=r"--out .*store is the store itself"):
+        check_outside("--out", store, store, "the store")
+    (tmp_path / "into").symlink_to(store / "meta.json")
+    with pytest.raises(ValueError, match="is inside the store"):
+        check_outside("--out", tmp_path / "into", store, "the store")
+    check_distinct_outputs({"--out": tmp_path / "a", "--json-out": tmp_path / "b", "--plot": None})
+    (tmp_path / "alias").symlink_to(tmp_path / "a")
+    with pytest.raises(ValueError, match="--out and --json-out are the same file"):
+        check_distinct_outputs({"--out": tmp_path / "a", "--json-out": tmp_path / "alias"})
+
+
+def test_write_all_atomically_writes_every_file(tmp_path):
+    (tmp_path / "target.csv").write_bytes(PREVIOUS)
+    (tmp_path / "link.csv").symlink_to(tmp_path / "target.csv")
+    seen = []
+
+    def writer(data):
+        def write(path):
+            seen.append(path.name)
+            write_bytes_atomically(path, data)
+
+        return write
+
+    written = write_all_atomically(
+        [(tmp_path / "link.csv", writer(b"csv")), (tmp_path / "p.png", writer(b"png"))]
+    )
+    assert written == [tmp_path / "target.csv", tmp_path / "p.png"]
+    assert (tmp_path / "link.csv").is_symlink()
+    assert (tmp_path / "target.csv").read_bytes() == b"csv"
+    assert (tmp_path / "p.png").read_bytes() == b"png"
+    assert all(name.startswith(".") for name in seen)
+    assert [name.rsplit(".", 1)[1] for name in seen] == ["csv", "png"]  # suffixes kept
+    assert sorted(os.listdir(tmp_path)) == ["link.csv", "p.png", "target.csv"]
+    with pytest.raises(ValueError, match="are the same file"):
+        write_all_atomically(
+            [(tmp_path / "link.csv", writer(b"1")), (tmp_path / "target.csv", writer(b"2"))]
+        )
+    assert (tmp_path / "target.csv").read_bytes() == b"csv"
+
+
+def test_a_full_disk_leaves_every_previous_file_of_a_group(tmp_path):
+    """The first file fits under the file-size limit, the second does not: neither target
+    is replaced, and no temporary file is left."""
+    first, second = tmp_path / "first.csv", tmp_path / "second.json"
+    first.write_bytes(PREVIOUS)
+    second.write_bytes(PREVIOUS)
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (4096, hard))
+    try:
+        with pytest.raises(OSError) as caught:
+            write_all_atomically(
+                [
+                    (first, lambda path: write_bytes_atomically(path, b"x" * 100)),
+                    (second, lambda path: write_bytes_atomically(path, b"y" * 100_000)),
+                ]
+            )
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert caught.value.errno == errno.EFBIG
+    assert caught.value.filename == str(second)  # the target, not a temporary file
+    assert first.read_bytes() == PREVIOUS and second.read_bytes() == PREVIOUS
+    assert sorted(os.listdir(tmp_path)) == ["first.csv", "second.json"]
+
+
+def test_a_writer_that_crashes_leaves_every_previous_file(tmp_path):
+    first = tmp_path / "first.csv"
+    first.write_bytes(PREVIOUS)
+
+    def crash(path):
+        path.write_bytes(b"half")
+        raise RuntimeError("crash mid-write")
+
+    with pytest.raises(RuntimeError, match="crash"):
+        write_all_atomically(
+            [(first, lambda path: path.write_bytes(b"new")), (tmp_path / "b", crash)]
+        )
+    assert_untouched(first)

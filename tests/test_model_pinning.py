@@ -174,3 +174,10 @@ def test_local_model_paths_fail_before_any_loading(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert models.local_checkpoint(str(tmp_path)) == tmp_path
     assert models.local_checkpoint("HuggingFaceTB/SmolLM2-135M") is None  # a hub id
+
+
+def test_a_home_directory_that_cannot_be_expanded_is_a_model_load_error():
+    with pytest.raises(ModelLoadError, match=r"cannot expand '~nouser_somp_ref'"):
+        models.local_checkpoint("~nouser_somp_ref/model")
+    with pytest.raises(ModelLoadError, match="cannot expand"):
+        models.check_model_name("~nouser_somp_ref/model")

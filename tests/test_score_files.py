@@ -169,3 +169,14 @@ def test_good_json_reads(tmp_path):
     scores = HeadScores.from_json(path)
     assert np.isnan(scores.score[0, 1])
     assert scores.supports[0, 0].tolist() == [3] and scores.tokens == ["a", "b"]
+
+
+@pytest.mark.parametrize(
+    "deep", ["[" * 100_000 + "]" * 100_000, '{"a": ' * 100_000 + "1" + "}" * 100_000]
+)
+def test_deeply_nested_json_is_a_value_error(tmp_path, deep):
+    """json's decoder recurses per level: a RecursionError becomes an error naming the file."""
+    path = tmp_path / "nested.json"
+    path.write_text('{"format": "somp_ref.head_scores", "version": 1, "x": ' + deep + "}")
+    with pytest.raises(ValueError, match=r"nested.json: JSON too deeply nested"):
+        HeadScores.from_json(path)

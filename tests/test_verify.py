@@ -15,7 +15,7 @@ from problems import assert_same_selection, gaussian_problems
 
 from somp_ref import somp
 from somp_ref.cli import main
-from somp_ref.verify.ports import check_port, golden_cases
+from somp_ref.verify.ports import check_port, golden_cases, load_port
 
 
 def uncentered(H, D, n_atoms, **options):
@@ -106,6 +106,48 @@ def test_port_reports_exceptions_and_bad_specs():
     assert all("raised RuntimeError: not implemented" in r.detail for r in check_port(broken))
     with pytest.raises(ValueError, match=r"a port is 'package.module:function'"):
         check_port("somp_ref.somp")
+
+
+def test_a_port_that_exits_fails_its_cases_and_ctrl_c_stops_the_check():
+    def exits(*args, **kwargs):
+        raise SystemExit(0)
+
+    reports = check_port(exits)
+    assert reports and not any(r.passed for r in reports)
+    assert all(r.detail == "raised SystemExit: 0" for r in reports)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        check_port(interrupted)
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("def f(:\n", r"port module {name} has a syntax error \(.*{name}.py, line 1\)"),
+        ("raise RuntimeError('boom')\n", r"port module {name} failed while imported: Runtime"),
+        ("raise SystemExit(0)\n", r"port module {name} failed while imported: SystemExit: 0"),
+    ],
+    ids=["syntax-error", "raises", "exits"],
+)
+def test_a_port_module_that_fails_to_import_is_a_value_error(
+    tmp_path, monkeypatch, source, message
+):
+    name = f"broken_port_{abs(hash(source))}"
+    (tmp_path / f"{name}.py").write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ValueError, match=message.format(name=name)):
+        load_port(f"{name}:f")
+
+
+def test_verify_exits_1_when_a_port_raises_system_exit(tmp_path, monkeypatch, capsys):
+    (tmp_path / "exiting_port_cli.py").write_text("def f(*a, **k):\n    raise SystemExit(0)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert main(["verify", "--port", "exiting_port_cli:f"]) == 1
+    out = capsys.readouterr().out
+    assert "raised SystemExit: 0" in out and "0 passed or skipped" in out
 
 
 def test_verify_command_passes_and_reports_a_failing_port(capsys):

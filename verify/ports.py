@@ -52,15 +52,43 @@ def golden_cases() -> dict[str, tuple[dict[str, np.ndarray], dict[str, str]]]:
 
 
 def load_port(spec: str) -> Callable[..., Any]:
-    """``package.module:function`` -> the function."""
+    """``package.module:function`` -> the function.
+
+    Raises
+    ------
+    ImportError
+        No such module.
+    ValueError
+        A malformed ``spec``; a module that fails while it is imported (a syntax error,
+        an exception, even ``SystemExit``), naming the module and the error; no such
+        attribute.
+    """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"a port is 'package.module:function', got {spec!r}")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except (ImportError, KeyboardInterrupt):
+        raise
+    except SyntaxError as err:  # the module's own code: report it, it is not our bug
+        where = f" ({err.filename}, line {err.lineno})" if err.filename else ""
+        raise ValueError(
+            f"port module {module_name} has a syntax error{where}: {err.msg}"
+        ) from None
+    except BaseException as err:  # noqa: BLE001  (SystemExit too: the command reports it)
+        raise ValueError(
+            f"port module {module_name} failed while imported: {_describe(err)}"
+        ) from None
     try:
         return getattr(module, attribute)
     except AttributeError:
         raise ValueError(f"{module_name} has no attribute {attribute!r}") from None
+
+
+def _describe(err: BaseException) -> str:
+    """``Type: message`` of an exception, on one line."""
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
 
 
 def _field(result: Any, name: str) -> np.ndarray:
@@ -80,8 +108,11 @@ def check_case(
         support = _field(result, "support").astype(np.int64)
         coef = _field(result, "coef").astype(np.float64)
         ev = _field(result, "explained_variance").astype(np.float64)
-    except Exception as err:  # a port may fail in any way; report it as this case's result
-        return False, f"raised {type(err).__name__}: {err}"
+    except KeyboardInterrupt:
+        raise
+    except BaseException as err:  # noqa: BLE001  a port may fail in any way (even
+        # SystemExit, which must not end the run as a success): this case's result
+        return False, f"raised {_describe(err)}"
     want_support = tensors["somp.support"]
     if not np.array_equal(support, want_support):
         return False, f"support {support.tolist()} != {want_support.tolist()}"
