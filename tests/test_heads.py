@@ -221,10 +221,11 @@ def test_jaccard_examples():
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
 def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(tmp_path, bad):
+    import hashlib
     import json
     import struct
 
-    from somp_ref.store import StoreError, layer_file
+    from somp_ref.store import ActivationStore, StoreError, layer_file
 
     store = write_planted_store(tmp_path / "s")
     path = store.path / layer_file(1)
@@ -234,7 +235,14 @@ def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(tmp_path,
     # z is (n_samples, n_heads, d_head) float32: sample 5, head 2, first coordinate.
     where = start + 4 * (5 * store.n_heads * store.d_head + 2 * store.d_head)
     raw[where : where + 4] = struct.pack("<f", bad)
-    path.write_bytes(bytes(raw))  # same size: open() cannot tell, the ranking must
+    # As if written so by other code: meta.json records the altered file, so its content
+    # checks out and only the ranking's own check can tell.
+    path.write_bytes(bytes(raw))
+    meta_path = store.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["files"][layer_file(1)] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    meta_path.write_text(json.dumps(meta))
+    store = ActivationStore.open(store.path)
     where = r"layer 1, head 2: z \(sample, d_head\) holds .* at \(5, 0\)"
     with pytest.raises(StoreError, match=where):
         rank_heads(store, list(CONCEPT), 4, show_progress=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -114,8 +115,11 @@ def test_changed_bytes_are_caught_by_verify(tmp_path):
 def test_garbage_header_is_reported_by_name(tmp_path):
     store = write_planted_store(tmp_path / "s")
     target = store.path / layer_file(0)
-    size = target.stat().st_size
-    target.write_bytes(b"\xff" * size)  # same size, so open() passes; reading fails
+    garbage = b"\xff" * target.stat().st_size
+    target.write_bytes(garbage)
+    meta = json.loads((store.path / META_FILE).read_text())  # recorded as if written so:
+    meta["files"][layer_file(0)]["sha256"] = hashlib.sha256(garbage).hexdigest()
+    (store.path / META_FILE).write_text(json.dumps(meta))  # only the header check can tell
     with pytest.raises(StoreError, match=r"layer_000.safetensors: corrupt safetensors header"):
         ActivationStore.open(store.path).layer(0)
 

@@ -17,7 +17,10 @@ The store never loses or invents data:
   every part; :meth:`ActivationStore.open` refuses an incomplete store, a file whose size
   differs from the one recorded, and an unknown format version, naming the file.
 * One writer per store: :meth:`~ActivationStore.create` and :meth:`~ActivationStore.resume`
-  take an exclusive lock on ``PARENT/.NAME.lock`` (a second writer fails at once).
+  take an exclusive lock on ``PARENT/.NAME.lock`` (a second writer fails at once), PARENT
+  being the real path of the store's parent directory, so every path to a store (a
+  symlinked parent, ``..``) meets the same lock; a symlink to a store, and the hidden
+  copies an overwrite makes (``.NAME.new-*``, ``.NAME.old-*``), are refused for writing.
 * ``overwrite=True`` replaces only a directory that is a store holding nothing but its own
   files. The new store is built in a hidden sibling ``PARENT/.NAME.new-*`` and swapped in by
   :meth:`~ActivationStore.close`, so an error or a killed process leaves the old store as it
@@ -26,16 +29,23 @@ The store never loses or invents data:
 * ``meta.json`` is checked against a schema (types, bounds, file names, sizes) before use,
   and a safetensors header (dtypes, shapes, contiguous in-bounds offsets) before its tensors
   are mapped; every file must be a regular file (no symlink, device or FIFO).
-* Non-finite values are refused at write time, naming the first one's place.
+* Each file's SHA-256 is checked against meta.json's record the first time a store object
+  reads it (then mapped from the very file hashed), and a layer file must say it holds the
+  layer asked for: a damaged, swapped or copied file, or a store replaced under a reader,
+  is an error naming the file, never a silent result.
+* Non-finite values are refused at write time, naming the first one's place; meta facts
+  must be plain JSON with valid Unicode, small enough for meta.json to stay readable, and
+  are checked before anything is made on disk.
 
 Tensors are read memory-mapped, one layer at a time; opening a store never runs code
 (safetensors holds no pickles).
 
 Modules: :mod:`~somp_ref.store.layout` (format, file names, :class:`StoreError`),
-:mod:`~somp_ref.store.schema` (meta.json), :mod:`~somp_ref.store.regular_files` and
-:mod:`~somp_ref.store.safetensors_files` (the files), :mod:`~somp_ref.store.arrays`
-(what a writer hands in), :mod:`~somp_ref.store.locking` and
-:mod:`~somp_ref.store.replacing` (one writer, overwrite by swap), and
+:mod:`~somp_ref.store.schema` and :mod:`~somp_ref.store.json_values` (meta.json),
+:mod:`~somp_ref.store.regular_files`, :mod:`~somp_ref.store.safetensors_files` and
+:mod:`~somp_ref.store.content` (the files, and their hashes), :mod:`~somp_ref.store.arrays`
+(what a writer hands in), :mod:`~somp_ref.store.locations`, :mod:`~somp_ref.store.locking`
+and :mod:`~somp_ref.store.replacing` (one writer, overwrite by swap), and
 :mod:`~somp_ref.store.activation_store` with its :mod:`~somp_ref.store.facts`,
 :mod:`~somp_ref.store.reading` and :mod:`~somp_ref.store.writing` halves.
 """

@@ -11,12 +11,48 @@ from typing import Any
 
 import numpy as np
 
+from somp_ref.store.json_values import check_json
 from somp_ref.store.layout import FORMAT, FORMAT_VERSION, META_FILE, StoreError
+from somp_ref.store.locations import real_location, refuse_hidden_sibling, refuse_symlink
 from somp_ref.store.locking import WriterLock
 from somp_ref.store.reading import StoreReading
-from somp_ref.store.replacing import claim
-from somp_ref.store.schema import load_meta, validate_meta
+from somp_ref.store.replacing import claim, remove_store_dir
+from somp_ref.store.schema import MAX_META_BYTES, largest_meta_bytes, load_meta, validate_meta
 from somp_ref.store.writing import StoreWriting
+
+
+def _new_record(
+    n_layers: Any,
+    n_heads: Any,
+    d_head: Any,
+    d_model: Any,
+    meta: Mapping[str, Any] | None,
+    dtype: Any,
+) -> dict[str, Any]:
+    """The meta.json record a new store starts with, checked: against the schema, as plain
+    JSON, and small enough that its meta.json stays readable once every part is recorded."""
+    if meta is not None and not isinstance(meta, Mapping):
+        raise TypeError(f"meta must be a mapping of JSON facts, got {type(meta).__name__}")
+    shapes = {"n_layers": n_layers, "n_heads": n_heads, "d_head": d_head, "d_model": d_model}
+    record = {
+        **dict(meta or {}),  # first: the caller cannot override the store's own keys
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        **{k: int(v) if isinstance(v, np.integer) else v for k, v in shapes.items()},
+        "dtype": dtype,
+        "n_samples": None,
+        "complete": False,
+        "files": {},
+    }
+    validate_meta(record)
+    check_json(record, "meta")
+    size = largest_meta_bytes(record)
+    if size > MAX_META_BYTES:
+        raise ValueError(
+            f"meta: these facts would make meta.json {size} bytes, over the {MAX_META_BYTES} "
+            "a store's meta.json may hold (keep large data in files of their own)"
+        )
+    return record
 
 
 class ActivationStore(StoreReading, StoreWriting):
@@ -62,7 +98,9 @@ class ActivationStore(StoreReading, StoreWriting):
         n_layers, n_heads, d_head, d_model : int
             The model's shapes; heads are query heads. At most 4096, 4096, 65536 and 2**20.
         meta : mapping, optional
-            Extra JSON-serialisable facts (model id, family, positions rule, ...).
+            Extra facts (model id, family, positions rule, ...) as plain JSON values: str,
+            int, finite float, bool, None, lists and dicts with string keys; strings valid
+            Unicode; meta.json at most 64 MiB once every part is recorded.
         dtype : {"float16", "float32", "float64"}, default="float32"
             How ``z`` is stored (bfloat16 activations are widened to float32 by the caller:
             numpy has no bfloat16). Weights are stored in float32 or wider.
@@ -74,32 +112,37 @@ class ActivationStore(StoreReading, StoreWriting):
 
         Raises
         ------
-        ValueError
-            For shapes, dtype or ``meta`` facts out of the schema.
+        ValueError, TypeError
+            For shapes, dtype or ``meta`` facts out of the schema or not plain JSON; nothing
+            is created on disk then.
         StoreError
-            When ``path`` exists (and may not be replaced) or another writer holds it.
+            When ``path`` exists (and may not be replaced), is one of the hidden copies an
+            overwrite makes (``.NAME.new-*``, ``.NAME.old-*``), or another writer holds it.
         """
-        shapes = {"n_layers": n_layers, "n_heads": n_heads, "d_head": d_head, "d_model": d_model}
-        record = {
-            **dict(meta or {}),  # first: the caller cannot override the store's own keys
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            **{k: int(v) if isinstance(v, np.integer) else v for k, v in shapes.items()},
-            "dtype": dtype,
-            "n_samples": None,
-            "complete": False,
-            "files": {},
-        }
-        validate_meta(record)
-        target = Path(os.path.abspath(path))
-        if not target.name:
-            raise StoreError(f"{path}: a store cannot be the root directory")
-        target.parent.mkdir(parents=True, exist_ok=True)
+        record = _new_record(n_layers, n_heads, d_head, d_model, meta, dtype)
+        given = Path(path)
+        refuse_symlink(given)  # these are refused before anything is made
+        refuse_hidden_sibling(real_location(given))
+        given.parent.mkdir(parents=True, exist_ok=True)
+        target = real_location(given)  # where the lock, the store and its siblings go
         lock = WriterLock(target)
         try:
+            existed = target.exists() or target.is_symlink()
             directory, replaces = claim(target, overwrite)
-            store = cls(Path(path), record, lock=lock, directory=directory, replaces=replaces)
-            store._save_meta()
+            try:
+                store = cls(
+                    given,
+                    record,
+                    lock=lock,
+                    directory=directory,
+                    target=target,
+                    replaces=replaces,
+                )
+                store._save_meta()
+            except BaseException:
+                if directory != target or not existed:  # made here: nothing is left behind
+                    remove_store_dir(directory, n_layers)
+                raise
         except BaseException:
             lock.release()
             raise
@@ -107,16 +150,27 @@ class ActivationStore(StoreReading, StoreWriting):
 
     @classmethod
     def resume(cls, path: str | os.PathLike) -> ActivationStore:
-        """Reopen an incomplete store for writing; :meth:`missing` says what is left."""
-        path = Path(path)
-        if not path.is_dir():
+        """Reopen an incomplete store for writing; :meth:`missing` says what is left.
+
+        Raises
+        ------
+        StoreError
+            When ``path`` is not an incomplete store's directory, is a symbolic link, is one
+            of the hidden copies an overwrite makes (``.NAME.new-*``, ``.NAME.old-*``), or
+            another writer holds it.
+        """
+        given = Path(path)
+        refuse_symlink(given)
+        target = real_location(given)
+        refuse_hidden_sibling(target)
+        if not target.is_dir():
             raise StoreError(f"{path}: no such store directory")
-        lock = WriterLock(Path(os.path.abspath(path)))
+        lock = WriterLock(target)
         try:
-            meta = load_meta(path)
+            meta = load_meta(target)
             if meta["complete"]:
-                raise StoreError(f"{path / META_FILE}: the store is complete, nothing to resume")
-            store = cls(path, meta, lock=lock)
+                raise StoreError(f"{given / META_FILE}: the store is complete, nothing to resume")
+            store = cls(given, meta, lock=lock, directory=target, target=target)
             store._check_files()
         except BaseException:
             lock.release()

@@ -7,9 +7,29 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from somp_ref.store.content import ContentChecks
 from somp_ref.store.layout import SAMPLES_FILE, UNEMBED_FILE, layer_file
 from somp_ref.store.locking import WriterLock
-from somp_ref.store.schema import REQUIRED_KEYS
+from somp_ref.store.schema import REQUIRED_KEYS, short
+
+
+def check_index(value: Any, name: str, bound: int) -> int:
+    """``value`` as an int in ``[0, bound)``: a layer or head index.
+
+    Raises
+    ------
+    TypeError
+        For anything but an int or a numpy integer (a bool, a float, a string).
+    ValueError
+        For an int out of range.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"{name} must be an integer, got {short(value)}")
+    if not 0 <= value < bound:
+        raise ValueError(f"{name} must be in [0, {bound}), got {value}")
+    return int(value)
 
 
 class StoreFacts:
@@ -24,7 +44,10 @@ class StoreFacts:
     lock : WriterLock, optional
         The writer lock, for a store open for writing.
     directory : Path, optional
-        Where the files are, when not ``path``: the hidden sibling a replacement is built in.
+        Where the files are, when not ``path``: the store's real location (a writer's), or
+        the hidden sibling beside it that a replacement is built in.
+    target : Path, optional
+        The store's real location, for a writer (see :mod:`somp_ref.store.locations`).
     replaces : int, optional
         The layer count of the store that :meth:`close` replaces.
     """
@@ -36,6 +59,7 @@ class StoreFacts:
         *,
         lock: WriterLock | None = None,
         directory: Path | None = None,
+        target: Path | None = None,
         replaces: int | None = None,
     ):
         self.path = path
@@ -43,6 +67,8 @@ class StoreFacts:
         self._lock = lock  # held while writable
         self._writable = lock is not None
         self._dir = path if directory is None else directory  # where the files are
+        self._target = path if target is None else target  # where close() puts the store
+        self._content = ContentChecks()  # the files read so far, hashed once
         self._replaces = replaces  # layer count of the store that close() replaces
 
     @property

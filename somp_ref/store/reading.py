@@ -1,6 +1,7 @@
 """Reading an opened store: its tensors memory-mapped one file at a time and checked against
-meta.json's shapes, its vocabulary and sample records, and its files checked against the
-sizes and hashes meta.json recorded."""
+meta.json's shapes, its vocabulary and sample records, and each file checked against the
+size and SHA-256 meta.json recorded, the first time this store object reads it (see
+:mod:`somp_ref.store.content`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,11 @@ from typing import Any
 
 import numpy as np
 
-from somp_ref.store.facts import StoreFacts
+from somp_ref.store.facts import StoreFacts, check_index
 from somp_ref.store.layout import META_FILE, SAMPLES_FILE, UNEMBED_FILE, StoreError, layer_file
-from somp_ref.store.regular_files import open_regular, require_regular, sha256
+from somp_ref.store.regular_files import open_regular, require_regular
 from somp_ref.store.safetensors_files import map_tensors
+from somp_ref.store.schema import load_meta, short
 
 
 class StoreReading(StoreFacts):
@@ -35,9 +37,8 @@ class StoreReading(StoreFacts):
         ``z[:, head] @ o_proj[:, head * d_head:(head + 1) * d_head].T``. Materialising it is
         for inspection; the ranking works on the factors.
         """
+        head = check_index(head, "head", self.n_heads)
         z, o_proj = self.layer(layer)
-        if not 0 <= head < self.n_heads:
-            raise ValueError(f"head must be in [0, {self.n_heads}), got {head}")
         cols = slice(head * self.d_head, (head + 1) * self.d_head)
         return (
             np.asarray(z[:, head], dtype=np.float64)
@@ -78,15 +79,19 @@ class StoreReading(StoreFacts):
     def samples(self) -> list[dict[str, Any]]:
         """The per-sample records."""
         path = self._dir / SAMPLES_FILE
+        if SAMPLES_FILE not in self._meta["files"]:
+            raise StoreError(f"{path}: the sample records have not been written")
         try:
             with open_regular(path) as handle:
+                self._check_content(handle, path)
                 lines = handle.read().decode("utf-8").splitlines()
             return [json.loads(line) for line in lines if line]
         except (OSError, ValueError, RecursionError) as err:
             raise StoreError(f"{path}: unreadable samples file ({err})") from err
 
     def verify(self) -> None:
-        """Check every file's SHA-256 against the one recorded when it was written.
+        """Check every file's SHA-256 against the one recorded when it was written, whether
+        or not this store object read it before (reading them later costs no hashing).
 
         Raises
         ------
@@ -94,20 +99,44 @@ class StoreReading(StoreFacts):
             Naming the first file whose content changed.
         """
         self._check_files()
-        for name, info in self._meta["files"].items():
-            if sha256(self._dir / name) != info["sha256"]:
-                raise StoreError(
-                    f"{self._dir / name}: content differs from when it was "
-                    "written (sha256 mismatch): the file is corrupt"
-                )
+        self._content.forget()
+        for name in self._meta["files"]:
+            path = self._dir / name
+            try:
+                with open_regular(path) as handle:
+                    self._check_content(handle, path)
+            except OSError as err:
+                raise StoreError(f"{path}: unreadable ({err})") from err
+
+    def _check_content(self, handle, path) -> None:
+        """Check an open store file against meta.json's record of it (once per file)."""
+        self._content.check(handle, path, self._meta["files"][path.name], self._store_changed)
+
+    def _store_changed(self) -> bool:
+        """Whether meta.json no longer says what this store object holds: the store was
+        replaced (or damaged) since it was opened."""
+        try:
+            return load_meta(self._dir) != self._meta
+        except StoreError:
+            return True
+
+    def _map(self, name: str) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+        path = self._dir / name
+        return map_tensors(path, check=lambda handle: self._check_content(handle, path))
 
     def _layer_tensors(self, layer: int) -> dict[str, np.ndarray]:
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        layer = check_index(layer, "layer", self.n_layers)
         path = self._dir / layer_file(layer)
         if layer_file(layer) not in self._meta["files"]:
             raise StoreError(f"{path}: layer {layer} has not been written")
-        tensors, _ = map_tensors(path)
+        tensors, metadata = self._map(layer_file(layer))
+        found = metadata.get("layer")
+        if found != str(layer):
+            says = "does not say which layer" if found is None else f"says layer {short(found)}"
+            raise StoreError(
+                f"{path}: the file {says}, not layer {layer} "
+                "(copied or moved here from another layer's file?)"
+            )
         expected = {
             "z": (self.n_samples, self.n_heads, self.d_head),
             "o_proj": (self.d_model, self.n_heads * self.d_head),
@@ -126,7 +155,7 @@ class StoreReading(StoreFacts):
         path = self._dir / UNEMBED_FILE
         if UNEMBED_FILE not in self._meta["files"]:
             raise StoreError(f"{path}: the unembedding has not been written")
-        tensors, metadata = map_tensors(path)
+        tensors, metadata = self._map(UNEMBED_FILE)
         if "unembed" not in tensors or tensors["unembed"].shape[1:] != (self.d_model,):
             raise StoreError(f"{path}: no (vocab, {self.d_model}) 'unembed' tensor")
         return tensors, metadata

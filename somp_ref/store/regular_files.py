@@ -4,12 +4,12 @@ than followed and a FIFO or device is refused rather than read (or waited on for
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from somp_ref.store.content import sha256_of
 from somp_ref.store.layout import StoreError
 
 _READ_FLAGS = (
@@ -54,8 +54,5 @@ def open_regular(path: Path) -> BinaryIO:
 
 def sha256(path: Path) -> str:
     """The SHA-256 of a store file's content, as 64 lowercase hex digits."""
-    digest = hashlib.sha256()
     with open_regular(path) as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_of(handle)

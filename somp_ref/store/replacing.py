@@ -13,24 +13,30 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 import warnings
 from pathlib import Path
 
 from somp_ref.store.layout import META_FILE, StoreError, is_part_name
+from somp_ref.store.locations import sibling, siblings
 from somp_ref.store.schema import load_meta
 
 # The temporary files of somp_ref.files.write_atomically, which writes every store file:
 # ``.NAME.PID-RANDOM.tmp``. A writer killed mid-write leaves one behind.
 _TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
+# safetensors' writer (0.5 and later) writes a file's data to ``.tmpXXXXXX`` beside it (the
+# Rust tempfile crate's name) and renames it over the file: a writer killed meanwhile
+# leaves one behind, in the store or in the hidden sibling a replacement is built in.
+_SAFETENSORS_TEMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
 def _is_own_entry(entry: os.DirEntry, n_layers: int | None) -> bool:
     """Whether a directory entry is one a store of ``n_layers`` layers writes: meta.json, a
-    part, or a temporary file of either; never a directory."""
+    part, or a temporary file of either (its own or safetensors'); never a directory."""
     if entry.is_dir(follow_symlinks=False):
         return False
     if entry.name == META_FILE or is_part_name(entry.name, n_layers):
+        return True
+    if _SAFETENSORS_TEMP_NAME.fullmatch(entry.name):
         return True
     match = _TEMP_NAME.fullmatch(entry.name)
     return match is not None and (match[1] == META_FILE or is_part_name(match[1], n_layers))
@@ -41,18 +47,6 @@ def _first_foreign(directory: Path, n_layers: int | None) -> str | None:
     with os.scandir(directory) as entries:
         names = sorted(e.name for e in entries if not _is_own_entry(e, n_layers))
     return names[0] if names else None
-
-
-def _sibling(target: Path, kind: str) -> Path:
-    """A fresh hidden name beside ``target``: ``.NAME.KIND-PID-RANDOM``."""
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def _siblings(target: Path) -> list[Path]:
-    """Hidden directories that overwrites of ``target`` build in or move the old store to."""
-    pattern = re.compile(re.escape(f".{target.name}.") + r"(?:new|old)-[0-9]+-[0-9a-f]+")
-    with os.scandir(target.parent) as entries:
-        return sorted(target.parent / e.name for e in entries if pattern.fullmatch(e.name))
 
 
 def remove_store_dir(directory: Path, n_layers: int | None) -> None:
@@ -78,11 +72,11 @@ def _remove_stale_siblings(target: Path) -> None:
     """Delete what killed overwrites of ``target`` left beside it (``target`` exists, so
     none of it is the only copy of a store); keep, with a warning, what does not look like
     one of our store directories."""
-    for sibling in _siblings(target):
-        if sibling.is_symlink() or not sibling.is_dir() or _first_foreign(sibling, None):
-            warnings.warn(f"left {sibling} alone: it is not a store directory", stacklevel=3)
+    for stale in siblings(target):
+        if stale.is_symlink() or not stale.is_dir() or _first_foreign(stale, None):
+            warnings.warn(f"left {stale} alone: it is not a store directory", stacklevel=3)
         else:
-            remove_store_dir(sibling, None)
+            remove_store_dir(stale, None)
 
 
 def _check_replaceable(target: Path) -> int | None:
@@ -130,7 +124,7 @@ def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
     if target.is_symlink():
         raise StoreError(f"{target} is a symbolic link: refusing to write a store through it")
     if not target.exists():
-        orphans = _siblings(target)
+        orphans = siblings(target)
         if orphans:
             warnings.warn(
                 f"{target} is missing but an interrupted overwrite left {orphans}: one of them "
@@ -147,7 +141,7 @@ def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
     _remove_stale_siblings(target)
     if replaces is None:
         return target, None
-    directory = _sibling(target, "new")
+    directory = sibling(target, "new")
     directory.mkdir()
     return directory, replaces
 
@@ -156,7 +150,7 @@ def swap_in(built: Path, target: Path, replaces: int) -> None:
     """Put the finished store ``built`` beside ``target`` in the place of the store there
     (of ``replaces`` layers): move the old store to a hidden sibling, move the new one in,
     then delete the old."""
-    old = _sibling(target, "old")
+    old = sibling(target, "old")
     try:
         os.rename(target, old)
     except FileNotFoundError:  # the old store was removed meanwhile: nothing to delete

@@ -6,12 +6,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
+from safetensors import SafetensorError
 from safetensors.numpy import save_file
 
 from somp_ref.files import write_atomically
@@ -19,7 +21,9 @@ from somp_ref.store.layout import StoreError
 from somp_ref.store.regular_files import open_regular
 from somp_ref.store.schema import is_int, short
 
-_MAX_HEADER = 100 * 1024 * 1024  # safetensors' own bound on the JSON header
+_MAX_HEADER = 100 * 1024 * 1024  # the reader's bound on the JSON header
+MAX_METADATA_BYTES = 100_000_000 - (1 << 20)  # safetensors' writer bound, less the tensors'
+_OS_ERROR = re.compile(r"\(os error ([0-9]+)\)")
 _MAX_NDIM = 8  # store tensors have at most 3 axes
 _SAFETENSORS_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
 
@@ -30,8 +34,30 @@ def write_tensors(path: Path, tensors: dict[str, np.ndarray], metadata: dict[str
 
     safetensors streams the arrays straight onto the temporary file, by its name; its
     in-memory ``save`` would hold the whole file twice at its peak.
+
+    Raises
+    ------
+    OSError
+        Naming ``path``, when the file cannot be written: safetensors' own error (a full disk,
+        a file too large) is raised as an OSError, with its errno when it gives one.
     """
-    write_atomically(path, lambda handle: save_file(tensors, handle.name, metadata))
+
+    def write(handle: BinaryIO) -> None:
+        try:
+            save_file(tensors, handle.name, metadata)
+        except SafetensorError as err:
+            raise _os_error(err, path) from err
+
+    write_atomically(path, write)
+
+
+def _os_error(err: SafetensorError, path: Path) -> OSError:
+    """safetensors' write error as an OSError naming ``path`` ("... (os error 28)": ENOSPC)."""
+    found = _OS_ERROR.search(str(err))
+    if found is None:
+        return OSError(f"{path}: cannot write the file ({err})")
+    code = int(found[1])
+    return OSError(code, os.strerror(code), str(path))
 
 
 class _Tensor(NamedTuple):
@@ -116,18 +142,28 @@ def _check_layout(tensors: Mapping[str, _Tensor], data_size: int, path: Path) ->
         raise StoreError(f"{path}: tensors cover {covered} of {data_size} data bytes ({how})")
 
 
-def map_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def map_tensors(
+    path: Path, check: Callable[[BinaryIO], None] | None = None
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Memory-map every tensor of a safetensors file read-only, once its header is validated;
     also return its metadata.
+
+    Parameters
+    ----------
+    check : callable, optional
+        Called with the open file before anything is read from it (to check its content);
+        the tensors are mapped from that same open file.
 
     Raises
     ------
     StoreError
         Naming the file: not a regular file, unreadable, or a header that does not describe
-        its data exactly.
+        its data exactly (or what ``check`` raises).
     """
     try:
         with open_regular(path) as handle:
+            if check is not None:
+                check(handle)
             size = os.fstat(handle.fileno()).st_size
             header, offset = _read_header(handle, path, size)
             metadata = _header_metadata(header, path)

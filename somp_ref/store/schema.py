@@ -4,6 +4,7 @@ of it is used, and the reading of meta.json itself."""
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -11,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from somp_ref.store.json_values import json_bytes, json_problem
 from somp_ref.store.layout import (
     FORMAT,
     FORMAT_VERSION,
@@ -20,6 +22,7 @@ from somp_ref.store.layout import (
     UNEMBED_FILE,
     StoreError,
     is_part_name,
+    layer_file,
 )
 from somp_ref.store.regular_files import open_regular
 
@@ -29,7 +32,7 @@ from somp_ref.store.regular_files import open_regular
 _SHAPE_BOUNDS = {"n_layers": 4096, "n_heads": 4096, "d_head": 1 << 16, "d_model": 1 << 20}
 _MAX_SAMPLES = 1 << 40  # a trillion rows: beyond any export, far inside int64 byte counts
 _MAX_FILE_BYTES = (1 << 63) - 1  # off_t's range
-_MAX_META_BYTES = 64 << 20  # a 4096-layer meta.json is ~0.5 MiB, plus the caller's facts
+MAX_META_BYTES = 64 << 20  # a 4096-layer meta.json is ~0.5 MiB, plus the caller's facts
 REQUIRED_KEYS = (
     "n_layers",
     "n_heads",
@@ -66,8 +69,11 @@ _OPTIONAL_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **{key: ("a string", lambda v: isinstance(v, str)) for key in _STRING_FACTS},
     "chat_template": ("true or false", lambda v: isinstance(v, bool)),
     "final_logit_softcapping": (
-        "a number or null",
-        lambda v: v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)),
+        "a finite number > 0, or null",
+        lambda v: (
+            v is None
+            or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf)
+        ),
     ),
     "prompts_hash": ("64 lowercase hex digits", _is_sha256),
     "n_sample_records": (
@@ -142,7 +148,7 @@ def validate_meta(meta: Mapping[str, Any]) -> None:
 
 
 def load_meta(path: Path) -> dict[str, Any]:
-    """Read and validate ``path/meta.json`` (at most _MAX_META_BYTES are read).
+    """Read and validate ``path/meta.json`` (at most MAX_META_BYTES are read).
 
     Raises
     ------
@@ -155,13 +161,13 @@ def load_meta(path: Path) -> dict[str, Any]:
         raise StoreError(f"{path}: no such store directory")
     try:
         with open_regular(meta_path) as handle:
-            raw = handle.read(_MAX_META_BYTES + 1)
+            raw = handle.read(MAX_META_BYTES + 1)
     except FileNotFoundError:
         raise StoreError(f"{meta_path}: missing; {path} is not an activation store") from None
     except OSError as err:
         raise StoreError(f"{meta_path}: unreadable ({err})") from err
-    if len(raw) > _MAX_META_BYTES:
-        raise StoreError(f"{meta_path}: over {_MAX_META_BYTES} bytes, not a store's meta file")
+    if len(raw) > MAX_META_BYTES:
+        raise StoreError(f"{meta_path}: over {MAX_META_BYTES} bytes, not a store's meta file")
     try:
         meta = json.loads(raw.decode("utf-8"))
     except (ValueError, RecursionError) as err:  # RecursionError: absurdly nested JSON
@@ -178,4 +184,23 @@ def load_meta(path: Path) -> dict[str, Any]:
         validate_meta(meta)
     except ValueError as err:
         raise StoreError(f"{meta_path}: corrupt, {err}") from None
+    problem = json_problem(meta, META_FILE, strict=False)
+    if problem is not None:
+        raise StoreError(f"{meta_path}: corrupt, {problem[1]}")
     return meta
+
+
+def largest_meta_bytes(meta: Mapping[str, Any]) -> int:
+    """The most bytes meta.json can take while a store begun with the record ``meta`` is
+    written: every part recorded with the longest size and hash, the sample facts set."""
+    parts = [layer_file(layer) for layer in range(meta["n_layers"])] + [UNEMBED_FILE, SAMPLES_FILE]
+    largest = {"bytes": _MAX_FILE_BYTES, "sha256": "0" * 64}
+    full = {
+        **meta,
+        "n_samples": _MAX_SAMPLES,
+        "complete": False,  # "false" is longer than "true"
+        "prompts_hash": "0" * 64,
+        "n_sample_records": _MAX_SAMPLES,
+        "files": dict.fromkeys(parts, largest),
+    }
+    return len(json_bytes(full))

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 
-from somp_ref.files import write_text_atomically
+from somp_ref.files import write_bytes_atomically, write_text_atomically
 from somp_ref.store.arrays import checked, weight_dtype
-from somp_ref.store.facts import StoreFacts
+from somp_ref.store.facts import StoreFacts, check_index
+from somp_ref.store.json_values import check_json, json_bytes
 from somp_ref.store.layout import (
     FORMAT,
     FORMAT_VERSION,
@@ -27,7 +26,8 @@ from somp_ref.store.layout import (
 )
 from somp_ref.store.regular_files import sha256
 from somp_ref.store.replacing import remove_store_dir, swap_in
-from somp_ref.store.safetensors_files import write_tensors
+from somp_ref.store.safetensors_files import MAX_METADATA_BYTES, write_tensors
+from somp_ref.store.schema import MAX_META_BYTES
 
 _Writer = TypeVar("_Writer", bound="StoreWriting")
 
@@ -57,14 +57,17 @@ class StoreWriting(StoreFacts):
 
         Raises
         ------
+        TypeError
+            For a layer that is not an int (a bool, a float).
         ValueError
-            For a wrong shape, or a value that is not finite once stored (NaN, Inf, or
-            too large for the store's dtype), naming layer, sample and head, or row and
-            column.
+            For a layer out of range, a wrong shape, or a value that is not finite once
+            stored (NaN, Inf, or too large for the store's dtype), naming layer, sample and
+            head, or row and column.
+        OSError
+            When the file cannot be written (a full disk: ENOSPC, EFBIG), naming it.
         """
         self._require_writable()
-        if not 0 <= layer < self.n_layers:
-            raise ValueError(f"layer must be in [0, {self.n_layers}), got {layer}")
+        layer = check_index(layer, "layer", self.n_layers)
         z = checked(
             z,
             f"layer {layer}: z",
@@ -113,13 +116,27 @@ class StoreWriting(StoreFacts):
                     f"vocab must have one string per unembedding row ({unembed.shape[0]}), "
                     f"got {len(vocab)}"
                 )
+            check_json(vocab, "vocab", strict=False)
             metadata["vocab"] = json.dumps(vocab, ensure_ascii=False)
+            size = len(json.dumps(metadata["vocab"], ensure_ascii=False).encode("utf-8"))
+            if size > MAX_METADATA_BYTES:
+                raise ValueError(
+                    f"vocab: {size} bytes in the file's header, over the {MAX_METADATA_BYTES} "
+                    "a safetensors header may hold"
+                )
         self._save_tensors(UNEMBED_FILE, tensors, metadata)
 
     def write_samples(self, records: Iterable[Mapping[str, Any]]) -> None:
         """Write one JSON record per sample row (prompt, label, split, ...)."""
         self._require_writable()
+        records = list(records)
+        for index, record in enumerate(records):
+            if not isinstance(record, Mapping):
+                raise TypeError(
+                    f"records[{index}] must be a mapping (a dict), got {type(record).__name__}"
+                )
         records = [dict(record) for record in records]
+        check_json(records, "records", strict=False)
         if self.n_samples is not None and len(records) != self.n_samples:
             raise ValueError(
                 f"records must have one entry per sample row ({self.n_samples}), got {len(records)}"
@@ -181,17 +198,23 @@ class StoreWriting(StoreFacts):
 
     def _record_file(self, name: str) -> None:
         path = self._dir / name
+        self._content.forget(name)
         self._meta["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
         self._save_meta()
 
     def _save_meta(self) -> None:
-        text = json.dumps(self._meta, indent=1, sort_keys=True)
-        write_text_atomically(self._dir / META_FILE, text)
+        data = json_bytes(self._meta)
+        if len(data) > MAX_META_BYTES:  # create() refuses facts that could get here
+            raise StoreError(
+                f"{self._dir / META_FILE}: would be {len(data)} bytes, over the "
+                f"{MAX_META_BYTES} a store's meta.json may hold"
+            )
+        write_bytes_atomically(self._dir / META_FILE, data)
 
     def _swap_in(self) -> None:
         """Put the finished store, built beside the one it replaces, in that one's place."""
-        swap_in(self._dir, Path(os.path.abspath(self.path)), self._replaces)
-        self._dir = self.path
+        swap_in(self._dir, self._target, self._replaces)
+        self._dir = self._target
 
     def _abandon(self) -> None:
         """Stop writing after an error and release the lock. A store built beside the one it
