@@ -30,10 +30,10 @@ from somp_ref.cli_options import (
     add_null,
     add_out,
     add_ranking,
+    add_seed,
     check_layer_flags,
     check_some_layer_left,
     k_list,
-    non_negative_int,
     positive_int,
     ranking_options,
     renamed,
@@ -409,36 +409,30 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.adapters.report import write_report
     from somp_ref.adapters.tasks import build_task
 
-    names = list(TASK_NAMES) if args.names == ["all"] else args.names
+    names = list(TASK_NAMES) if args.names == ["all"] else list(dict.fromkeys(args.names))
     settings = Settings(
-        heads=tuple(args.k),
+        ks=tuple(args.k),
+        method=args.method,
         alpha=args.alpha,
-        seeds=args.seeds,
-        rank=args.method,
-        exclude_layers=tuple(args.exclude_layers),
+        n_random=args.random,
         atoms=args.atoms,
         n_null=args.null,
-        n_train=args.train,
-        n_test=args.test,
+        positions=args.positions,
+        exclude_layers=tuple(args.exclude_layers),
+        n_generate=args.generate,
+        n_neutral=args.neutral,
         batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
         model=args.model,
     )
     out = Path(args.out)
-    # As run_experiments, but loading the model as the model flags say (device, dtype).
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [
-        build_task(name, n_train=settings.n_train, n_test=settings.n_test, seed=settings.data_seed)
-        for name in names
-    ]
+    tasks = [build_task(name, seed=settings.seed) for name in names]
     model, tokenizer = _load(args)
     _check_layers(model, args)
     results = [run_task(model, tokenizer, task, settings, out) for task in tasks]
     print(write_report(results, out))
-    print(
-        f"\nwrote {out / 'results.json'}, {out / 'results.md'}, and per experiment "
-        f"{out / 'NAME'}/ (its results, rankings, plot and train store)"
-    )
+    print(f"\nwrote {out / 'results.json'} (everything, every generation) and {out / 'results.md'}")
     return 0
 
 
@@ -450,17 +444,19 @@ def register_experiment(subparsers) -> None:
         "experiment",
         help="the paper's protocol end to end: export, rank, intervene, evaluate",
         description=(
-            "Export the train prompts, rank heads (--method, and the Logit Lens), then for "
-            "each k scale the top-k heads by alpha (and random heads with the same count per "
-            "layer, over several seeds) and evaluate on disjoint test prompts: the target "
-            "effect next to collateral damage (KL on neutral prompts, degenerate answers). "
-            "Greedy decoding, fixed seeds. Writes --out/results.json (everything, every "
-            "generation), --out/results.md (the tables) and, per experiment, --out/NAME/ "
-            "(its results.json, the rankings as scores_METHOD.json, plot.png and the "
-            "train_store)."
+            "The paper's protocol: export each head's output averaged over the train prompts' "
+            "tokens, rank the heads (--method, the paper's raw explained variance and the "
+            "Logit Lens), choose alpha on the validation split where the experiment does not "
+            "fix it, then for each k scale the top-k heads of each ranking and 10 random head "
+            "sets (same per-layer counts, disjoint) and measure every test prompt: the target "
+            "effect next to collateral damage (KL along the unmodified model's answers to "
+            "neutral prompts, degenerate answers), each with a 95 % bootstrap interval over "
+            "prompts. Train, validation and test are disjoint by entity. Writes "
+            "--out/results.json (everything, per prompt), --out/results.md (the tables) and "
+            "--out/NAME/train_store."
         ),
         epilog="experiments: " + ", ".join(TASK_NAMES) + ", or all. "
-        "example: somp-ref experiment colors --k 3,8,16 --method specificity --out runs/colors",
+        "example: somp-ref experiment colors --k 3,8,16 --out runs/colors",
     )
     parser.add_argument(
         "names",
@@ -480,29 +476,48 @@ def register_experiment(subparsers) -> None:
     add_alpha(
         parser,
         None,
-        "factor the selected heads are scaled by (default: -1; 5 for amplification)",
+        "factor the selected heads are scaled by (default: -1 to suppress; amplification "
+        "experiments choose it by a sweep over 2..8 on the validation split)",
     )
     parser.add_argument(
-        "--seeds",
-        type=non_negative_int,
-        default=5,
+        "--random",
+        type=positive_int,
+        default=10,
         metavar="N",
-        help="random-head draws per k, the control (default: 5)",
+        help="random head sets per k, same per-layer counts as the selection and disjoint "
+        "from it, reported as median [IQR] (default: 10, as the paper)",
     )
     add_method(parser)
     add_atoms(parser)
     add_null(parser)
     add_exclude_layers(parser)
     parser.add_argument(
-        "--train", type=positive_int, default=64, metavar="N", help="train prompts (default: 64)"
+        "--positions",
+        choices=EXPORT_POSITIONS,
+        default=EXPORT_POSITIONS[0],
+        help="rows of the train store: prompt-mean = each head's output averaged over the "
+        f"prompt's own tokens, the paper's (default: {EXPORT_POSITIONS[0]})",
     )
     parser.add_argument(
-        "--test", type=positive_int, default=24, metavar="N", help="test prompts (default: 24)"
+        "--generate",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="test prompts answered by generation for word counts and degenerate answers; "
+        "every test prompt is measured teacher-forced (default: 32)",
     )
-    add_batch_size(parser, 24)
-    add_max_new_tokens(
-        parser, None, "tokens generated per answer (default: 24, or 8 for question answering)"
+    parser.add_argument(
+        "--neutral",
+        type=positive_int,
+        default=32,
+        metavar="N",
+        help="neutral prompts whose answers measure collateral damage (KL) (default: 32)",
     )
+    add_seed(parser, "the data split and the random draws")
+    add_batch_size(parser, 16)
     add_out(parser, "output directory (default: runs/experiment)", default="runs/experiment")
-    renamed(parser, {"--heads": "--k", "--rank": "--method"})
+    renamed(
+        parser,
+        {"--heads": "--k", "--rank": "--method", "--seeds": "--random", "--test": "--generate"},
+    )
     parser.set_defaults(func=_needs_torch(_run_experiment))

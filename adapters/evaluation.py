@@ -1,9 +1,22 @@
-"""Measuring an intervention: the target effect and the collateral damage, against the
-unmodified model's own behaviour on the same prompts."""
+"""Measuring an intervention on one split of a task, prompt by prompt.
+
+Everything is measured against the unmodified model on the same prompts, and kept per
+prompt so that the report can put a bootstrap interval on every figure:
+
+* teacher-forced measures, cheap enough for every prompt of a split and every condition:
+  the probability the model puts on the concept's tokens along the unmodified model's own
+  answers (where those answers say a concept word: suppression; at every answer token:
+  amplification), and the KL divergence from the unmodified model along its answers to
+  neutral prompts (collateral damage no position rule can zero: it covers the whole
+  answer, not only the first token, which is kept as a column too);
+* generation (greedy) on a subset: concept words per answer, degenerate answers; for QA,
+  answer accuracy, exact match and token F1 on every question.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -11,30 +24,103 @@ import torch
 
 from somp_ref.adapters.generation import generate
 from somp_ref.adapters.intervene import scale_heads
-from somp_ref.adapters.tasks import Task
-from somp_ref.adapters.tokenization import encode, real_positions, render
+from somp_ref.adapters.tasks import Split, Task
+from somp_ref.adapters.tokenization import real_positions, render
 from somp_ref.head_scores import Head
 from somp_ref.metrics import (
     contains_answer,
     count_concept_words,
     exact_match,
     is_degenerate,
-    kl_divergence,
     token_f1,
+    words_of,
 )
+
+#: Answer tokens teacher-forced per prompt: the measures average over them.
+MAX_FORCED_TOKENS = 32
+
+
+@dataclass(frozen=True)
+class Forced:
+    """Prompts with the unmodified model's answers, tokenised for teacher forcing.
+
+    ``ids[i]`` is prompt i's token ids followed by its answer's; positions
+    ``starts[i] - 1 .. len(ids[i]) - 2`` predict the answer's tokens.
+    """
+
+    ids: tuple[tuple[int, ...], ...]
+    starts: tuple[int, ...]
+
+
+def forced_answers(
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True
+) -> Forced:
+    """Tokenise each prompt (as the model saw it) and the answer it gave."""
+    ids, starts = [], []
+    for prompt, answer in zip(prompts, answers, strict=True):
+        text = render(tokenizer, prompt, chat_template)
+        head = tokenizer(text, add_special_tokens=not chat_template)["input_ids"]
+        tail = tokenizer(answer, add_special_tokens=False)["input_ids"][:MAX_FORCED_TOKENS]
+        ids.append(tuple(head + tail))
+        starts.append(len(head))
+    return Forced(tuple(ids), tuple(starts))
+
+
+@torch.no_grad()
+def forced_log_probs(model: Any, forced: Forced, batch_size: int):
+    """Yield, per prompt, the log-probabilities (answer tokens + 1, vocab) at the positions
+    that predict its first answer token onwards (float64 on the CPU)."""
+    device = next(model.parameters()).device
+    pad = 0
+    for start in range(0, len(forced.ids), batch_size):
+        rows = forced.ids[start : start + batch_size]
+        width = max(map(len, rows))
+        input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
+        mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+        logits = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=real_positions(mask).to(device),
+        ).logits
+        for row, ids in enumerate(rows):
+            offset = width - len(ids)
+            first = offset + forced.starts[start + row] - 1
+            chunk = logits[row, first : offset + len(ids) - 1].double().cpu()
+            yield torch.log_softmax(chunk, dim=-1)
+
+
+@dataclass
+class Measurement:
+    """Per-prompt measures of one condition (NaN where a prompt has nothing to measure).
+
+    Attributes
+    ----------
+    values : dict of str -> ndarray of shape (n_prompts_of_that_measure,)
+    outputs : dict of str -> list of str
+        Generated texts (the generation subset, and QA answers).
+    """
+
+    values: dict[str, np.ndarray]
+    outputs: dict[str, list[str]]
 
 
 class Evaluator:
-    """Evaluates head interventions on one task, relative to a baseline computed once.
+    """Measures interventions on one split of a task, against a baseline computed once.
 
     Parameters
     ----------
     model, tokenizer
     task : Task
+    split : Split
     concept_words : list of str
         Words counted in generations.
-    concept_ids : list of int
-        Token ids whose probability mass is measured (teacher-forced metric).
+    concept_ids : sequence of int
+        Token ids whose probability mass is measured.
+    n_generate : int
+        Target prompts generated from (the first of the split); every prompt is measured
+        teacher-forced. QA generates every question.
+    n_neutral : int
+        Neutral prompts for the collateral measure.
     batch_size : int
     """
 
@@ -43,117 +129,104 @@ class Evaluator:
         model: Any,
         tokenizer: Any,
         task: Task,
-        concept_words: list[str],
-        concept_ids: list[int],
+        split: Split,
+        concept_words: Sequence[str],
+        concept_ids: Sequence[int],
         *,
-        batch_size: int = 24,
+        n_generate: int = 32,
+        n_neutral: int = 32,
+        batch_size: int = 16,
     ):
-        self.model, self.tokenizer, self.task = model, tokenizer, task
-        self.words = concept_words
-        self.ids = torch.tensor(sorted(set(concept_ids)), dtype=torch.long)
+        self.model, self.tokenizer, self.task, self.split = model, tokenizer, task, split
+        self.words = list(concept_words)
+        self.ids = torch.tensor(sorted(set(int(i) for i in concept_ids)), dtype=torch.long)
         self.batch_size = batch_size
-        self.baseline_outputs = self._outputs()
-        self.baseline_neutral = self._neutral_logits()
-        self.forced = self._forced_sequences() if task.kind == "generation" else None
-        self.baseline = self.evaluate({})
+        self.generated = list(split.target[:n_generate]) if task.kind != "qa" else []
+        self.neutral = list(split.neutral[:n_neutral])
+        prompts = [r["prompt"] for r in split.target]
+        neutral_prompts = [r["prompt"] for r in self.neutral]
+        self.baseline_answers = self._generate(prompts) if task.kind != "qa" else []
+        neutral_answers = self._generate(neutral_prompts)
+        self.target_forced = (
+            forced_answers(tokenizer, prompts, self.baseline_answers) if task.kind != "qa" else None
+        )
+        self.neutral_forced = forced_answers(tokenizer, neutral_prompts, neutral_answers)
+        self.neutral_base = list(forced_log_probs(model, self.neutral_forced, batch_size))
+        self.baseline = self.measure({})
 
-    # ------------------------------------------------------------------ raw outputs
-
-    def _generate(self, records: list[dict[str, Any]]) -> list[str]:
+    def _generate(self, prompts: Sequence[str]) -> list[str]:
         return generate(
             self.model,
             self.tokenizer,
-            [r["prompt"] for r in records],
+            list(prompts),
             max_new_tokens=self.task.max_new_tokens,
             chat_template=True,
             batch_size=self.batch_size,
         )
 
-    def _outputs(self) -> dict[str, list[str]]:
-        outputs = {"target": self._generate(self.task.target)}
-        if self.task.kind == "qa":
-            outputs["other"] = self._generate(self.task.other)
-        return outputs
-
-    @torch.no_grad()
-    def _neutral_logits(self) -> np.ndarray:
-        """Next-token logits at the end of each neutral prompt, (n, vocab) float64."""
-        rows = []
-        prompts = [r["prompt"] for r in self.task.other]
-        for start in range(0, len(prompts), self.batch_size):
-            batch = encode(
-                self.tokenizer,
-                prompts[start : start + self.batch_size],
-                chat_template=True,
-                padding_side="left",
-                device=self.model.device,
-            )
-            rows.append(self.model(**batch).logits[:, -1].double().cpu().numpy())
-        return np.concatenate(rows)
-
-    def _forced_sequences(self) -> list[tuple[str, list[int]]]:
-        """Prompt + baseline answer texts, and the answer positions holding concept tokens."""
-        concept = set(self.ids.tolist())
-        sequences = []
-        for record, answer in zip(self.task.target, self.baseline_outputs["target"], strict=True):
-            prompt = render(self.tokenizer, record["prompt"], True)
-            start = len(self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-            ids = self.tokenizer(prompt + answer, add_special_tokens=False)["input_ids"]
-            positions = [p for p in range(start, len(ids)) if ids[p] in concept]
-            if positions:
-                sequences.append((prompt + answer, positions))
-        return sequences
-
-    @torch.no_grad()
-    def _concept_mass(self) -> float | None:
-        """Mean probability on concept tokens where the baseline answer says one."""
-        masses = []
-        for start in range(0, len(self.forced), self.batch_size):
-            chunk = self.forced[start : start + self.batch_size]
-            batch = self.tokenizer(
-                [text for text, _ in chunk],
-                add_special_tokens=False,
-                padding=True,
-                return_tensors="pt",
-            )
-            batch["position_ids"] = real_positions(batch["attention_mask"])
-            batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            logits = self.model(**batch).logits.double()
-            for row, (_, positions) in enumerate(chunk):
-                real = batch["attention_mask"][row].nonzero().squeeze(-1)  # either padding
-                predicting = real[[p - 1 for p in positions]]  # logits at p-1 predict p
-                probs = torch.softmax(logits[row, predicting], dim=-1)
-                masses += probs[:, self.ids].sum(dim=-1).tolist()
-        return float(np.mean(masses)) if masses else None  # no concept token to measure
-
-    # ------------------------------------------------------------------ metrics
-
-    def evaluate(self, alphas: Mapping[Head, float]) -> dict[str, Any]:
-        """Metrics with the heads in ``alphas`` scaled (the baseline when empty)."""
+    def measure(self, alphas: Mapping[Head, float]) -> Measurement:
+        """Every measure with the heads in ``alphas`` scaled (the baseline when empty)."""
+        values: dict[str, np.ndarray] = {}
+        outputs: dict[str, list[str]] = {}
         with scale_heads(self.model, alphas):
-            outputs = self._outputs() if alphas else self.baseline_outputs
-            neutral = self._neutral_logits() if alphas else self.baseline_neutral
-            mass = self._concept_mass() if self.forced is not None else None
-        every = [text for texts in outputs.values() for text in texts]
-        metrics: dict[str, Any] = {
-            "kl_neutral": float(np.mean(kl_divergence(self.baseline_neutral, neutral))),
-            "degenerate": float(np.mean([is_degenerate(t) for t in every])),
-        }
-        if self.task.kind == "generation":
-            counts = [count_concept_words(t, self.words) for t in outputs["target"]]
-            metrics["concept_words"] = float(np.mean(counts))
-            metrics["concept_mass"] = mass
-        else:
-            for part in ("target", "other"):
-                records = self.task.target if part == "target" else self.task.other
-                pairs = list(zip(outputs[part], records, strict=True))
-                metrics[f"{part}_f1"] = float(
-                    np.mean([token_f1(o, r["answers"]) for o, r in pairs])
+            values |= self._collateral()
+            if self.task.kind == "qa":
+                for part in ("target", "other"):
+                    records = getattr(self.split, part)
+                    answers = self._generate([r["prompt"] for r in records])
+                    outputs[part] = answers
+                    values |= _qa_values(part, answers, records)
+            else:
+                values |= self._forced_concept()
+                texts = self._generate([r["prompt"] for r in self.generated])
+                outputs["target"] = texts
+                values["concept_words"] = np.array(
+                    [count_concept_words(t, self.words) for t in texts], dtype=np.float64
                 )
-                metrics[f"{part}_em"] = float(
-                    np.mean([exact_match(o, r["answers"]) for o, r in pairs])
-                )
-                metrics[f"{part}_acc"] = float(
-                    np.mean([contains_answer(o, r["answers"]) for o, r in pairs])
-                )
-        return {"metrics": metrics, "outputs": outputs}
+                values["degenerate"] = np.array([is_degenerate(t) for t in texts], np.float64)
+        return Measurement(values, outputs)
+
+    def _collateral(self) -> dict[str, np.ndarray]:
+        """KL from the unmodified model along its answers to neutral prompts: the mean over
+        answer tokens, and at the first token alone (nats)."""
+        mean, first = [], []
+        current = forced_log_probs(self.model, self.neutral_forced, self.batch_size)
+        for base, now in zip(self.neutral_base, current, strict=True):
+            kl = (base.exp() * (base - now)).sum(dim=-1).clamp(min=0.0)
+            mean.append(float(kl.mean()))
+            first.append(float(kl[0]))
+        return {"kl": np.array(mean), "kl_first": np.array(first)}
+
+    def _forced_concept(self) -> dict[str, np.ndarray]:
+        """Probability on the concept's tokens along the unmodified model's answers.
+
+        "mass": at the positions where that answer has a concept token (NaN for answers
+        without one); "mass_all": at every answer token.
+        """
+        concept = set(self.ids.tolist())
+        where, everywhere = [], []
+        forced = self.target_forced
+        rows = forced_log_probs(self.model, forced, self.batch_size)
+        for ids, start, log_probs in zip(forced.ids, forced.starts, rows, strict=True):
+            mass = log_probs[:, self.ids].exp().sum(dim=-1)  # (answer tokens + 1,)
+            targets = ids[start:]  # the answer tokens that positions 0.. predict
+            hits = [i for i, token in enumerate(targets) if token in concept]
+            where.append(float(mass[hits].mean()) if hits else np.nan)
+            everywhere.append(float(mass[: len(targets)].mean()) if targets else np.nan)
+        return {"mass": np.array(where), "mass_all": np.array(everywhere)}
+
+
+def _qa_values(part: str, answers: list[str], records: Sequence[dict]) -> dict[str, np.ndarray]:
+    pairs = list(zip(answers, records, strict=True))
+    return {
+        f"{part}_acc": np.array([contains_answer(a, r["answers"]) for a, r in pairs]),
+        f"{part}_f1": np.array([token_f1(a, r["answers"]) for a, r in pairs]),
+        f"{part}_em": np.array([exact_match(a, r["answers"]) for a, r in pairs]),
+        f"{part}_degenerate": np.array([qa_degenerate(a) for a, _ in pairs], dtype=np.float64),
+    }
+
+
+def qa_degenerate(answer: str) -> bool:
+    """An empty answer, or a long one that loops: a short answer ("4", "Paris") is what
+    the QA template asks for, not a degenerate one."""
+    return not answer.strip() or (len(words_of(answer)) >= 6 and is_degenerate(answer))

@@ -1,68 +1,165 @@
-"""The paper's protocol end to end on one model: export the train prompts, rank heads, then
-for each k scale the top-k heads (by the chosen ranking, by the Logit Lens, and random heads
-with the same count per layer over several seeds) and evaluate on the test prompts."""
+"""The paper's protocol end to end on one model, returning results only (the report
+module turns them into tables):
+
+1. export each head's output averaged over the prompt's tokens for the train prompts;
+2. rank the heads for the concept: the chosen ranking (default
+   :data:`somp_ref.ranking.DEFAULT_METHOD`), the paper's raw explained variance ("somp")
+   and the Logit Lens baseline ("ll"), always all three;
+3. choose alpha on the validation split when the task does not fix it (amplification: a
+   sweep over the paper's 2..8), never on the test split;
+4. for each k, scale the top-k heads of each ranking, and 10 random head sets with the same
+   per-layer counts and disjoint from the selection, and measure every test prompt.
+"""
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from somp_ref.adapters.evaluation import Evaluator
+import numpy as np
+
+from somp_ref.adapters.evaluation import Evaluator, Measurement
 from somp_ref.adapters.export import export_activations
-from somp_ref.adapters.summary import summarize
-from somp_ref.adapters.tasks import Task, build_task
+from somp_ref.adapters.tasks import Task
 from somp_ref.concepts import load_concept, store_concept_ids
-from somp_ref.files import write_text_atomically
-from somp_ref.heads import (
-    HeadScores,
-    random_heads_like,
-    rank_heads,
-    top_heads,
-)
+from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
+from somp_ref.ranking import DEFAULT_METHOD, rank_heads
+from somp_ref.selection import layer_shortfall, random_heads_like, top_heads
+
+#: The paper's amplification sweep (alpha in 2..8).
+ALPHA_GRID = (2.0, 3.0, 5.0, 8.0)
+#: The sweep's rule: the alpha with the largest concept gain on validation among those
+#: whose neutral KL stays at or below this (nats) and whose answers stay mostly fluent.
+SWEEP_MAX_KL = 0.5
+SWEEP_MAX_DEGENERATE = 0.1
 
 
-@dataclass
+@dataclass(frozen=True)
 class Settings:
     """Everything that defines a run (recorded in results.json)."""
 
-    heads: tuple[int, ...] = (3, 8, 16)
-    alpha: float | None = None  # None: the task's default (-1, or 5 for amplification)
-    seeds: int = 5
-    rank: str = "specificity"
-    exclude_layers: tuple[int, ...] = ()
-    atoms: int = 20
+    ks: tuple[int, ...] = (3, 8, 16)
+    method: str = DEFAULT_METHOD
+    alpha: float | None = None  # None: the task's own, or the validation sweep's
+    n_random: int = 10
+    atoms: int = 50
     n_null: int = 6
-    n_train: int = 64
-    n_test: int = 24
-    batch_size: int = 24
-    data_seed: int = 0
-    max_new_tokens: int | None = None
+    positions: str = "prompt-mean"
+    exclude_layers: tuple[int, ...] = ()
+    n_generate: int = 32
+    n_neutral: int = 32
+    batch_size: int = 16
+    seed: int = 0
     model: str = "default"
+    alpha_grid: tuple[float, ...] = ALPHA_GRID
 
 
-def _rankings(store, concept_ids, settings: Settings, show: bool) -> dict[str, HeadScores]:
-    options = {"exclude_layers": settings.exclude_layers, "show_progress": show}
-    ranked = {
-        "somp": rank_heads(store, concept_ids, settings.atoms, "somp", **options),
-        "ll": rank_heads(store, concept_ids, settings.atoms, "ll", **options),
-    }
-    if settings.rank == "specificity":
-        ranked["specificity"] = rank_heads(
+@dataclass
+class Condition:
+    """One measured intervention."""
+
+    method: str
+    k: int
+    alpha: float
+    heads: list[Head]
+    seed: int | None = None
+    values: dict[str, list[float]] = field(default_factory=dict)
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, method, k, alpha, heads, measurement: Measurement, seed=None) -> Condition:
+        return cls(
+            method,
+            k,
+            alpha,
+            [tuple(map(int, h)) for h in heads],
+            seed,
+            {name: v.tolist() for name, v in measurement.values.items()},
+            measurement.outputs,
+        )
+
+
+def rankings(
+    store, concept_ids: list[int], methods: Iterable[str], settings: Settings, show: bool
+) -> dict[str, HeadScores]:
+    """Every ranking asked for, computed once each."""
+    return {
+        method: rank_heads(
             store,
             concept_ids,
             settings.atoms,
-            "specificity",
+            method,
             n_null=settings.n_null,
-            seed=settings.data_seed,
-            **options,
+            seed=settings.seed,
+            exclude_layers=settings.exclude_layers,
+            show_progress=show,
         )
-    return ranked
+        for method in dict.fromkeys(methods)
+    }
+
+
+def measure_selection(
+    evaluator: Evaluator,
+    ranked: dict[str, HeadScores],
+    ks: Iterable[int],
+    alpha: float,
+    n_random: int,
+    n_layers: int,
+    n_heads: int,
+    *,
+    control: str,
+    seed: int = 0,
+    show: bool = True,
+) -> list[Condition]:
+    """Each ranking's top-k heads, and ``n_random`` random sets shaped like ``control``'s."""
+    plan = [(k, method, None) for k in ks for method in ranked]
+    plan += [(k, "random", s) for k in ks for s in range(seed, seed + n_random)]
+    conditions = []
+    for k, method, draw in progress(plan, desc="interventions", enabled=show):
+        if method == "random":
+            heads = random_heads_like(top_heads(ranked[control], k), n_layers, n_heads, draw)
+        else:
+            heads = top_heads(ranked[method], k)
+        measurement = evaluator.measure({head: alpha for head in heads})
+        conditions.append(Condition.of(method, k, alpha, heads, measurement, draw))
+    return conditions
+
+
+def sweep_alpha(
+    evaluator: Evaluator, scores: HeadScores, ks: Iterable[int], grid: Iterable[float]
+) -> tuple[float, list[dict[str, Any]]]:
+    """The alpha the validation sweep chooses (see SWEEP_MAX_KL), with the sweep's rows."""
+    base = evaluator.baseline.values
+    rows = []
+    for k in ks:
+        heads = top_heads(scores, k)
+        for alpha in grid:
+            values = evaluator.measure({head: alpha for head in heads}).values
+            rows.append(
+                {
+                    "k": k,
+                    "alpha": alpha,
+                    "gain": _ratio(values["mass_all"], base["mass_all"]),
+                    "words_gain": _ratio(values["concept_words"], base["concept_words"]),
+                    "kl": float(np.nanmean(values["kl"])),
+                    "degenerate": float(np.mean(values["degenerate"])),
+                }
+            )
+    fine = [r for r in rows if r["kl"] <= SWEEP_MAX_KL and r["degenerate"] <= SWEEP_MAX_DEGENERATE]
+    best = max(fine or rows[:1], key=lambda r: r["gain"])
+    return best["alpha"], rows
+
+
+def _ratio(values: np.ndarray, baseline: np.ndarray) -> float:
+    keep = np.isfinite(values) & np.isfinite(baseline)
+    denominator = float(np.mean(baseline[keep])) if keep.any() else 0.0
+    return float(np.mean(values[keep])) / denominator if denominator else float("nan")
 
 
 def run_task(
@@ -74,52 +171,60 @@ def run_task(
     *,
     show_progress: bool = True,
 ) -> dict[str, Any]:
-    """Run one experiment; returns its results (also written to ``out/NAME/``)."""
+    """Run one experiment (the store goes to ``out/NAME/train_store``); returns its results."""
     started = time.perf_counter()
-    folder = out / task.name
-    folder.mkdir(parents=True, exist_ok=True)
-    alpha = task.alpha if settings.alpha is None else settings.alpha
-    if settings.max_new_tokens is not None:
-        task.max_new_tokens = settings.max_new_tokens
     store = export_activations(
         model,
         tokenizer,
-        task.train,
-        folder / "train_store",
+        list(task.train),
+        out / task.name / "train_store",
+        positions=settings.positions,
         chat_template=True,
         batch_size=settings.batch_size,
         overwrite=True,
         show_progress=show_progress,
     )
     concept = store_concept_ids(store.vocab(), task.concept)
-    rankings = _rankings(store, concept.ids, settings, show_progress)
-    for name, scores in rankings.items():
-        scores.to_json(folder / f"scores_{name}.json")
-    evaluator = Evaluator(
-        model,
-        tokenizer,
-        task,
-        load_concept(task.concept),
-        concept.ids,
-        batch_size=settings.batch_size,
-    )
-    methods = [settings.rank] + (["ll"] if settings.rank != "ll" else [])
-    conditions = []
-    plan = [(k, method, None) for k in settings.heads for method in methods]
-    plan += [(k, "random", seed) for k in settings.heads for seed in range(settings.seeds)]
-    for k, method, seed in progress(
-        plan, desc=f"{task.name}: interventions", enabled=show_progress
-    ):
-        main = top_heads(rankings[settings.rank], k)
-        if method == "random":
-            heads = random_heads_like(main, store.n_layers, store.n_heads, seed)
-        else:
-            heads = top_heads(rankings[method], k)
-        result = evaluator.evaluate({head: alpha for head in heads})
-        conditions.append(
-            {"method": method, "k": k, "seed": seed, "heads": [list(h) for h in heads], **result}
+    words = load_concept(task.concept)
+    ranked = rankings(store, concept.ids, (settings.method, "somp", "ll"), settings, show_progress)
+    timing = {"export_and_rank": time.perf_counter() - started}
+
+    def evaluator(split):
+        return Evaluator(
+            model,
+            tokenizer,
+            task,
+            split,
+            words,
+            concept.ids,
+            n_generate=settings.n_generate,
+            n_neutral=settings.n_neutral,
+            batch_size=settings.batch_size,
         )
-    results = {
+
+    alpha, sweep = settings.alpha, []
+    if alpha is None and task.alpha is None:
+        alpha, sweep = sweep_alpha(
+            evaluator(task.validation), ranked[settings.method], settings.ks, settings.alpha_grid
+        )
+        timing["validation_sweep"] = time.perf_counter() - started - sum(timing.values())
+    elif alpha is None:
+        alpha = task.alpha
+    test = evaluator(task.test)
+    conditions = measure_selection(
+        test,
+        ranked,
+        settings.ks,
+        alpha,
+        settings.n_random,
+        store.n_layers,
+        store.n_heads,
+        control=settings.method,
+        seed=settings.seed,
+        show=show_progress,
+    )
+    timing["test"] = time.perf_counter() - started - sum(timing.values())
+    return {
         "experiment": task.name,
         "concept": task.concept,
         "kind": task.kind,
@@ -128,56 +233,28 @@ def run_task(
         "settings": asdict(settings),
         "data": {
             "n_train": len(task.train),
-            "n_target": len(task.target),
-            "n_other": len(task.other),
-            "notes": task.notes,
+            "n_test_target": len(task.test.target),
+            "n_test_other": len(task.test.other),
+            "n_generated": len(test.generated),
+            "n_neutral": len(test.neutral),
+            "notes": list(task.notes),
             "concept_tokens": concept.report(),
         },
         "rankings": {
             name: {
-                "top": [list(h) for h in top_heads(scores, max(settings.heads))],
-                "layer_counts": _layer_counts(top_heads(scores, max(settings.heads))),
+                "top": [list(h) for h in top_heads(scores, max(settings.ks))],
+                "params": scores.params,
             }
-            for name, scores in rankings.items()
+            for name, scores in ranked.items()
         },
-        "baseline": evaluator.baseline,
-        "conditions": conditions,
-        "summary": summarize(
-            evaluator.baseline["metrics"],
-            conditions,
-            task.kind,
-            methods + ["random"],
-            settings.heads,
-        ),
+        "shortfall": {
+            str(k): layer_shortfall(top_heads(ranked[settings.method], k), store.n_heads)
+            for k in settings.ks
+        },
+        "sweep": sweep,
+        "baseline": asdict(Condition.of("baseline", 0, 1.0, [], test.baseline)),
+        "conditions": [asdict(c) for c in conditions],
         "seconds": time.perf_counter() - started,
+        "timing": timing,
         "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
     }
-    write_text_atomically(
-        folder / "results.json", json.dumps(results, indent=1, ensure_ascii=False)
-    )
-    return results
-
-
-def _layer_counts(heads: list[tuple[int, int]]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for layer, _ in heads:
-        counts[str(layer)] = counts.get(str(layer), 0) + 1
-    return counts
-
-
-def run_experiments(
-    names: list[str], settings: Settings, out: Path, *, show_progress: bool = True
-) -> list[dict[str, Any]]:
-    """Load the model once and run each named experiment; returns their results."""
-    from somp_ref.adapters.models import load_model
-
-    out.mkdir(parents=True, exist_ok=True)  # before the model loads: a bad --out fails fast
-    tasks = [
-        build_task(name, n_train=settings.n_train, n_test=settings.n_test, seed=settings.data_seed)
-        for name in names
-    ]
-    model, tokenizer = load_model(settings.model)
-    return [
-        run_task(model, tokenizer, task, settings, out, show_progress=show_progress)
-        for task in tasks
-    ]

@@ -1,5 +1,10 @@
-"""Tables, markdown and plots of experiment results (shaped like the paper's tables:
-rows k, columns per head-selection method, target effect next to collateral damage)."""
+"""Summaries, tables, markdown and plots of experiment results.
+
+Every figure of a selected head set comes with its 95 % bootstrap interval over the
+prompts; the random control is the median [interquartile range] of the figure over its
+head sets. A star marks a figure whose interval excludes the random median (the selection
+differs from random heads at the 5 % level, prompt resampling only).
+"""
 
 from __future__ import annotations
 
@@ -7,85 +12,145 @@ import json
 from pathlib import Path
 from typing import Any
 
-from somp_ref.adapters.summary import head_overlap, target_metric
-from somp_ref.files import write_text_atomically
+import numpy as np
 
-_COLUMNS = {
-    "generation": [
-        ("target_vs_baseline", "x base", "{:.2f}"),
-        ("concept_mass", "mass", "{:.3f}"),
-        ("kl_neutral", "KL", "{:.2f}"),
-        ("degenerate", "degen", "{:.0%}"),
+from somp_ref.files import write_text_atomically
+from somp_ref.selection import jaccard
+from somp_ref.statistics import Estimate, bootstrap, median_iqr
+
+#: (column title, measure, "ratio" to the unmodified model or "mean") per task kind.
+FIGURES = {
+    "suppress": [
+        ("words x base", "concept_words", "ratio"),
+        ("mass", "mass", "mean"),
+        ("KL", "kl", "mean"),
+        ("KL first", "kl_first", "mean"),
+        ("degenerate", "degenerate", "mean"),
+    ],
+    "amplify": [
+        ("mass x base", "mass_all", "ratio"),
+        ("words x base", "concept_words", "ratio"),
+        ("KL", "kl", "mean"),
+        ("degenerate", "degenerate", "mean"),
     ],
     "qa": [
-        ("target_acc", "tgt acc", "{:.2f}"),
-        ("target_f1", "tgt F1", "{:.2f}"),
-        ("other_acc", "oth acc", "{:.2f}"),
-        ("kl_neutral", "KL", "{:.2f}"),
-        ("degenerate", "degen", "{:.0%}"),
+        ("tgt acc x base", "target_acc", "ratio"),
+        ("tgt F1 x base", "target_f1", "ratio"),
+        ("oth acc x base", "other_acc", "ratio"),
+        ("oth F1 x base", "other_f1", "ratio"),
+        ("KL", "kl", "mean"),
     ],
 }
-_WIDTH = 9
+LABELS = {"somp": "somp (paper: raw EV)", "ll": "ll (paper: Logit Lens)"}
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    value = row.get(key)
-    if value is None or value != value:  # None or NaN
+def figure(values: list[float], baseline: list[float], how: str, seed: int = 0) -> Estimate:
+    """One figure of one condition with its interval (prompts where either is NaN dropped)."""
+    x, b = np.asarray(values, float), np.asarray(baseline, float)
+    keep = np.isfinite(x) & np.isfinite(b)
+    if not keep.any():
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    if how == "ratio":
+        return bootstrap([x[keep], b[keep]], lambda v, w: v.mean() / w.mean(), seed=seed)
+    return bootstrap([x[keep]], np.mean, seed=seed)
+
+
+def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows (k, method) with every figure: an Estimate dict for a selection, the median
+    [IQR] over sets for the random control."""
+    base = result["baseline"]["values"]
+    rows = []
+    for k in result["settings"]["ks"]:
+        by_method: dict[str, list[dict]] = {}
+        for c in result["conditions"]:
+            if c["k"] == k:
+                by_method.setdefault(c["method"], []).append(c)
+        for method, conditions in by_method.items():
+            row: dict[str, Any] = {"k": k, "method": method, "sets": len(conditions)}
+            for title, measure, how in FIGURES[result["kind"]]:
+                if method == "random":
+                    per_set = [
+                        figure(c["values"][measure], base[measure], how).value for c in conditions
+                    ]
+                    finite = [v for v in per_set if np.isfinite(v)]
+                    row[title] = (
+                        median_iqr(finite).as_dict()
+                        if finite
+                        else {"median": np.nan, "q1": np.nan, "q3": np.nan, "n_sets": 0}
+                    )
+                else:
+                    row[title] = figure(conditions[0]["values"][measure], base[measure], how)
+                    row[title] = row[title].as_dict()
+            rows.append(row)
+    return rows
+
+
+def _significant(row: dict, rows: list[dict], title: str) -> bool:
+    random = next((r for r in rows if r["k"] == row["k"] and r["method"] == "random"), None)
+    if random is None or "value" not in row[title] or not np.isfinite(random[title]["median"]):
+        return False
+    estimate = row[title]
+    return not estimate["low"] <= random[title]["median"] <= estimate["high"]
+
+
+def _cell(entry: dict[str, float], star: bool) -> str:
+    if "median" in entry and not np.isfinite(entry["median"]):
         return "-"
-    text = fmt.format(value)
-    if row["runs"] > 1 and f"{key}_std" in row:
-        text += "±" + fmt.format(row[f"{key}_std"]).rstrip("%")
-    return text
-
-
-def describe(result: dict[str, Any]) -> str:
-    """One line saying what the table's numbers mean."""
-    base = result["baseline"]["metrics"]
-    if result["kind"] == "generation":
-        mass = base["concept_mass"]
-        mass = "n/a: no concept token in the answers" if mass is None else f"{mass:.3f}"
-        return (
-            f"target: {result['concept']} words per answer relative to the unmodified "
-            f"model ({base['concept_words']:.2f} per answer); mass: probability on "
-            f"{result['concept']} tokens where the baseline answer has one (baseline "
-            f"{mass}); KL: next-token KL on neutral prompts (nats); "
-            "degen: degenerate answers"
-        )
-    return (
-        f"tgt/oth acc: answer contains the gold (target questions answer with a country, "
-        f"others do not; baseline {base['target_acc']:.2f} / {base['other_acc']:.2f}); "
-        f"tgt F1: SQuAD token F1 (baseline {base['target_f1']:.2f}); KL on the other "
-        "questions (nats); degen: degenerate answers"
-    )
+    if "median" in entry:
+        return f"{entry['median']:.2f} [{entry['q1']:.2f}-{entry['q3']:.2f}]"
+    if not np.isfinite(entry["value"]):
+        return "-"
+    return f"{entry['value']:.2f} [{entry['low']:.2f},{entry['high']:.2f}]" + ("*" if star else "")
 
 
 def format_table(result: dict[str, Any]) -> str:
     """The terminal table of one experiment."""
-    columns = _COLUMNS[result["kind"]]
-    methods = list(dict.fromkeys(row["method"] for row in result["summary"]))
-    seeds = result["settings"]["seeds"]
-    titles = [m if m != "random" else f"random ({seeds} seeds)" for m in methods]
-    block = len(columns) * (_WIDTH + 1) + 1
+    rows = summarize(result)
+    titles = [title for title, _, _ in FIGURES[result["kind"]]]
+    default = result["settings"]["method"]
+    data = result["data"]
     lines = [
         f"{result['experiment']} — alpha {result['alpha']:g}, {result['model']}",
-        describe(result),
-        "    k |" + "|".join(f" {t:<{block - 1}}" for t in titles),
-        "      |" + "|".join(" " + "".join(f"{c[1]:>{_WIDTH}} " for c in columns) for _ in methods),
+        f"test: {data['n_test_target']} target prompts"
+        + (f", {data['n_test_other']} other questions" if data["n_test_other"] else "")
+        + (f" ({data['n_generated']} generated)" if data["n_generated"] else "")
+        + f", {data['n_neutral']} neutral prompts; 95 % bootstrap CI over prompts, "
+        f"random: median [IQR] over {result['settings']['n_random']} disjoint sets; "
+        "* = CI excludes the random median",
     ]
-    for k in result["settings"]["heads"]:
-        cells = []
-        for method in methods:
-            row = next(
-                (r for r in result["summary"] if r["k"] == k and r["method"] == method), None
+    width = 20
+    lines.append(f"{'k':>3}  {'heads':<28}" + "".join(f"{t:>{width}}" for t in titles))
+    for row in rows:
+        label = LABELS.get(row["method"], row["method"])
+        if row["method"] == default:
+            label += " (default)"
+        if row["method"] == "random":
+            label = f"random ({row['sets']} sets)"
+        cells = [_cell(row[t], _significant(row, rows, t)) for t in titles]
+        lines.append(f"{row['k']:>3}  {label:<28}" + "".join(f"{c:>{width}}" for c in cells))
+    if result["sweep"]:
+        lines.append("alpha sweep on the validation split (the chosen alpha is used on test):")
+        for r in result["sweep"]:
+            lines.append(
+                f"  k={r['k']:<3} alpha={r['alpha']:<4g} mass x base {r['gain']:.2f}  "
+                f"words x base {r['words_gain']:.2f}  KL {r['kl']:.2f}  "
+                f"degenerate {r['degenerate']:.0%}"
             )
-            cells.append(
-                " "
-                + "".join(
-                    f"{_cell(row, key, fmt) if row else '-':>{_WIDTH}} " for key, _, fmt in columns
-                )
-            )
-        lines.append(f"{k:>5} |" + "|".join(cells))
+    short = {k: v for k, v in result["shortfall"].items() if v}
+    if short:
+        lines.append(f"random sets borrow heads from neighbouring layers (full layers): {short}")
     return "\n".join(lines)
+
+
+def head_overlap(results: list[dict[str, Any]], ranking: str) -> dict[str, Any]:
+    """Jaccard similarity of the top-k heads of one ranking across the experiments run."""
+    names = [r["experiment"] for r in results]
+    tops = [[tuple(h) for h in r["rankings"][ranking]["top"]] for r in results]
+    return {
+        "experiments": names,
+        "ranking": ranking,
+        "matrix": [[jaccard(a, b) for b in tops] for a in tops],
+    }
 
 
 def format_overlap(overlap: dict[str, Any]) -> str:
@@ -98,67 +163,26 @@ def format_overlap(overlap: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def write_plot(result: dict[str, Any], path: Path) -> bool:
-    """Target metric and KL against k, one line per method. False without matplotlib."""
-    try:
-        from somp_ref.plots import _pyplot, save_figure
-
-        plt = _pyplot()
-    except ImportError:
-        return False
-    target = target_metric(result["kind"])
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
-    methods = list(dict.fromkeys(row["method"] for row in result["summary"]))
-    for method in methods:
-        rows = [r for r in result["summary"] if r["method"] == method]
-        ks = [r["k"] for r in rows]
-        for ax, key in zip(axes, (target, "kl_neutral"), strict=True):
-            ax.errorbar(
-                ks,
-                [r[key] for r in rows],
-                yerr=[r[f"{key}_std"] for r in rows],
-                marker="o",
-                capsize=3,
-                label=method,
-            )
-    axes[0].axhline(result["baseline"]["metrics"][target], color="gray", ls="--", label="baseline")
-    axes[0].set_title(f"{result['experiment']}: {target} (alpha {result['alpha']:g})")
-    axes[1].set_title("collateral: KL on neutral prompts")
-    for ax in axes:
-        ax.set_xlabel("heads scaled (k)")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-    return True
-
-
 def write_report(results: list[dict[str, Any]], out: Path) -> str:
-    """results.md, results.json (all experiments), a plot per experiment; returns the text
+    """results.md and results.json (all experiments, with the summaries); returns the text
     printed to the terminal."""
     texts = [format_table(r) for r in results]
-    ranking = results[0]["settings"]["rank"]
-    overlap = head_overlap(results, ranking)
-    texts.append(format_overlap(overlap))
-    for result in results:
-        write_plot(result, out / result["experiment"] / "plot.png")
-    terminal = "\n\n".join(texts)
+    overlap = head_overlap(results, results[0]["settings"]["method"])
+    if len(results) > 1:
+        texts.append(format_overlap(overlap))
     md = ["# somp-ref experiment results", ""]
     for result, text in zip(results, texts, strict=False):
-        md += [
-            f"## {result['experiment']}",
-            "",
-            "```",
-            text,
-            "```",
-            "",
-            f"- data: {result['data']}",
-            f"- top heads by ranking: "
-            f"{ {k: v['layer_counts'] for k, v in result['rankings'].items()} } (per layer)",
-            f"- time: {result['seconds']:.0f} s",
-            "",
-        ]
-    md += ["## head overlap", "", "```", texts[-1], "```", ""]
+        md += [f"## {result['experiment']}", "", "```", text, "```", ""]
+        md += [f"- {note}" for note in result["data"]["notes"]]
+        md += [f"- time: {result['seconds']:.0f} s ({_timing(result)})", ""]
     write_text_atomically(out / "results.md", "\n".join(md))
-    combined = {"experiments": results, "overlap": overlap}
+    combined = {
+        "experiments": [dict(r, summary=summarize(r)) for r in results],
+        "overlap": overlap,
+    }
     write_text_atomically(out / "results.json", json.dumps(combined, indent=1, ensure_ascii=False))
-    return terminal
+    return "\n\n".join(texts)
+
+
+def _timing(result: dict[str, Any]) -> str:
+    return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result["timing"].items())

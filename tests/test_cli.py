@@ -108,7 +108,7 @@ def test_experiment_help_teaches_the_options(capsys):
     with pytest.raises(SystemExit, match="0"):
         main(["experiment", "--help"])
     out = capsys.readouterr().out
-    for word in ("--method", "--k", "specificity", "--exclude-layers", "--seeds", "countries"):
+    for word in ("--method", "--k", "specificity", "--exclude-layers", "--random", "countries"):
         assert word in out
 
 
@@ -268,7 +268,7 @@ def test_the_model_flags_reach_the_loader(command, tmp_path, monkeypatch, capsys
     argv = {
         "export": ["export", "--prompts", str(prompts), "--out", out],
         "generate": ["generate", "--heads", str(ranking), "--top", "2", "hi"],
-        "experiment": ["experiment", "colors", "--train", "2", "--test", "2", "--out", out],
+        "experiment": ["experiment", "colors", "--generate", "2", "--out", out],
     }[command]
     flags = ["--model", "someone/model", "--revision", "v2", "--device", "meta"]
     flags += ["--dtype", "bfloat16", "--attn-implementation", "sdpa"]
@@ -292,7 +292,7 @@ def test_the_model_flags_reach_the_loader(command, tmp_path, monkeypatch, capsys
             "--layers: the model has layers 0-1, got 2,3",
         ),
         ("export --rank-concept colors --exclude-layers 2", "--exclude-layers: the model has"),
-        ("experiment colors --train 2 --test 2 --exclude-layers 7", "layers 0-1, got 7"),
+        ("experiment colors --generate 2 --exclude-layers 7", "layers 0-1, got 7"),
     ],
 )
 def test_layers_the_model_lacks_fail_before_any_forward_pass(

@@ -1,18 +1,20 @@
-"""A fast end-to-end experiment on the real model: the result schema, and alpha = 1
-reproducing the baseline exactly."""
+"""The experiment end to end on the real model, on a few prompts: the result's schema, alpha
+= 1 reproducing the baseline exactly, the alpha sweep on validation, and the report."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
+import numpy as np
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from somp_ref.adapters.experiment import Settings, run_task  # noqa: E402
-from somp_ref.adapters.report import format_table, write_report  # noqa: E402
-from somp_ref.adapters.tasks import build_task  # noqa: E402
+from somp_ref.adapters.report import format_table, summarize, write_report  # noqa: E402
+from somp_ref.adapters.tasks import Split, build_task  # noqa: E402
 
 pytestmark = pytest.mark.model
 
@@ -24,43 +26,67 @@ def smollm():
     return load_model("default")
 
 
+def small(name: str):
+    task = build_task(name)
+
+    def cut(split: Split) -> Split:
+        return Split(split.target[:5], split.other[:5], split.neutral[:3])
+
+    return replace(task, train=task.train[:8], validation=cut(task.validation), test=cut(task.test))
+
+
+SETTINGS = Settings(ks=(2, 3), n_random=2, n_generate=3, n_neutral=3, method="somp", n_null=2)
+
+
 @pytest.mark.parametrize("name", ["colors", "countries"])
 def test_alpha_one_reproduces_the_baseline_exactly(smollm, tmp_path, name):
     model, tokenizer = smollm
-    settings = Settings(
-        heads=(2, 4),
-        alpha=1.0,
-        seeds=2,
-        rank="specificity",
-        atoms=4,
-        n_null=2,
-        n_train=8,
-        n_test=3,
-        max_new_tokens=6,
+    result = run_task(
+        model, tokenizer, small(name), replace(SETTINGS, alpha=1.0), tmp_path, show_progress=False
     )
-    task = build_task(name, n_train=8, n_test=3)
-    result = run_task(model, tokenizer, task, settings, tmp_path, show_progress=False)
-
-    methods = {"specificity", "ll", "random"}
+    methods = {"somp", "ll", "random"}
     assert {(c["method"], c["k"]) for c in result["conditions"]} == {
-        (m, k) for m in methods for k in (2, 4)
+        (m, k) for m in methods for k in (2, 3)
     }
-    assert sum(c["method"] == "random" for c in result["conditions"]) == 2 * 2
     for condition in result["conditions"]:
         assert condition["outputs"] == result["baseline"]["outputs"]
-        assert condition["metrics"] == result["baseline"]["metrics"]
-        assert condition["metrics"]["kl_neutral"] == 0.0
-    for row in result["summary"]:
-        assert row["k"] in (2, 4) and row["method"] in methods
-        if result["baseline"]["metrics"].get("concept_words"):
-            assert row["target_vs_baseline"] == 1.0
+        base = result["baseline"]["values"]
+        assert condition["values"].keys() == base.keys()
+        assert all(np.array_equal(condition["values"][k], base[k], equal_nan=True) for k in base)
+        assert all(v == 0.0 for v in condition["values"]["kl"])
+        if condition["method"] == "random":  # the paper's control: disjoint, same layers
+            chosen = next(
+                c
+                for c in result["conditions"]
+                if c["k"] == condition["k"] and c["method"] == "somp"
+            )
+            assert not set(map(tuple, condition["heads"])) & set(map(tuple, chosen["heads"]))
+            layers = sorted(h[0] for h in condition["heads"])
+            if not result["shortfall"][str(condition["k"])]:
+                assert layers == sorted(h[0] for h in chosen["heads"])
+    for row in summarize(result):
+        for title, entry in row.items():
+            if not (isinstance(entry, dict) and "x base" in title):
+                continue
+            if "median" in entry:  # the random control's median [IQR] over its sets
+                assert not np.isfinite(entry["median"]) or entry["q1"] == entry["q3"] == 1.0
+            elif np.isfinite(entry["value"]):
+                assert entry["value"] == entry["low"] == entry["high"] == 1.0
+    text = format_table(result)
+    assert text.splitlines()[0].startswith(f"{name} — alpha 1")
+    json.dumps(result)  # everything is plain JSON
 
-    saved = json.loads((tmp_path / name / "results.json").read_text())
-    assert saved["experiment"] == name and saved["alpha"] == 1.0
-    assert set(saved["rankings"]) == {"somp", "ll", "specificity"}
-    assert saved["settings"]["heads"] == [2, 4]
-    assert len(saved["rankings"]["specificity"]["top"]) == 4
+
+def test_amplification_chooses_alpha_on_validation_and_reports(smollm, tmp_path):
+    model, tokenizer = smollm
+    settings = replace(SETTINGS, ks=(2,), alpha_grid=(2.0, 3.0))
+    result = run_task(
+        model, tokenizer, small("amplification"), settings, tmp_path, show_progress=False
+    )
+    assert [row["alpha"] for row in result["sweep"]] == [2.0, 3.0]
+    assert result["alpha"] in (2.0, 3.0)
+    assert all(c["alpha"] == result["alpha"] for c in result["conditions"])
     text = write_report([result], tmp_path)
-    assert format_table(result).splitlines()[0].startswith(f"{name} — alpha 1")
-    assert "Jaccard" in text and (tmp_path / "results.md").is_file()
-    assert (tmp_path / name / "plot.png").stat().st_size > 0
+    assert "alpha sweep on the validation split" in text
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert saved["experiments"][0]["summary"] and (tmp_path / "results.md").is_file()

@@ -1,4 +1,4 @@
-"""Experiment data: disjoint train/test entities and correct labels."""
+"""Experiment data: splits disjoint by entity, sizes the protocol needs, correct answers."""
 
 from __future__ import annotations
 
@@ -6,58 +6,101 @@ import calendar
 import re
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from somp_ref.adapters.tasks import TASK_NAMES, build_task, general_questions
+from somp_ref.adapters.tasks import (
+    SPLIT_SHARES,
+    build_task,
+    data,
+    general_questions,
+    split_entities,
+)
+from somp_ref.metrics import contains_answer
 
-
-@pytest.mark.parametrize("name", TASK_NAMES)
-def test_sizes_and_fields(name):
-    task = build_task(name, n_train=20, n_test=10)
-    assert 0 < len(task.train) <= 20 and len(task.target) == 10 and len(task.other) == 10
-    assert all(isinstance(r["prompt"], str) and r["prompt"] for r in task.train + task.target)
-    assert task.kind in ("generation", "qa")
-
-
-def test_colors_train_and_test_describe_different_animals():
-    task = build_task("colors", n_train=60, n_test=24)
-    train, test = {r["object"] for r in task.train}, {r["object"] for r in task.target}
-    assert not train & test and len(test) == 24
-    assert all(r["object"] in r["prompt"] for r in task.train + task.target)
-    assert build_task("amplification").alpha == 5.0 and task.alpha == -1.0
+SPLITS = ("train", "validation", "test")
 
 
-def test_countries_split_by_country_and_answers_are_the_country():
-    task = build_task("countries", n_train=200, n_test=200)
-    train = {r["country"] for r in task.train}
-    test = {r["country"] for r in task.target}
-    assert not train & test
-    for record in task.train + task.target:
+def entities(task, key):
+    return {
+        "train": {r[key] for r in task.train},
+        "validation": {r[key] for r in task.validation.target},
+        "test": {r[key] for r in task.test.target},
+    }
+
+
+@given(st.lists(st.text(min_size=1, max_size=5), max_size=40), st.integers(0, 2**31))
+def test_split_entities_is_a_partition_of_the_given_shares(names, seed):
+    parts = split_entities(names, SPLIT_SHARES, seed)
+    together = [e for part in parts.values() for e in part]
+    assert sorted(together) == sorted(set(names))  # every entity once
+    for name, share in list(SPLIT_SHARES.items())[:-1]:
+        assert abs(len(parts[name]) - share * len(set(names))) <= 0.5
+    assert parts == split_entities(list(reversed(names)), SPLIT_SHARES, seed)  # order-free
+
+
+@pytest.mark.parametrize(("name", "key"), [("colors", "object"), ("countries", "country")])
+def test_train_validation_and_test_are_disjoint_by_entity(name, key):
+    by_split = entities(build_task(name), key)
+    for a in SPLITS:
+        for b in SPLITS:
+            assert a == b or not by_split[a] & by_split[b], (a, b)
+
+
+@pytest.mark.parametrize("name", ["amplification", "sentiment"])
+def test_descriptions_are_disjoint_by_place_and_never_ask_for_the_concept(name):
+    task = build_task(name)
+    by_split = entities(task, "place")
+    assert (
+        not by_split["train"] & by_split["test"] and not by_split["validation"] & by_split["test"]
+    )
+    concept = set(data("descriptions")["places"])
+    assert by_split["test"] <= concept
+    assert not any(re.search(r"colou?r|happy|positive", r["prompt"], re.I) for r in task.train)
+    assert task.alpha is None  # chosen by a sweep on the validation split
+
+
+def test_the_protocol_sizes_are_met():
+    colors, countries = build_task("colors"), build_task("countries")
+    assert len(colors.test.target) >= 96
+    assert len(countries.test.target) >= 150 and len(countries.test.other) >= 150
+    assert countries.validation.target and countries.validation.other
+
+
+def test_country_questions_are_answered_by_their_country():
+    task = build_task("countries")
+    for record in task.train + task.test.target:
         assert record["answers"][0] == record["country"]
         assert record["entity"] in record["prompt"]
-    assert any(
-        r["answers"][0] == "United States" and "USA" in r["answers"]
-        for r in task.train + task.target
-    )
+        assert "one to three words" in record["prompt"]
+    usa = [
+        r
+        for r in task.train + task.test.target + task.validation.target
+        if r["country"] == "United States"
+    ]
+    assert usa and all("USA" in r["answers"] for r in usa)
 
 
-def test_animals_train_and_test_use_different_letters():
-    task = build_task("animals")
-    letters = lambda records: {r["letter"] for r in records}  # noqa: E731
-    assert letters(task.train) == set("ABCDEFGHIJKLM")
-    assert not letters(task.train) & letters(task.target)
-
-
-def test_general_questions_have_correct_answers_and_no_country_answers():
+def test_non_target_questions_name_no_country_and_are_answered_right():
+    countries = data("countries")["countries"]
+    names = {c["country"].lower() for c in countries} | {
+        a.lower() for c in countries for a in c["aliases"]
+    }
     months = list(calendar.month_name[1:])
-    countries_task = build_task("countries", n_train=500, n_test=500)
-    countries = {r["country"] for r in countries_task.train + countries_task.target}
-    for record in general_questions(48, seed=3):
-        answer = record["answers"][0]
-        assert answer not in countries
-        if match := re.search(r"What is (\d) plus (\d)\?", record["prompt"]):
-            assert int(answer) == int(match[1]) + int(match[2])
-        if match := re.search(r"comes after (\w+)\?", record["prompt"]):
-            assert months.index(answer) == (months.index(match[1]) + 1) % 12
+    for split, questions in general_questions(seed=0).items():
+        assert questions, split
+        for q in questions:
+            words = set(
+                re.findall(r"[a-z]+", (q["question"] + " " + " ".join(q["answers"])).lower())
+            )
+            assert not {n for n in names if " " not in n} & words, q
+            if match := re.fullmatch(r"What is (\d+) (plus|minus|times) (\d+)\?", q["question"]):
+                a, op, b = int(match[1]), match[2], int(match[3])
+                assert int(q["answers"][0]) == {"plus": a + b, "minus": a - b, "times": a * b}[op]
+            if match := re.fullmatch(r"Which month comes after (\w+)\?", q["question"]):
+                assert months.index(q["answers"][0]) == (months.index(match[1]) + 1) % 12
+            # A right answer in a chatty sentence still counts.
+            assert contains_answer(f"It is {q['answers'][0]}.", q["answers"]) == 1.0
 
 
 def test_unknown_experiment_is_refused():
