@@ -410,6 +410,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.adapters.tasks import build_task
 
     names = list(TASK_NAMES) if args.names == ["all"] else list(dict.fromkeys(args.names))
+    from somp_ref.files import write_text_atomically
+
     settings = Settings(
         ks=tuple(args.k),
         method=args.method,
@@ -427,12 +429,22 @@ def _run_experiment(args: argparse.Namespace) -> int:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [build_task(name, seed=settings.seed) for name in names]
+    study = args.names == ["all"] or "study" in names
+    tasks = [build_task(name, seed=settings.seed) for name in names if name != "study"]
     model, tokenizer = _load(args)
     _check_layers(model, args)
-    results = [run_task(model, tokenizer, task, settings, out) for task in tasks]
-    print(write_report(results, out))
-    print(f"\nwrote {out / 'results.json'} (everything, every generation) and {out / 'results.md'}")
+    if study:
+        from somp_ref.adapters.selection_study import format_study, run_study
+
+        studies = run_study(model, tokenizer, settings, out / "study")
+        text = format_study(studies)
+        write_text_atomically(out / "study.json", json.dumps(studies, indent=1))
+        write_text_atomically(out / "study.md", f"```\n{text}\n```\n")
+        print(text + "\n")
+    if tasks:
+        results = [run_task(model, tokenizer, task, settings, out) for task in tasks]
+        print(write_report(results, out))
+    print(f"\nwrote {out}: results.json (everything, per prompt), results.md, study.*")
     return 0
 
 
@@ -455,14 +467,15 @@ def register_experiment(subparsers) -> None:
             "--out/results.json (everything, per prompt), --out/results.md (the tables) and "
             "--out/NAME/train_store."
         ),
-        epilog="experiments: " + ", ".join(TASK_NAMES) + ", or all. "
+        epilog="experiments: " + ", ".join(TASK_NAMES) + "; study: the selection study of "
+        "the default ranking on the validation splits; all: the study and every experiment. "
         "example: somp-ref experiment colors --k 3,8,16 --out runs/colors",
     )
     parser.add_argument(
         "names",
         nargs="+",
         metavar="NAME",
-        choices=[*TASK_NAMES, "all"],
+        choices=[*TASK_NAMES, "study", "all"],
         help="experiment(s) to run",
     )
     add_model_loading(parser)

@@ -113,16 +113,24 @@ def measure_selection(
     n_layers: int,
     n_heads: int,
     *,
-    control: str,
+    controls: Iterable[str],
     seed: int = 0,
     show: bool = True,
 ) -> list[Condition]:
-    """Each ranking's top-k heads, and ``n_random`` random sets shaped like ``control``'s."""
-    plan = [(k, method, None) for k in ks for method in ranked]
-    plan += [(k, "random", s) for k in ks for s in range(seed, seed + n_random)]
+    """Each ranking's top-k heads, and ``n_random`` random sets shaped like (same per-layer
+    counts) and disjoint from each control ranking's selection, labelled "random" for one
+    control and "random:METHOD" for several."""
+    controls = list(controls)
+    plan = [(k, method, None, None) for k in ks for method in ranked]
+    plan += [
+        (k, "random" if len(controls) == 1 else f"random:{control}", control, draw)
+        for k in ks
+        for control in controls
+        for draw in range(seed, seed + n_random)
+    ]
     conditions = []
-    for k, method, draw in progress(plan, desc="interventions", enabled=show):
-        if method == "random":
+    for k, method, control, draw in progress(plan, desc="interventions", enabled=show):
+        if control is not None:
             heads = random_heads_like(top_heads(ranked[control], k), n_layers, n_heads, draw)
         else:
             heads = top_heads(ranked[method], k)
@@ -219,7 +227,7 @@ def run_task(
         settings.n_random,
         store.n_layers,
         store.n_heads,
-        control=settings.method,
+        controls=[settings.method],
         seed=settings.seed,
         show=show_progress,
     )

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from somp_ref.engines import PursuitOptions
 from somp_ref.factored import Dictionary, rescaled
 from somp_ref.pursuit import (
     DEPENDENT_TOL,
@@ -27,7 +28,6 @@ from somp_ref.pursuit import (
     SompResult,
     pursuit_result,
 )
-from somp_ref.ranking import PursuitOptions
 
 
 @torch.no_grad()
@@ -205,7 +205,7 @@ class TorchEngine:
         n_atoms: int,
         options: PursuitOptions,
     ) -> list[SompResult]:
-        """SOMP of every head of a layer (see :class:`somp_ref.ranking.Engine`)."""
+        """SOMP of every head of a layer (see :class:`somp_ref.engines.Engine`)."""
         if not options.normalize and dictionary.atom_exp is not None:
             raise ValueError(
                 "the torch engine compares unnormalised scores of atoms as given; these atoms "

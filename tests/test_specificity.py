@@ -74,3 +74,43 @@ def test_word_token_pool_keeps_word_like_tokens():
     vocab = [" red", "red", " r", "!!", " Blue", "<|im_end|>", " über", "abc1"]
     assert word_token_pool(vocab, len(vocab)).tolist() == [0, 1, 4]
     assert word_token_pool(None, 5).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("method", ["excess", "share"])
+def test_the_null_based_rankings_rank_only_the_concept_head_high(store, method):
+    scores = rank_heads(store, CONCEPT, 5, method, n_null=6, seed=2, show_progress=False)
+    assert top_heads(scores, 1) == [(0, CONCEPT_HEAD)]
+    assert scores.method == method
+    raw = rank_heads(store, CONCEPT, 5, show_progress=False)
+    assert np.array_equal(scores.details["explained_variance"], raw.score)
+    if method == "excess":  # the concept's EV minus the matched nulls' mean
+        assert np.allclose(scores.score, raw.score - scores.details["null_mean"])
+    else:  # the concept's share of an SOMP over concept + common words: at most its own EV
+        assert np.all(scores.score <= scores.details["explained_variance_words"] + 1e-12)
+        assert all(set(s.tolist()) <= set(CONCEPT) for s in scores.supports.values())
+
+
+def test_matched_null_tokens_look_like_the_concept_tokens():
+    from somp_ref.null_dictionaries import matched_draws
+
+    rng = np.random.default_rng(5)
+    words = ["".join(rng.choice(list("abcdefghij"), rng.integers(3, 9))) for _ in range(3000)]
+    vocab = [
+        (" " if i % 2 else "") + (w.capitalize() if i % 3 == 0 else w) for i, w in enumerate(words)
+    ]
+    concept = np.array([101, 202, 303, 1500, 2999])
+    for draw in matched_draws(vocab, concept, 4, seed=0):
+        assert draw.size == concept.size and not set(draw) & set(concept.tolist())
+        for null in draw.tolist():
+            # some concept token shares its space, case and (within one) length
+            assert any(
+                vocab[null].startswith(" ") == vocab[c].startswith(" ")
+                and vocab[null].lstrip()[0].isupper() == vocab[c].lstrip()[0].isupper()
+                and abs(len(vocab[null].strip()) - len(vocab[c].strip())) <= 1
+                for c in concept
+            )
+    first, second = (
+        matched_draws(vocab, concept, 2, seed=1),
+        matched_draws(vocab, concept, 2, seed=1),
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(first, second, strict=True))
