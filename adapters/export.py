@@ -132,6 +132,49 @@ def export_activations(
     )
 
 
+def export(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str | dict[str, Any]],
+    path: str | Path,
+    *,
+    positions: str = "prompt-mean",
+    chat_template: bool | None = None,
+    **options: Any,
+) -> ActivationStore:
+    """Export what every head writes for ``prompts`` into a store at ``path``, in one call.
+
+    Parameters
+    ----------
+    model, tokenizer
+    prompts : sequence of str or dict
+        Prompt strings, or records with a "prompt" field (other fields are kept).
+    path : path
+    positions : str, default="prompt-mean"
+        The paper's rows: each head's output averaged over the prompt's own tokens.
+    chat_template : bool, optional
+        Default: wrap prompts in the tokenizer's chat template when it has one.
+    **options
+        Passed to :func:`export_activations` (batch_size, dtype, overwrite, ...).
+
+    Returns
+    -------
+    ActivationStore
+    """
+    records = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
+    if chat_template is None:
+        chat_template = getattr(tokenizer, "chat_template", None) is not None
+    return export_activations(
+        model,
+        tokenizer,
+        records,
+        path,
+        positions=positions,
+        chat_template=chat_template,
+        **options,
+    )
+
+
 @torch.no_grad()
 def export_batches(
     model: Any,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -62,3 +62,19 @@ def scale_heads(model: Any, alphas: Mapping[Head, float]) -> Iterator[dict[int, 
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def steer(model: Any, heads: Iterable[Head], alpha: float = -1.0) -> Iterator[dict[int, int]]:
+    """Scale every head of ``heads`` by ``alpha`` inside the block (see :func:`scale_heads`).
+
+    ``alpha=-1`` flips the heads (suppresses what they write), ``0`` ablates them, ``5``
+    amplifies them.
+
+    Examples
+    --------
+    >>> with steer(model, top_heads(scores, 8), alpha=-1):  # doctest: +SKIP
+    ...     print(generate(model, tokenizer, ["Describe the color of a banana."]))
+    """
+    with scale_heads(model, {tuple(head): alpha for head in heads}) as calls:
+        yield calls

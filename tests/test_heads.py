@@ -314,3 +314,16 @@ def test_a_mean_logit_past_float64_is_a_clear_error(tmp_path):
         store.write_samples(base.samples())
     with pytest.raises(StoreError, match="a mean logit overflows float64"):
         rank_heads(ActivationStore.open(path), list(CONCEPT), 4, "ll", show_progress=False)
+
+
+def test_scores_as_a_pandas_table(planted_store):
+    pd = pytest.importorskip("pandas")
+    scores = rank_heads(planted_store, list(CONCEPT), 4, show_progress=False)
+    table = scores.to_pandas()
+    assert isinstance(table, pd.DataFrame)
+    assert list(table[["layer", "head"]].itertuples(index=False, name=None)) == scores.ranked()
+    assert table["score"].is_monotonic_decreasing
+    assert table.loc[0, "support"] == [scores.token_string(t) for t in scores.supports[1, 2]] or (
+        table.loc[0, "support"] == [scores.token_string(t) for t in scores.supports[2, 0]]
+    )
+    assert np.array_equal(table["explained_variance"], table["score"])
