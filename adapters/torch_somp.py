@@ -1,11 +1,12 @@
 """A torch port of SOMP's fast engine, batched over heads and device-agnostic (CPU, CUDA).
 
-Same mathematics and rules as ``somp_ref.pursuit`` (DESIGN.md): residual correlations from
-``D H^T``, the support's Cholesky factor grown one row per step (left-looking: ``U``), ties
-to the lowest index, dependent and zero atoms never selected, the same stopping rules. It
-keeps the full (heads, atoms, samples) residual correlations and updates them by a rank-1
-product per step, which is what a GPU does best; the numpy engine's lazy scoring is a CPU
-optimisation and changes nothing in the result. ``verify`` holds it to the numpy engine.
+Same mathematics and rules as ``somp_ref.pursuit`` (docs/ARCHITECTURE.md): residual
+correlations from ``D H^T``, the support's Cholesky factor grown one row per step
+(left-looking: ``U``), ties to the lowest index, dependent and zero atoms never selected,
+the same stopping rules. It keeps the full (heads, atoms, samples) residual correlations and
+updates them by a rank-1 product per step, which is what a GPU does best; the numpy engine's
+lazy scoring is a CPU optimisation and changes nothing in the result. ``verify`` holds it to
+the numpy engine.
 """
 
 from __future__ import annotations

@@ -183,8 +183,9 @@ def _add_rank(subparsers) -> None:
         help="rank a store's heads by how well a concept's tokens explain them",
         description=(
             "Score every head of an activation store for a concept: SOMP over the concept's "
-            "unembedding rows (explained variance after --atoms atoms, raw or as a "
-            "specificity z-score) or the Logit Lens. Writes --out (CSV, one row per head, "
+            "unembedding rows (explained variance after --atoms atoms: raw, the paper's; "
+            "or compared with null dictionaries, which keeps heads that merely copy any "
+            "token out of the top) or the Logit Lens. Writes --out (CSV, one row per head, "
             "best first), --json-out (every score and support) and --plot (a layer x head "
             "heatmap) when given, and prints the --show best heads."
         ),

@@ -24,7 +24,7 @@ import re
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
-from somp_ref.ranking import DEFAULT_METHOD, METHODS
+from somp_ref.ranking import DEFAULT_METHOD, METHODS, SHARE_POOL
 
 #: SOMP atoms per head unless told otherwise: the paper's number.
 DEFAULT_ATOMS = 50
@@ -69,6 +69,10 @@ METHOD_HELP = {
     "somp": "SOMP explained variance",
     "ll": "the Logit Lens baseline",
     "specificity": "SOMP explained variance as a z-score against --null random dictionaries",
+    "excess": "SOMP explained variance minus its mean over --null dictionaries matched "
+    "token by token in case, leading space, length and frequency",
+    "share": "the variance the concept explains when SOMP may also pick the "
+    f"{SHARE_POOL} most frequent word tokens",
 }
 
 
@@ -268,7 +272,7 @@ def add_null(parser: argparse.ArgumentParser) -> None:
         type=at_least_two,
         default=DEFAULT_NULL,
         metavar="N",
-        help=f"random token dictionaries behind --method specificity (default: {DEFAULT_NULL})",
+        help=f"null dictionaries behind --method specificity and excess (default: {DEFAULT_NULL})",
     )
 
 

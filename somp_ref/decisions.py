@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-#: Relative residual energy below which a signal counts as zero to rounding (DESIGN.md).
+#: Relative residual energy below which a signal counts as zero to rounding (docs/ARCHITECTURE.md).
 #: Centering ``n`` equal samples leaves ~eps * |mean| per entry, an energy ~1e-32 of the
 #: raw one; ``somp`` treats a centered signal whose energy is at most ZERO_RESIDUAL times
 #: the raw energy as zero (empty support, "converged") instead of pursuing rounding noise.
@@ -42,12 +42,13 @@ GAIN_FLOOR = 1e-12
 DEPENDENT_TOL = 1e-6
 
 #: Scores within the tie window of the best score are a tie, and a tie goes to the lowest
-#: index (the documented rule; DESIGN.md). The window is TIE_RTOL times a bound on the best
-#: atom's score and on the rounding of every score compared with it: ``tie_unit`` (||H||_F,
-#: times sqrt(n) for "l1") times ``window_scale`` (the best atom's norm when scores are
-#: not normalised, else 1). A score's rounding error is at most ~(d + t) * eps of that
-#: bound, ~1e-12 for d = 4096, t = 50: a window 1e3 times wider makes the choice the rule's,
-#: not the last bit's, while scores a billionth of the bound apart are told apart.
+#: index (the documented rule; docs/ARCHITECTURE.md). The window is TIE_RTOL times a bound
+#: on the best atom's score and on the rounding of every score compared with it:
+#: ``tie_unit`` (||H||_F, times sqrt(n) for "l1") times ``window_scale`` (the best atom's
+#: norm when scores are not normalised, else 1). A score's rounding error is at most ~(d +
+#: t) * eps of that bound, ~1e-12 for d = 4096, t = 50: a window 1e3 times wider makes the
+#: choice the rule's, not the last bit's, while scores a billionth of the bound apart are
+#: told apart.
 TIE_RTOL = 1e-9
 
 #: Inputs whose largest magnitude is outside 2**-SAFE_EXPONENT .. 2**SAFE_EXPONENT are

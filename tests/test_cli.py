@@ -185,6 +185,8 @@ def test_shared_flags_have_one_definition_and_the_documented_defaults():
     for command in ("rank", "export", "experiment"):
         method = flags[command]["--method"]
         assert tuple(method.choices) == METHODS and method.default == DEFAULT_METHOD, command
+    # Every ranking is explained in --help, not merely named.
+    assert set(cli_options.METHOD_HELP) == set(METHODS)
     for command in ("demo", "rank", "inspect", "export", "experiment"):
         assert flags[command]["--atoms"].default == 50, command
     for command in ("rank", "export", "experiment"):

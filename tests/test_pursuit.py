@@ -16,7 +16,7 @@ from somp_ref.pursuit import STOP_REASONS
 
 #: Explained variance is a ratio of float64 energies; the fast engine tracks energy by
 #: subtraction (one rounding per step, relative to ||H||^2), so engines agree to ~t * eps.
-#: 1e-9 is the DESIGN.md contract, far above that.
+#: 1e-9 is the numerical contract (docs/ARCHITECTURE.md), far above that.
 EV_ATOL = 1e-9
 
 #: Orthogonality of the residual to the chosen atoms, relative to ||R|| ||D_j||: the refit

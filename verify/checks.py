@@ -14,7 +14,7 @@ from somp_ref import logit_lens, matching_pursuit, somp
 from somp_ref.heads import head_somp
 from somp_ref.store import ActivationStore
 
-#: Engines agree to the DESIGN.md contract on well-conditioned problems.
+#: Engines agree to the numerical contract (docs/ARCHITECTURE.md) on well-conditioned problems.
 ENGINE_TOL = 1e-9
 #: Ill-conditioned dictionaries (cond ~ 1e4): Cholesky-based coefficients carry error
 #: ~ cond^2 eps ~ 2e-8 relative; compare explained variance, which stays at ~eps.
@@ -68,7 +68,8 @@ def engine_checks() -> Iterator[Check]:
         fast, naive = somp(H, D, 12), somp(H, D, 12, engine="naive")
         ev_err = float(np.max(np.abs(fast.explained_variance - naive.explained_variance)))
         if kind in ("ill-conditioned", "near-tie"):
-            # Supports may part at a tie to rounding (DESIGN.md): compare explained variance.
+            # Supports may part at a tie to rounding (docs/ARCHITECTURE.md): compare
+            # explained variance.
             yield _judge(f"engines, {kind}: explained variance", ev_err, ILL_EV_TOL)
             continue
         same = np.array_equal(fast.support, naive.support)

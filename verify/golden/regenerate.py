@@ -2,11 +2,12 @@
 
     python -m somp_ref.verify.golden.regenerate [--check]
 
-Each case is a small problem that exercises one rule of the contract (DESIGN.md); its file
-holds the inputs (H, D), the parameters (metadata), and the outputs of ``somp`` (naive
-engine: the oracle), ``matching_pursuit`` and ``logit_lens``, and the margin of every
-selection step (:mod:`somp_ref.verify.golden.margins`): the generator refuses a case whose decisions
-are not clear, so that supports, stop reasons and lens orders are the same on every machine.
+Each case is a small problem that exercises one rule of the numerical contract
+(docs/ARCHITECTURE.md); its file holds the inputs (H, D), the parameters (metadata), and the
+outputs of ``somp`` (naive engine: the oracle), ``matching_pursuit`` and ``logit_lens``, and
+the margin of every selection step (:mod:`somp_ref.verify.golden.margins`): the generator
+refuses a case whose decisions are not clear, so that supports, stop reasons and lens orders
+are the same on every machine.
 Files are written deterministically (fixed seeds, sorted keys); the floating-point outputs
 carry the rounding of the BLAS kernel that computed them, so the bytes are reproducible on
 one kernel only. ``--check`` regenerates in memory and compares with the shipped files:
