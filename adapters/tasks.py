@@ -8,6 +8,7 @@ files of :mod:`somp_ref.adapters.experiment_data`, built from PyPI packages.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections.abc import Sequence
@@ -111,15 +112,20 @@ def qa_prompt(question: str) -> str:
 
 def general_questions(seed: int) -> dict[str, list[Record]]:
     """The non-target questions by split (validation, test): arithmetic, months, weekdays,
-    plurals, number words, chemical symbols, units; split by what each asks about."""
+    plurals, number words, chemical symbols, units; split by what each asks about.
+
+    Each split lists its families in turn (one question of each, then the next of each),
+    so that any prefix, such as the neutral prompts the collateral measure takes, covers
+    every family rather than the first one.
+    """
     families = data("general_questions")["families"]
     entities = [f"{family}:{q['entity']}" for family, qs in families.items() for q in qs]
     parts = split_entities(entities, OTHER_SHARES, seed)
-    by_split: dict[str, list[Record]] = {name: [] for name in parts}
     where = {entity: name for name, members in parts.items() for entity in members}
+    by_family: dict[str, dict[str, list[Record]]] = {name: {} for name in parts}
     for family, questions in families.items():
         for q in questions:
-            by_split[where[f"{family}:{q['entity']}"]].append(
+            by_family[where[f"{family}:{q['entity']}"]].setdefault(family, []).append(
                 {
                     "prompt": qa_prompt(q["question"]),
                     "question": q["question"],
@@ -127,7 +133,13 @@ def general_questions(seed: int) -> dict[str, list[Record]]:
                     "family": family,
                 }
             )
-    return by_split
+    return {name: _in_turn(list(groups.values())) for name, groups in by_family.items()}
+
+
+def _in_turn(groups: list[list[Record]]) -> list[Record]:
+    """The first item of every group, then the second of every group that has one, ..."""
+    turns = itertools.zip_longest(*groups)
+    return [record for turn in turns for record in turn if record is not None]
 
 
 def _colors(seed: int) -> Task:

@@ -27,6 +27,7 @@ def test_the_core_example_runs_and_says_what_it_claims():
     # The comments' claims: explained variance starts at 0, coef @ D[support] rebuilds the
     # centered H to what the stopping rule leaves.
     assert res.explained_variance[0] == 0
+    assert set(res.support[:3]) == {4, 17, 31}
     centered = H - H.mean(axis=0)
     residual = centered - res.coef @ D[res.support]
     left = np.sum(residual**2) / np.sum(centered**2)

@@ -103,6 +103,14 @@ def test_non_target_questions_name_no_country_and_are_answered_right():
             assert contains_answer(f"It is {q['answers'][0]}.", q["answers"]) == 1.0
 
 
+@pytest.mark.parametrize("name", ["colors", "countries", "amplification", "sentiment"])
+def test_the_neutral_prompts_cover_every_question_family(name):
+    # The collateral measure takes the first --neutral prompts: they must not all be sums.
+    families = set(data("general_questions")["families"])
+    for split in (build_task(name).validation, build_task(name).test):
+        assert {r["family"] for r in split.neutral[: len(families)]} == families
+
+
 def test_unknown_experiment_is_refused():
     with pytest.raises(ValueError, match=r"unknown experiment 'colours'; have: colors"):
         build_task("colours")
