@@ -8,17 +8,20 @@ Their shared flags come from :mod:`somp_ref.cli_options`, as the core commands' 
 from __future__ import annotations
 
 import argparse
-import errno
-import importlib.util
 import json
-import os
-import re
 import textwrap
-from collections.abc import Callable
 from pathlib import Path
 
+from somp_ref.adapters.preflight import (
+    check_device,
+    check_layers,
+    check_model,
+    check_store_target,
+    load,
+    needs_torch,
+    read_ranking,
+)
 from somp_ref.cli_options import (
-    MAX_LAYERS,
     add_alpha,
     add_atoms,
     add_batch_size,
@@ -31,7 +34,6 @@ from somp_ref.cli_options import (
     add_out,
     add_ranking,
     add_seed,
-    check_layer_flags,
     check_some_layer_left,
     k_list,
     positive_int,
@@ -39,186 +41,9 @@ from somp_ref.cli_options import (
     renamed,
 )
 
-INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
-
-
 #: export's position rules (somp_ref.adapters.export.POSITIONS, kept here torch-free so
 #: that --help is instant; a test keeps the two equal). The first is the default.
 EXPORT_POSITIONS = ("prompt-mean", "last", "mean", "all")
-
-
-def _needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def wrapped(args: argparse.Namespace) -> int:
-        # find_spec, not import: importing torch takes seconds, and the checks that come
-        # before the model loads should answer at once.
-        if not all(importlib.util.find_spec(name) for name in ("torch", "transformers")):
-            raise ImportError(INSTALL_LINE)
-        return run(args)
-
-    return wrapped
-
-
-#: The temporary files of ``somp_ref.files.write_atomically`` (``.NAME.PID-RANDOM.tmp``),
-#: which a writer killed mid-write leaves in a store.
-_TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
-#: The hidden copies an overwrite of a store makes beside it (``.NAME.new-PID-RANDOM``,
-#: ``.NAME.old-PID-RANDOM``): never a store to write.
-_HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-[0-9]+-[0-9a-f]+")
-
-
-def _check_store_target(out: str, overwrite: bool) -> None:
-    """Raise before the model loads if ``export`` could not create its store at ``out``.
-
-    :meth:`somp_ref.store.ActivationStore.create` has no dry run, so its rules are
-    repeated here: ``out`` is not a symbolic link; it is free, or (with ``overwrite``) an
-    empty directory or a store (a ``meta.json`` of the store format, a regular file)
-    holding nothing but a store's own files; nor is it one of the hidden copies an
-    overwrite makes. (The full meta.json schema is checked by ``create`` alone.)
-    """
-    from somp_ref.files import check_output_dir
-    from somp_ref.store import StoreError
-
-    if os.path.islink(out):
-        raise StoreError(f"{out} is a symbolic link: refusing to write a store through it")
-    if _HIDDEN_SIBLING.fullmatch(Path(out).name):
-        raise StoreError(
-            f"{out} is a hidden copy an overwrite of a store makes, not a store to write"
-        )
-    path = check_output_dir(out)
-    if not path.exists():
-        return
-    if not overwrite:
-        raise FileExistsError(errno.EEXIST, "already exists (pass --overwrite to replace it)", out)
-    with os.scandir(path) as entries:
-        names = {entry.name: entry.is_dir(follow_symlinks=False) for entry in entries}
-    if not names:
-        return
-    own = _store_own_names(path, out)
-    foreign = sorted(
-        name
-        for name, is_dir in names.items()
-        if is_dir or not (name in own or _temp_of(name) in own)
-    )
-    if foreign:
-        raise StoreError(
-            f"{out} holds {foreign[0]!r}, which is not part of a store: refusing to overwrite it"
-        )
-
-
-def _temp_of(name: str) -> str | None:
-    match = _TEMP_NAME.fullmatch(name)
-    return None if match is None else match[1]
-
-
-def _store_own_names(path: Path, out: str) -> set[str]:
-    """The file names a store at ``path`` may hold, from its meta.json; StoreError if it
-    has none of the store format."""
-    from somp_ref.files import read_user_text
-    from somp_ref.store import (
-        FORMAT,
-        FORMAT_VERSION,
-        META_FILE,
-        SAMPLES_FILE,
-        UNEMBED_FILE,
-        StoreError,
-        layer_file,
-    )
-
-    def not_a_store(reason: str) -> StoreError:
-        return StoreError(f"{out} exists and is not a store: refusing to overwrite it ({reason})")
-
-    meta_path = path / META_FILE
-    if os.path.islink(meta_path):
-        raise not_a_store(f"{META_FILE} is a symbolic link")
-    if not meta_path.exists():
-        raise not_a_store(f"no {META_FILE}")
-    try:
-        meta = json.loads(read_user_text(meta_path, "store meta file"))
-    except OSError as err:
-        raise not_a_store(f"{META_FILE}: {err.strerror}") from None
-    except (ValueError, RecursionError) as err:
-        raise not_a_store(f"{META_FILE} unreadable: {str(err) or type(err).__name__}") from None
-    n_layers = meta.get("n_layers") if isinstance(meta, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise not_a_store(f"{META_FILE} is not of the format {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise not_a_store(f"{META_FILE} has format version {meta.get('format_version')!r}")
-    if type(n_layers) is not int or not 1 <= n_layers <= MAX_LAYERS:
-        raise not_a_store(f"{META_FILE} has n_layers {n_layers!r}")
-    return {META_FILE, UNEMBED_FILE, SAMPLES_FILE, *(layer_file(i) for i in range(n_layers))}
-
-
-def _check_device(device: str) -> None:
-    """Raise before the model loads unless torch can use ``device``: torch parses it, and
-    an accelerator (cuda, mps, xpu, ...) is available with that index. Imports torch:
-    call it after the cheap checks."""
-    import torch
-
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as err:
-        raise ValueError(f"--device {device!r}: {_first_line(err)}") from None
-    if parsed.type in ("cpu", "meta"):
-        return
-    backend = getattr(torch, parsed.type, None)
-    is_available = getattr(backend, "is_available", None)
-    if callable(is_available) and not is_available():
-        raise ValueError(
-            f"--device {device}: no {parsed.type} device is available to torch "
-            f"{torch.__version__} here (torch.{parsed.type}.is_available() is False)"
-        )
-    device_count = getattr(backend, "device_count", None)
-    if parsed.index is not None and callable(device_count) and parsed.index >= device_count():
-        count = device_count()
-        raise ValueError(
-            f"--device {device}: there {'is' if count == 1 else 'are'} {count} "
-            f"{parsed.type} device{'' if count == 1 else 's'} here"
-            + (f" ({parsed.type}:0)" if count == 1 else "")
-            + (f" ({parsed.type}:0 to {parsed.type}:{count - 1})" if count > 1 else "")
-        )
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
-
-
-def _check_model(args: argparse.Namespace) -> None:
-    """Raise for a local model path that does not exist, or a revision of anything but a
-    hub id, before torch is imported."""
-    from somp_ref.adapters.models import check_model_name
-
-    check_model_name(args.model, args.revision)
-
-
-def _load(args: argparse.Namespace):
-    """The model and tokenizer the model flags name (imports torch)."""
-    from somp_ref.adapters.models import load_model
-
-    return load_model(
-        args.model,
-        revision=args.revision,
-        device=args.device,
-        dtype=args.dtype,
-        attn_implementation=args.attn_implementation,
-    )
-
-
-def _check_layers(model, args: argparse.Namespace) -> None:
-    """Raise, right after the model loads and before any forward pass, for layer numbers
-    the model does not have."""
-    from somp_ref.adapters.model_heads import model_heads
-
-    check_layer_flags(args, model_heads(model).n_layers, "the model")
-
-
-def _read_ranking(path: str):
-    """The ranking in ``path``: the JSON or the CSV that ``somp-ref rank`` writes."""
-    from somp_ref.head_scores import HeadScores
-
-    if Path(path).suffix.lower() == ".json":
-        return HeadScores.from_json(path)
-    return HeadScores.from_csv(path)
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -227,7 +52,7 @@ def _run_export(args: argparse.Namespace) -> int:
     from somp_ref.files import check_output_file, check_outside, write_all_atomically
 
     records = read_prompts(args.prompts)
-    _check_store_target(args.out, args.overwrite)
+    check_store_target(args.out, args.overwrite)
     rank_out = None
     if args.rank_concept:
         load_concept(args.rank_concept)
@@ -236,13 +61,13 @@ def _run_export(args: argparse.Namespace) -> int:
         check_outside("--rank-out", rank_out, args.out, f"the store --out {args.out}")
         check_output_file(rank_out)
         check_some_layer_left(args)
-    _check_model(args)
-    _check_device(args.device)
+    check_model(args)
+    check_device(args.device)
     from somp_ref.adapters.export import export_activations  # imports torch: after the checks
 
-    model, tokenizer = _load(args)
+    model, tokenizer = load(args)
     if args.rank_concept:
-        _check_layers(model, args)
+        check_layers(model, args)
     store = export_activations(
         model,
         tokenizer,
@@ -271,7 +96,7 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     from somp_ref.selection import top_heads
 
-    heads = top_heads(_read_ranking(args.heads), args.top)
+    heads = top_heads(read_ranking(args.heads), args.top)
     if len(heads) < args.top:
         scored = {0: "no head has", 1: "only 1 head has"}.get(
             len(heads), f"only {len(heads)} heads have"
@@ -280,12 +105,12 @@ def _run_generate(args: argparse.Namespace) -> int:
             f"{args.heads}: {scored} a score (the others are NaN or missing), fewer than "
             f"--top {args.top}"
         )
-    _check_model(args)
-    _check_device(args.device)
+    check_model(args)
+    check_device(args.device)
     from somp_ref.adapters.generation import generate  # imports torch: after the checks
     from somp_ref.adapters.intervene import scale_heads
 
-    model, tokenizer = _load(args)
+    model, tokenizer = load(args)
     options = {"max_new_tokens": args.max_new_tokens, "chat_template": not args.raw}
     baseline = generate(model, tokenizer, args.prompts, **options)
     with scale_heads(model, {head: args.alpha for head in heads}):
@@ -370,7 +195,7 @@ def register(subparsers) -> None:
     )
     add_ranking(export)
     renamed(export, {"--rank": "--rank-concept"})
-    export.set_defaults(func=_needs_torch(_run_export))
+    export.set_defaults(func=needs_torch(_run_export))
 
     gen = subparsers.add_parser(
         "generate",
@@ -394,7 +219,7 @@ def register(subparsers) -> None:
         action="store_true",
         help="feed prompts as raw text, without the chat template (default: chat template)",
     )
-    gen.set_defaults(func=_needs_torch(_run_generate))
+    gen.set_defaults(func=needs_torch(_run_generate))
     register_experiment(subparsers)
 
 
@@ -403,8 +228,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.files import check_output_dir
 
     check_output_dir(args.out)
-    _check_model(args)
-    _check_device(args.device)
+    check_model(args)
+    check_device(args.device)
     from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
     from somp_ref.adapters.report import write_report
     from somp_ref.adapters.tasks import build_task
@@ -431,8 +256,8 @@ def _run_experiment(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     study = args.names == ["all"] or "study" in names
     tasks = [build_task(name, seed=settings.seed) for name in names if name != "study"]
-    model, tokenizer = _load(args)
-    _check_layers(model, args)
+    model, tokenizer = load(args)
+    check_layers(model, args)
     if study:
         from somp_ref.adapters.selection_study import format_study, run_study
 
@@ -533,4 +358,4 @@ def register_experiment(subparsers) -> None:
         parser,
         {"--heads": "--k", "--rank": "--method", "--seeds": "--random", "--test": "--generate"},
     )
-    parser.set_defaults(func=_needs_torch(_run_experiment))
+    parser.set_defaults(func=needs_torch(_run_experiment))

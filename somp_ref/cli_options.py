@@ -143,7 +143,7 @@ def device_spec(text: str) -> str:
 
     Checked without importing torch: the form, and a type torch parses (unless an
     out-of-tree backend is installed, whose types torch alone knows). Whether the device
-    exists is checked later, before a model loads (``somp_ref.adapters.commands``).
+    exists is checked later, before a model loads (``somp_ref.adapters.preflight``).
     """
     match = _DEVICE.fullmatch(text)
     if match is None:

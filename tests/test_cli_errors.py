@@ -518,17 +518,17 @@ def test_prompt_files_are_read_by_their_suffix_in_any_case(tmp_path):
 
 def test_the_device_exists_before_the_model_loads(monkeypatch):
     torch = pytest.importorskip("torch")
-    from somp_ref.adapters.commands import _check_device
+    from somp_ref.adapters.preflight import check_device
 
-    _check_device("cpu")
-    _check_device("meta")
+    check_device("cpu")
+    check_device("meta")
     with pytest.raises(ValueError, match=r"--device 'privateuseone:x'"):
-        _check_device("privateuseone:x")
+        check_device("privateuseone:x")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ValueError, match=r"--device cuda: no cuda device is available"):
-        _check_device("cuda")
+        check_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
-    _check_device("cuda:0")
+    check_device("cuda:0")
     with pytest.raises(ValueError, match=r"--device cuda:5: there is 1 cuda device here"):
-        _check_device("cuda:5")
+        check_device("cuda:5")

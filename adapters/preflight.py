@@ -1,0 +1,197 @@
+"""Checks the model commands make before a model loads, and the loading itself.
+
+Bad arguments (an output a store cannot be written to, a device torch cannot use, a model
+path that does not exist, layers the model lacks) are reported at once, in one line, and
+not after minutes of loading; nothing here imports torch until it must.
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import importlib.util
+import json
+import os
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from somp_ref.cli_options import MAX_LAYERS, check_layer_flags
+
+INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
+
+
+def needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+    """``run``, answering with the install line where torch or transformers is missing."""
+
+    def wrapped(args: argparse.Namespace) -> int:
+        # find_spec, not import: importing torch takes seconds, and the checks that come
+        # before the model loads should answer at once.
+        if not all(importlib.util.find_spec(name) for name in ("torch", "transformers")):
+            raise ImportError(INSTALL_LINE)
+        return run(args)
+
+    return wrapped
+
+
+#: The temporary files of ``somp_ref.files.write_atomically`` (``.NAME.PID-RANDOM.tmp``),
+#: which a writer killed mid-write leaves in a store.
+_TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
+#: The hidden copies an overwrite of a store makes beside it (``.NAME.new-PID-RANDOM``,
+#: ``.NAME.old-PID-RANDOM``): never a store to write.
+_HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-[0-9]+-[0-9a-f]+")
+
+
+def check_store_target(out: str, overwrite: bool) -> None:
+    """Raise before the model loads if ``export`` could not create its store at ``out``.
+
+    :meth:`somp_ref.store.ActivationStore.create` has no dry run, so its rules are
+    repeated here: ``out`` is not a symbolic link; it is free, or (with ``overwrite``) an
+    empty directory or a store (a ``meta.json`` of the store format, a regular file)
+    holding nothing but a store's own files; nor is it one of the hidden copies an
+    overwrite makes. (The full meta.json schema is checked by ``create`` alone.)
+    """
+    from somp_ref.files import check_output_dir
+    from somp_ref.store import StoreError
+
+    if os.path.islink(out):
+        raise StoreError(f"{out} is a symbolic link: refusing to write a store through it")
+    if _HIDDEN_SIBLING.fullmatch(Path(out).name):
+        raise StoreError(
+            f"{out} is a hidden copy an overwrite of a store makes, not a store to write"
+        )
+    path = check_output_dir(out)
+    if not path.exists():
+        return
+    if not overwrite:
+        raise FileExistsError(errno.EEXIST, "already exists (pass --overwrite to replace it)", out)
+    with os.scandir(path) as entries:
+        names = {entry.name: entry.is_dir(follow_symlinks=False) for entry in entries}
+    if not names:
+        return
+    own = _store_own_names(path, out)
+    foreign = sorted(
+        name
+        for name, is_dir in names.items()
+        if is_dir or not (name in own or _temp_of(name) in own)
+    )
+    if foreign:
+        raise StoreError(
+            f"{out} holds {foreign[0]!r}, which is not part of a store: refusing to overwrite it"
+        )
+
+
+def _temp_of(name: str) -> str | None:
+    match = _TEMP_NAME.fullmatch(name)
+    return None if match is None else match[1]
+
+
+def _store_own_names(path: Path, out: str) -> set[str]:
+    """The file names a store at ``path`` may hold, from its meta.json; StoreError if it
+    has none of the store format."""
+    from somp_ref.files import read_user_text
+    from somp_ref.store import (
+        FORMAT,
+        FORMAT_VERSION,
+        META_FILE,
+        SAMPLES_FILE,
+        UNEMBED_FILE,
+        StoreError,
+        layer_file,
+    )
+
+    def not_a_store(reason: str) -> StoreError:
+        return StoreError(f"{out} exists and is not a store: refusing to overwrite it ({reason})")
+
+    meta_path = path / META_FILE
+    if os.path.islink(meta_path):
+        raise not_a_store(f"{META_FILE} is a symbolic link")
+    if not meta_path.exists():
+        raise not_a_store(f"no {META_FILE}")
+    try:
+        meta = json.loads(read_user_text(meta_path, "store meta file"))
+    except OSError as err:
+        raise not_a_store(f"{META_FILE}: {err.strerror}") from None
+    except (ValueError, RecursionError) as err:
+        raise not_a_store(f"{META_FILE} unreadable: {str(err) or type(err).__name__}") from None
+    n_layers = meta.get("n_layers") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise not_a_store(f"{META_FILE} is not of the format {FORMAT!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise not_a_store(f"{META_FILE} has format version {meta.get('format_version')!r}")
+    if type(n_layers) is not int or not 1 <= n_layers <= MAX_LAYERS:
+        raise not_a_store(f"{META_FILE} has n_layers {n_layers!r}")
+    return {META_FILE, UNEMBED_FILE, SAMPLES_FILE, *(layer_file(i) for i in range(n_layers))}
+
+
+def check_device(device: str) -> None:
+    """Raise before the model loads unless torch can use ``device``: torch parses it, and
+    an accelerator (cuda, mps, xpu, ...) is available with that index. Imports torch:
+    call it after the cheap checks."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as err:
+        raise ValueError(f"--device {device!r}: {_first_line(err)}") from None
+    if parsed.type in ("cpu", "meta"):
+        return
+    backend = getattr(torch, parsed.type, None)
+    is_available = getattr(backend, "is_available", None)
+    if callable(is_available) and not is_available():
+        raise ValueError(
+            f"--device {device}: no {parsed.type} device is available to torch "
+            f"{torch.__version__} here (torch.{parsed.type}.is_available() is False)"
+        )
+    device_count = getattr(backend, "device_count", None)
+    if parsed.index is not None and callable(device_count) and parsed.index >= device_count():
+        count = device_count()
+        raise ValueError(
+            f"--device {device}: there {'is' if count == 1 else 'are'} {count} "
+            f"{parsed.type} device{'' if count == 1 else 's'} here"
+            + (f" ({parsed.type}:0)" if count == 1 else "")
+            + (f" ({parsed.type}:0 to {parsed.type}:{count - 1})" if count > 1 else "")
+        )
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def check_model(args: argparse.Namespace) -> None:
+    """Raise for a local model path that does not exist, or a revision of anything but a
+    hub id, before torch is imported."""
+    from somp_ref.adapters.models import check_model_name
+
+    check_model_name(args.model, args.revision)
+
+
+def load(args: argparse.Namespace):
+    """The model and tokenizer the model flags name (imports torch)."""
+    from somp_ref.adapters.models import load_model
+
+    return load_model(
+        args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        attn_implementation=args.attn_implementation,
+    )
+
+
+def check_layers(model, args: argparse.Namespace) -> None:
+    """Raise, right after the model loads and before any forward pass, for layer numbers
+    the model does not have."""
+    from somp_ref.adapters.model_heads import model_heads
+
+    check_layer_flags(args, model_heads(model).n_layers, "the model")
+
+
+def read_ranking(path: str):
+    """The ranking in ``path``: the JSON or the CSV that ``somp-ref rank`` writes."""
+    from somp_ref.head_scores import HeadScores
+
+    if Path(path).suffix.lower() == ".json":
+        return HeadScores.from_json(path)
+    return HeadScores.from_csv(path)
