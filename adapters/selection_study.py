@@ -12,7 +12,9 @@ random control, ``1 - target / random median target``; its *collateral* is its
 whole-answer neutral KL over its control's median. A candidate qualifies when its
 collateral stays within ``MAX_COLLATERAL`` and its answers stay fluent (at most
 ``MAX_DEGENERATE`` degenerate) in every task; the default is the qualifying candidate with
-the largest mean effect.
+the largest mean effect. Effects within ``EFFECT_TIE`` of the largest are a tie (a
+validation split of tens of prompts cannot tell them apart), and the tied candidate with
+the least mean collateral wins.
 """
 
 from __future__ import annotations
@@ -39,6 +41,9 @@ STUDY_TASKS = {"colors": 8, "countries": 3}
 TARGET = {"colors": "mass", "countries": "target_acc"}
 MAX_COLLATERAL = 2.0
 MAX_DEGENERATE = 0.1
+#: Mean effects closer than this to the best are tied: one prompt of a 48-prompt validation
+#: split moves a task's effect by about 0.02, and the mean is over two tasks.
+EFFECT_TIE = 0.05
 
 
 def _mean(values: list[float]) -> float:
@@ -134,9 +139,15 @@ def choose(studies: list[dict]) -> tuple[str, dict[str, dict[str, Any]]]:
         fits = all(
             r["collateral"] <= MAX_COLLATERAL and r["degenerate"] <= MAX_DEGENERATE for r in rows
         )
-        verdicts[method] = {"qualifies": fits, "mean_effect": _mean([r["effect"] for r in rows])}
+        verdicts[method] = {
+            "qualifies": fits,
+            "mean_effect": _mean([r["effect"] for r in rows]),
+            "mean_collateral": _mean([r["collateral"] for r in rows]),
+        }
     qualified = {m: v for m, v in verdicts.items() if v["qualifies"]} or verdicts
-    best = max(qualified, key=lambda m: qualified[m]["mean_effect"])
+    top = max(v["mean_effect"] for v in qualified.values())
+    tied = [m for m, v in qualified.items() if v["mean_effect"] >= top - EFFECT_TIE]
+    best = min(tied, key=lambda m: qualified[m]["mean_collateral"])
     return best, verdicts
 
 
@@ -166,9 +177,11 @@ def format_study(studies: list[dict]) -> str:
     lines.append(
         "verdict (qualifies: KL <= "
         f"{MAX_COLLATERAL:g}x its control and <= {MAX_DEGENERATE:.0%} degenerate in every "
-        "task; default = the largest mean effect among those): "
+        f"task; default = the largest mean effect among those, effects within {EFFECT_TIE:g} "
+        "tied and the least mean collateral winning a tie): "
         + ", ".join(
-            f"{m} {'ok' if v['qualifies'] else 'out'} ({v['mean_effect']:.2f})"
+            f"{m} {'ok' if v['qualifies'] else 'out'} (effect {v['mean_effect']:.2f}, "
+            f"KL x {v['mean_collateral']:.2f})"
             for m, v in verdicts.items()
         )
         + f" -> {best}"

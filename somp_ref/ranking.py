@@ -31,7 +31,7 @@ from somp_ref.validation import check_choice
 METHODS = ("somp", "ll", "specificity", "excess", "share")
 #: The ranking :func:`rank` and the command line use unless told otherwise: chosen by the
 #: selection study on validation splits (README, "Choosing the default ranking").
-DEFAULT_METHOD = "excess"
+DEFAULT_METHOD = "specificity"
 #: The competing dictionary of "share": the most frequent word tokens (about as many as
 #: the common words of English a model's vocabulary spells as one token).
 SHARE_POOL = 8192

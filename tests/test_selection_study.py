@@ -1,0 +1,75 @@
+"""The selection study's rule: how the default ranking is chosen from validation figures."""
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+pytest.importorskip("torch")
+
+from somp_ref.adapters.selection_study import (  # noqa: E402
+    EFFECT_TIE,
+    MAX_COLLATERAL,
+    MAX_DEGENERATE,
+    choose,
+    judge,
+)
+
+
+def study(figures: dict[str, tuple[float, float, float]], random=(1.0, 1.0)) -> dict:
+    """A study of one task: per candidate (target, KL, degenerate share), each measured on
+    two prompts, and a control of three sets with the given (target, KL)."""
+    conditions = []
+    for method, (target, kl, degenerate) in figures.items():
+        conditions.append(
+            {
+                "method": method,
+                "values": {
+                    "mass": [target, target],
+                    "kl": [kl, kl],
+                    "degenerate": [degenerate, degenerate],
+                },
+            }
+        )
+        for _ in range(3):
+            conditions.append(
+                {
+                    "method": f"random:{method}",
+                    "values": {"mass": [random[0]] * 2, "kl": [random[1]] * 2},
+                }
+            )
+    return {"task": "colors", "target": "mass", "conditions": conditions}
+
+
+def test_effect_and_collateral_are_measured_against_the_candidates_own_control():
+    rows = judge(study({"a": (0.25, 0.5, 0.0)}, random=(0.5, 2.0)))
+    assert rows["a"]["effect"] == pytest.approx(0.5)  # 1 - 0.25 / 0.5
+    assert rows["a"]["collateral"] == pytest.approx(0.25)  # 0.5 / 2.0
+
+
+def test_the_largest_effect_among_qualifying_candidates_wins():
+    figures = {
+        "destroys": (0.0, 1.0, MAX_DEGENERATE + 0.2),  # largest effect, not fluent
+        "harms": (0.1, MAX_COLLATERAL + 0.5, 0.0),  # large effect, too much collateral
+        "good": (0.5, 1.0, 0.0),
+        "weak": (0.9, 0.2, 0.0),
+    }
+    best, verdicts = choose([study(figures)])
+    assert best == "good"
+    assert not verdicts["destroys"]["qualifies"] and not verdicts["harms"]["qualifies"]
+
+
+@given(
+    gap=st.floats(0, EFFECT_TIE * 0.9),
+    kl_first=st.floats(0.1, 1.9),
+    kl_second=st.floats(0.1, 1.9),
+)
+def test_a_near_tie_in_effect_goes_to_the_least_collateral(gap, kl_first, kl_second):
+    # Effects a validation split cannot tell apart must not decide by their last digit.
+    figures = {"first": (0.5, kl_first, 0.0), "second": (0.5 + gap, kl_second, 0.0)}
+    best, _ = choose([study(figures)])
+    assert best == ("first" if kl_first < kl_second else "second") or kl_first == kl_second
+
+
+def test_a_clear_effect_wins_over_less_collateral():
+    figures = {"strong": (0.2, 1.5, 0.0), "gentle": (0.2 + 3 * EFFECT_TIE, 0.1, 0.0)}
+    assert choose([study(figures)])[0] == "strong"
