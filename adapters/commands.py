@@ -352,7 +352,7 @@ def register_experiment(subparsers) -> None:
         help="neutral prompts whose answers measure collateral damage (KL) (default: 32)",
     )
     add_seed(parser, "the data split and the random draws")
-    add_batch_size(parser, 16)
+    add_batch_size(parser, 32)
     add_out(parser, "output directory (default: runs/experiment)", default="runs/experiment")
     renamed(
         parser,

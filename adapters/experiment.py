@@ -54,7 +54,7 @@ class Settings:
     exclude_layers: tuple[int, ...] = ()
     n_generate: int = 32
     n_neutral: int = 32
-    batch_size: int = 16
+    batch_size: int = 32
     seed: int = 0
     model: str = "default"
     alpha_grid: tuple[float, ...] = ALPHA_GRID
