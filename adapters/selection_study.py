@@ -29,7 +29,7 @@ import numpy as np
 from somp_ref.adapters.evaluation import Evaluator
 from somp_ref.adapters.experiment import Condition, Settings, measure_selection, rankings
 from somp_ref.adapters.export import export_activations
-from somp_ref.adapters.tasks import build_task
+from somp_ref.adapters.tasks import Task, build_task
 from somp_ref.concepts import load_concept, store_concept_ids
 from somp_ref.ranking import METHODS
 from somp_ref.selection import top_heads
@@ -51,10 +51,12 @@ def _mean(values: list[float]) -> float:
     return float(np.nanmean(array)) if np.isfinite(array).any() else float("nan")
 
 
-def study_task(model: Any, tokenizer: Any, name: str, settings: Settings, out: Path) -> dict:
-    """Every candidate and its random control on one task's validation split."""
+def study_task(
+    model: Any, tokenizer: Any, task: Task, k: int, settings: Settings, out: Path
+) -> dict:
+    """Every candidate and its random control on one task's validation split, at ``k``."""
     started = time.perf_counter()
-    task = build_task(name, seed=settings.seed)
+    name = task.name
     store = export_activations(
         model,
         tokenizer,
@@ -78,7 +80,6 @@ def study_task(model: Any, tokenizer: Any, name: str, settings: Settings, out: P
         n_neutral=settings.n_neutral,
         batch_size=settings.batch_size,
     )
-    k = STUDY_TASKS[name]
     conditions = measure_selection(
         evaluator,
         ranked,
@@ -192,4 +193,7 @@ def format_study(studies: list[dict]) -> str:
 def run_study(model: Any, tokenizer: Any, settings: Settings, out: Path) -> list[dict]:
     """The study over :data:`STUDY_TASKS`."""
     settings = replace(settings, ks=tuple(STUDY_TASKS.values()))
-    return [study_task(model, tokenizer, name, settings, out) for name in STUDY_TASKS]
+    return [
+        study_task(model, tokenizer, build_task(name, seed=settings.seed), k, settings, out)
+        for name, k in STUDY_TASKS.items()
+    ]

@@ -90,3 +90,23 @@ def test_amplification_chooses_alpha_on_validation_and_reports(smollm, tmp_path)
     assert "alpha sweep on the validation split" in text
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["experiments"][0]["summary"] and (tmp_path / "results.md").is_file()
+
+
+def test_the_selection_study_measures_every_ranking_against_its_own_control(smollm, tmp_path):
+    from somp_ref.adapters.selection_study import choose, format_study, study_task
+    from somp_ref.ranking import METHODS
+
+    model, tokenizer = smollm
+    study = study_task(model, tokenizer, small("colors"), 2, SETTINGS, tmp_path)
+    by_method = {c["method"]: c for c in study["conditions"] if "random" not in c["method"]}
+    assert set(by_method) == set(METHODS)
+    for method, condition in by_method.items():
+        controls = [c for c in study["conditions"] if c["method"] == f"random:{method}"]
+        assert len(controls) == SETTINGS.n_random
+        chosen = set(map(tuple, condition["heads"]))
+        assert all(not chosen & set(map(tuple, c["heads"])) for c in controls)
+        # Measured on the validation split, never the test split.
+        assert len(condition["values"]["mass"]) == len(small("colors").validation.target)
+    best, verdicts = choose([study])
+    assert best in METHODS and set(verdicts) == set(METHODS)
+    assert format_study([study]).splitlines()[-1].endswith(f"-> {best}")
