@@ -22,8 +22,8 @@ from typing import Any
 
 #: Public name -> the module that defines it.
 _API = {
-    "export": "somp_ref.adapters.export",
-    "export_activations": "somp_ref.adapters.export",
+    "export": "somp_ref.adapters.head_export",
+    "export_activations": "somp_ref.adapters.head_export",
     "steer": "somp_ref.adapters.intervene",
     "scale_heads": "somp_ref.adapters.intervene",
     "generate": "somp_ref.adapters.generation",

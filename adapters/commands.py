@@ -41,7 +41,7 @@ from somp_ref.cli_options import (
     renamed,
 )
 
-#: export's position rules (somp_ref.adapters.export.POSITIONS, kept here torch-free so
+#: export's position rules (somp_ref.adapters.head_export.POSITIONS, kept here torch-free so
 #: that --help is instant; a test keeps the two equal). The first is the default.
 EXPORT_POSITIONS = ("prompt-mean", "last", "mean", "all")
 
@@ -63,7 +63,7 @@ def _run_export(args: argparse.Namespace) -> int:
         check_some_layer_left(args)
     check_model(args)
     check_device(args.device)
-    from somp_ref.adapters.export import export_activations  # imports torch: after the checks
+    from somp_ref.adapters.head_export import export_activations  # imports torch: after the checks
 
     model, tokenizer = load(args)
     if args.rank_concept:

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from somp_ref.adapters.evaluation import Evaluator, Measurement
-from somp_ref.adapters.export import export_activations
+from somp_ref.adapters.head_export import export_activations
 from somp_ref.adapters.tasks import Task
 from somp_ref.concepts import load_concept, store_concept_ids
 from somp_ref.head_scores import Head, HeadScores

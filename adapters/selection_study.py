@@ -28,7 +28,7 @@ import numpy as np
 
 from somp_ref.adapters.evaluation import Evaluator
 from somp_ref.adapters.experiment import Condition, Settings, measure_selection, rankings
-from somp_ref.adapters.export import export_activations
+from somp_ref.adapters.head_export import export_activations
 from somp_ref.adapters.tasks import Task, build_task
 from somp_ref.concepts import load_concept, store_concept_ids
 from somp_ref.ranking import METHODS

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from somp_ref.adapters.capture import PositionMasks
-from somp_ref.adapters.export import export_batches
+from somp_ref.adapters.head_export import export_batches
 from somp_ref.adapters.model_heads import model_heads
 from somp_ref.store import ActivationStore
 

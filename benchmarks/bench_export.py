@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from somp_ref.adapters.export import export_activations
+from somp_ref.adapters.head_export import export_activations
 from somp_ref.adapters.models import load_model
 from somp_ref.adapters.prompts import BUILTIN
 from somp_ref.adapters.tokenization import encode

@@ -17,9 +17,9 @@ pytest.importorskip("transformers")
 from models import tiny_mistral  # noqa: E402
 
 from somp_ref.adapters.capture import capture_z  # noqa: E402
-from somp_ref.adapters.export import export_activations  # noqa: E402
 from somp_ref.adapters.families import UnsupportedModelError, family_of  # noqa: E402
 from somp_ref.adapters.generation import generate  # noqa: E402
+from somp_ref.adapters.head_export import export_activations  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
 from somp_ref.adapters.model_heads import model_heads  # noqa: E402
 from somp_ref.adapters.tokenization import encode  # noqa: E402

@@ -319,6 +319,6 @@ def test_layers_the_model_lacks_fail_before_any_forward_pass(
 def test_the_export_command_offers_the_exports_position_rules():
     pytest.importorskip("torch")
     from somp_ref.adapters.commands import EXPORT_POSITIONS
-    from somp_ref.adapters.export import POSITIONS
+    from somp_ref.adapters.head_export import POSITIONS
 
     assert EXPORT_POSITIONS == POSITIONS

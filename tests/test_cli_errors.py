@@ -432,7 +432,11 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
 
 def test_ctrl_c_of_a_running_process(tmp_path):
     """A real SIGINT, delivered while the command works."""
+    # A shell that starts a job in the background (nohup, &) makes it ignore SIGINT, and
+    # Python then keeps ignoring it: restore what a terminal's Ctrl-C meets.
     script = (
+        "import signal\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         "import time, somp_ref.demo as demo\n"
         "def slow(**kwargs):\n"
         "    print('working', flush=True)\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import inspect
 import os
 import shutil
 import subprocess
@@ -157,3 +158,16 @@ def test_the_wheel_installs_beside_adapterhub_and_verify(tmp_path):
     assert Path(theirs_adapters).parent.name == "adapters"
     assert Path(theirs_verify).parent.name == "verify"
     assert Path(ours_adapters).parent.parent.name == "somp_ref"
+
+
+def test_the_python_api_names_stay_functions_once_their_modules_are_imported():
+    # A submodule named like an API function would replace it on the package as soon as
+    # anything imports that submodule ("'module' object is not callable").
+    pytest.importorskip("torch")
+    import importlib
+
+    import somp_ref.adapters as api
+
+    for name, module in api._API.items():
+        importlib.import_module(module)
+        assert callable(getattr(api, name)) and not inspect.ismodule(getattr(api, name)), name
