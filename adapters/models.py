@@ -72,7 +72,8 @@ class ModelSource:
     revision: str | None = None
 
 
-def _first_line(err: BaseException) -> str:
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none)."""
     lines = str(err).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
@@ -107,7 +108,7 @@ def hub_source(repo_id: str, revision: str | None = None) -> ModelSource:
         except GatedRepoError as err:
             raise ModelLoadError(
                 f"{repo_id} is gated: accept its terms on huggingface.co and log in with "
-                f"'hf auth login' ({_first_line(err)})"
+                f"'hf auth login' ({first_line(err)})"
             ) from None
         except RepositoryNotFoundError:
             raise ModelLoadError(
@@ -117,7 +118,7 @@ def hub_source(repo_id: str, revision: str | None = None) -> ModelSource:
         except RevisionNotFoundError:
             raise ModelLoadError(f"{repo_id} has no revision {revision!r} on the hub") from None
         except Exception as err:  # unreachable: the class depends on the hub's HTTP library
-            reason = f"the hub cannot be reached ({_first_line(err)})"
+            reason = f"the hub cannot be reached ({first_line(err)})"
         else:
             if sha:
                 return ModelSource(repo_id, f"{repo_id}@{sha}", sha)

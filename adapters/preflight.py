@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from somp_ref.adapters.models import first_line
 from somp_ref.cli_options import MAX_LAYERS, check_layer_flags
 
 INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
@@ -133,7 +134,7 @@ def check_device(device: str) -> None:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as err:
-        raise ValueError(f"--device {device!r}: {_first_line(err)}") from None
+        raise ValueError(f"--device {device!r}: {first_line(err)}") from None
     if parsed.type in ("cpu", "meta"):
         return
     backend = getattr(torch, parsed.type, None)
@@ -152,11 +153,6 @@ def check_device(device: str) -> None:
             + (f" ({parsed.type}:0)" if count == 1 else "")
             + (f" ({parsed.type}:0 to {parsed.type}:{count - 1})" if count > 1 else "")
         )
-
-
-def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
 
 
 def check_model(args: argparse.Namespace) -> None:
