@@ -12,6 +12,7 @@ import weakref
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from somp_ref.adapters.families import Family, UnsupportedModelError, family_of, resolve
@@ -31,12 +32,13 @@ class ModelHeads:
     n_layers, n_heads, d_head, d_model : int
         Decoder layers, query heads per layer, head size and model width, from the (text)
         config: transformers 5's attention modules do not carry ``num_heads``.
-    o_proj : tuple of torch.nn.Linear
-        The attention output projection of every decoder layer, in order; each weight is
-        (d_model, n_heads * d_head).
+    o_proj : tuple of torch.nn.Module
+        The attention output projection of every decoder layer, in order: an ``nn.Linear``,
+        or GPT-2's ``Conv1D`` whose weight is stored transposed; :meth:`o_proj_weight` gives
+        either as (d_model, n_heads * d_head). Hooks on it see z as its first input.
     attn_out_norms : tuple of torch.nn.Module or None
         The norm each layer applies to the attention output before it joins the residual
-        stream (Gemma3), or None for families without one.
+        stream (Gemma2/3, OLMo2), or None for families without one.
     unembed : torch.nn.Linear
         The unembedding; its weight is (vocab, d_model).
     final_norm : torch.nn.Module
@@ -57,12 +59,24 @@ class ModelHeads:
         """The o_proj input features (weight columns) of head ``head``: d_head of them."""
         return slice(head * self.d_head, (head + 1) * self.d_head)
 
+    def o_proj_weight(self, layer: int) -> torch.Tensor:
+        """W_O of layer ``layer``, (d_model, n_heads * d_head), in the model's dtype: the
+        parameter itself or (Conv1D) its transposed view, so in-place edits reach the model."""
+        weight = self.o_proj[layer].weight
+        return weight.T if self.family.o_proj_transposed else weight
+
+    def o_proj_bias(self, layer: int) -> np.ndarray | None:
+        """The o_proj bias of layer ``layer`` as a float32 numpy array (d_model,) on the CPU,
+        or None where o_proj has none."""
+        bias = getattr(self.o_proj[layer], "bias", None)
+        return None if bias is None else bias.detach().float().cpu().numpy()
+
     def effective_o_proj(self, layer: int) -> torch.Tensor:
-        """The o_proj weight a head's contribution factors through, float32
+        """The o_proj weight a head's contribution factors through, float32 and contiguous
         (d_model, n_heads * d_head): the weight itself, or ``g * W_O`` under an
         attention-output norm with effective weight g (see :mod:`somp_ref.adapters.capture`).
         """
-        weight = self.o_proj[layer].weight.detach().float()
+        weight = self.o_proj_weight(layer).detach().float().contiguous()
         if self.attn_out_norms is None:
             return weight
         gain = self.attn_out_norms[layer].weight.detach().float() + self.family.norm_weight_offset
@@ -96,9 +110,10 @@ def _resolve(model: Any) -> ModelHeads:
     layers = resolve(model, family.layers)
     o_proj = tuple(resolve(layer, family.o_proj) for layer in layers)
     for module in o_proj:
-        if module.in_features != n_heads * d_head or module.out_features != d_model:
+        in_features, out_features = _features(module, family)
+        if in_features != n_heads * d_head or out_features != d_model:
             raise UnsupportedModelError(
-                f"{family.name}: o_proj is {module.in_features} -> {module.out_features}, "
+                f"{family.name}: o_proj is {in_features} -> {out_features}, "
                 f"expected {n_heads} heads x {d_head} -> {d_model}"
             )
     norms = None
@@ -115,3 +130,17 @@ def _resolve(model: Any) -> ModelHeads:
         unembed=resolve(model, family.unembed),
         final_norm=resolve(model, family.final_norm),
     )
+
+
+def _features(module: Any, family: Family) -> tuple[int, int]:
+    """(in_features, out_features) of an o_proj: nn.Linear says; GPT-2's Conv1D does not, and
+    its weight is (in_features, out_features)."""
+    if hasattr(module, "in_features") and hasattr(module, "out_features"):
+        return module.in_features, module.out_features
+    weight = getattr(module, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise UnsupportedModelError(
+            f"{family.name}: o_proj ({type(module).__name__}) has no 2-D weight"
+        )
+    in_features, out_features = weight.shape if family.o_proj_transposed else weight.T.shape
+    return in_features, out_features

@@ -117,3 +117,43 @@ def tiny_vlm(family: str, vocab_size: int, *, seed: int = 0):
     for sub in ("text_config", "vision_config"):
         getattr(config, sub)._attn_implementation = "eager"
     return model_class(config).eval()
+
+
+def tiny_causal_lm(family: str, vocab_size: int = 256, *, seed: int = 0):
+    """A randomly initialised 2-layer text model of ``family`` (a ``config.model_type``):
+    width 32, 4 query heads of 8 (2 KV heads where the family has GQA), eager attention.
+
+    Families: llama, mistral, qwen2, qwen3, phi3, gemma2, gemma3_text, olmo2, gpt2, olmo.
+    """
+    torch.manual_seed(seed)
+    T = transformers
+    text = dict(vocab_size=vocab_size, max_position_embeddings=256, tie_word_embeddings=False)
+    # pad ids must be inside the small vocabulary (Phi-3's default is 32000)
+    gqa = dict(_text(), pad_token_id=0, bos_token_id=1, eos_token_id=2, **text)
+    if family == "gpt2":
+        config = T.GPT2Config(
+            vocab_size=vocab_size,
+            n_positions=256,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_inner=64,
+            bos_token_id=1,
+            eos_token_id=2,
+        )
+        model_class = T.GPT2LMHeadModel
+    else:
+        config_class, model_class = {
+            "llama": (T.LlamaConfig, T.LlamaForCausalLM),
+            "mistral": (T.MistralConfig, T.MistralForCausalLM),
+            "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM),
+            "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM),
+            "phi3": (T.Phi3Config, T.Phi3ForCausalLM),
+            "gemma2": (T.Gemma2Config, T.Gemma2ForCausalLM),
+            "gemma3_text": (T.Gemma3TextConfig, T.Gemma3ForCausalLM),
+            "olmo2": (T.Olmo2Config, T.Olmo2ForCausalLM),
+            "olmo": (T.OlmoConfig, T.OlmoForCausalLM),
+        }[family]
+        config = config_class(**gqa)
+    config._attn_implementation = "eager"
+    return model_class(config).eval()
