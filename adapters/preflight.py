@@ -122,7 +122,10 @@ def _store_own_names(path: Path, out: str) -> set[str]:
         raise not_a_store(f"{META_FILE} has format version {meta.get('format_version')!r}")
     if type(n_layers) is not int or not 1 <= n_layers <= MAX_LAYERS:
         raise not_a_store(f"{META_FILE} has n_layers {n_layers!r}")
-    return {META_FILE, UNEMBED_FILE, SAMPLES_FILE, *(layer_file(i) for i in range(n_layers))}
+    from somp_ref.store.row_appending import partial_name
+
+    parts = {UNEMBED_FILE, SAMPLES_FILE, *(layer_file(i) for i in range(n_layers))}
+    return {META_FILE, *parts, *(partial_name(part) for part in parts - {UNEMBED_FILE})}
 
 
 def check_device(device: str) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from somp_ref.store.layout import META_FILE, StoreError, is_part_name
 from somp_ref.store.locations import sibling, siblings
+from somp_ref.store.row_appending import part_of_partial
 from somp_ref.store.schema import load_meta
 
 # The temporary files of somp_ref.files.write_atomically, which writes every store file:
@@ -35,6 +36,9 @@ def _is_own_entry(entry: os.DirEntry, n_layers: int | None) -> bool:
     if entry.is_dir(follow_symlinks=False):
         return False
     if entry.name == META_FILE or is_part_name(entry.name, n_layers):
+        return True
+    partial = part_of_partial(entry.name)  # a part whose rows were being appended
+    if partial is not None and is_part_name(partial, n_layers):
         return True
     if _SAFETENSORS_TEMP_NAME.fullmatch(entry.name):
         return True

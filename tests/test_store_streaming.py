@@ -1,0 +1,231 @@
+"""Rows appended batch by batch: the same store as one written whole, nothing lost or
+invented by an interruption, and shards merged back into one store."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from stores import write_planted_store
+
+from somp_ref.store import ActivationStore, StoreError
+from somp_ref.store.merging import merge_stores
+from somp_ref.store.replacing import remove_store_dir
+from somp_ref.store.row_appending import PromptsHash, RowWriter, partial_name
+from somp_ref.store.writing import _prompts_hash
+
+SHAPES = {"n_layers": 2, "n_heads": 3, "d_head": 4, "d_model": 8}
+
+
+def _data(n: int, seed: int = 0, with_bias: bool = True):
+    rng = np.random.default_rng(seed)
+    z = rng.standard_normal((SHAPES["n_layers"], n, 3, 4)).astype(np.float32)
+    weights = [
+        (
+            rng.standard_normal((8, 12)),
+            rng.standard_normal(8) if with_bias and layer == 0 else None,
+        )
+        for layer in range(SHAPES["n_layers"])
+    ]
+    records = [{"prompt": f"p{i} é", "i": i} for i in range(n)]
+    return z, weights, records
+
+
+def _whole(path, z, weights, records, unembed):
+    with ActivationStore.create(path, **SHAPES) as store:
+        for layer, (o_proj, bias) in enumerate(weights):
+            store.write_layer(layer, z=z[layer], o_proj=o_proj, bias=bias)
+        store.write_unembed(unembed)
+        store.write_samples(records)
+    return ActivationStore.open(path)
+
+
+def _appended(path, z, weights, records, unembed, cuts):
+    with ActivationStore.create(path, **SHAPES) as store:
+        writer = RowWriter.start(store, lambda layer: weights[layer])
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+            writer.append([zl[a:b] for zl in z], records[a:b], {"upto": b})
+        writer.finish()
+        store.write_unembed(unembed)
+    return ActivationStore.open(path)
+
+
+def _same_content(a: ActivationStore, b: ActivationStore) -> None:
+    assert a.n_samples == b.n_samples
+    for layer in range(a.n_layers):
+        (za, wa), (zb, wb) = a.layer(layer), b.layer(layer)
+        assert np.array_equal(za, zb) and np.array_equal(wa, wb)  # copies: exact
+        ba, bb = a.layer_bias(layer), b.layer_bias(layer)
+        assert (ba is None and bb is None) or np.array_equal(ba, bb)
+    assert a.samples() == b.samples()
+    assert a.meta["prompts_hash"] == b.meta["prompts_hash"]
+    assert np.array_equal(a.unembed(), b.unembed())
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(1, 30), data=st.data())
+def test_appending_batch_by_batch_gives_the_store_written_whole(tmp_path_factory, n, data):
+    cuts = sorted(set(data.draw(st.lists(st.integers(1, n - 1), max_size=6)) if n > 1 else []))
+    cuts = [0, *cuts, n]
+    z, weights, records = _data(n, seed=n)
+    unembed = np.eye(8)
+    tmp = tmp_path_factory.mktemp("s")
+    whole = _whole(tmp / "whole", z, weights, records, unembed)
+    appended = _appended(tmp / "appended", z, weights, records, unembed, cuts)
+    _same_content(whole, appended)
+    appended.verify()
+
+
+def test_a_streamed_layer_file_is_read_by_safetensors_itself(tmp_path):
+    safetensors = pytest.importorskip("safetensors.numpy")
+    z, weights, records = _data(5)
+    store = _appended(tmp_path / "s", z, weights, records, np.eye(8), [0, 2, 5])
+    loaded = safetensors.load_file(str(tmp_path / "s" / "layer_000.safetensors"))
+    assert np.array_equal(loaded["z"], z[0])
+    assert np.array_equal(loaded["o_proj"], weights[0][0])  # float64 weights stay float64
+    assert store.meta["files"]["layer_000.safetensors"]["bytes"] == (
+        tmp_path / "s" / "layer_000.safetensors"
+    ).stat().st_size
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.one_of(st.text(max_size=5), st.none(), st.integers()), max_size=6))
+def test_the_streamed_prompts_hash_is_the_whole_one(prompts):
+    records = [{"prompt": p} for p in prompts] + [{"other": 1}]
+    hasher = PromptsHash()
+    for record in records:
+        hasher.add(record)
+    assert hasher.hexdigest() == _prompts_hash(records)
+
+
+def _interrupted(path, z, weights, records, batches_done, garbage=True):
+    """A store whose writer committed ``batches_done`` batches of 2 rows, then died while
+    writing the next one (some bytes of it on disk, not committed)."""
+    store = ActivationStore.create(path, **SHAPES)
+    writer = RowWriter.start(store, lambda layer: weights[layer], {"batches": 0})
+    for i in range(batches_done):
+        a = 2 * i
+        writer.append([zl[a : a + 2] for zl in z], records[a : a + 2], {"batches": i + 1})
+    writer.close()
+    if garbage:  # the next batch half written: bytes past the committed sizes
+        with open(path / partial_name("layer_000.safetensors"), "ab") as handle:
+            handle.write(b"\x7f" * 40)
+        with open(path / partial_name("samples.jsonl"), "ab") as handle:
+            handle.write(b'{"prompt": "inven')
+    store._abandon()  # what the with block does on an error: release the lock
+    return store
+
+
+def test_an_interrupted_writer_resumes_from_its_last_commit_with_nothing_invented(tmp_path):
+    z, weights, records = _data(8)
+    _interrupted(tmp_path / "s", z, weights, records, batches_done=2)
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore.open(tmp_path / "s")
+    store = ActivationStore.resume(tmp_path / "s")
+    writer = RowWriter.resume(store)
+    assert writer.rows == 4 and writer.progress == {"batches": 2}
+    writer.append([zl[4:8] for zl in z], records[4:8], {"batches": 3})
+    writer.finish()
+    store.write_unembed(np.eye(8))
+    store.close()
+    whole = _whole(tmp_path / "whole", z, weights, records, np.eye(8))
+    _same_content(whole, ActivationStore.open(tmp_path / "s"))
+
+
+def test_a_partial_file_shorter_than_committed_is_lost_rows_not_a_silent_store(tmp_path):
+    z, weights, records = _data(6)
+    _interrupted(tmp_path / "s", z, weights, records, batches_done=2, garbage=False)
+    partial = tmp_path / "s" / partial_name("layer_001.safetensors")
+    with open(partial, "r+b") as handle:
+        handle.truncate(partial.stat().st_size - 1)
+    store = ActivationStore.resume(tmp_path / "s")
+    with pytest.raises(StoreError, match="fewer than the .* committed: rows are lost"):
+        RowWriter.resume(store)
+    store._abandon()
+
+
+def test_bad_batches_are_refused_before_anything_is_written(tmp_path):
+    z, weights, records = _data(4)
+    store = ActivationStore.create(tmp_path / "s", **SHAPES)
+    writer = RowWriter.start(store, lambda layer: weights[layer])
+    bad = z.copy()
+    bad[1, 1, 2, 3] = np.nan
+    with pytest.raises(ValueError, match="layer 1: z is not finite at sample 1, head 2"):
+        writer.append(list(bad), records)
+    with pytest.raises(ValueError, match="one entry per row"):
+        writer.append(list(z), records[:3])
+    with pytest.raises(ValueError, match="same rows in every layer"):
+        writer.append([z[0], z[1][:3]], records)
+    assert writer.rows == 0
+    with pytest.raises(StoreError, match="no rows"):
+        writer.finish()
+    writer.close()
+    store._abandon()
+
+
+def test_an_interrupted_store_is_removed_whole_with_its_partial_files(tmp_path):
+    z, weights, records = _data(4)
+    _interrupted(tmp_path / "s", z, weights, records, batches_done=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a leftover file would warn
+        remove_store_dir(tmp_path / "s", None)
+    assert not (tmp_path / "s").exists()
+
+
+def test_an_interrupted_store_can_be_overwritten(tmp_path):
+    z, weights, records = _data(4)
+    _interrupted(tmp_path / "s", z, weights, records, batches_done=1)
+    _appended(tmp_path / "s2", z, weights, records, np.eye(8), [0, 4])
+    with ActivationStore.create(tmp_path / "s", overwrite=True, **SHAPES) as store:
+        writer = RowWriter.start(store, lambda layer: weights[layer])
+        writer.append(list(z), records)
+        writer.finish()
+        store.write_unembed(np.eye(8))
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == sorted(
+        p.name for p in (tmp_path / "s2").iterdir()
+    )
+
+
+@pytest.mark.parametrize("sizes", [(7,), (3, 5, 1)])
+def test_shards_merge_into_the_store_they_were_cut_from(tmp_path, sizes):
+    n = sum(sizes)
+    whole = write_planted_store(tmp_path / "whole", n_samples=n)
+    edges = np.cumsum([0, *sizes])
+    shards = []
+    for i, (a, b) in enumerate(zip(edges[:-1], edges[1:], strict=True)):
+        path = tmp_path / f"shard{i}"
+        with ActivationStore.create(
+            path,
+            n_layers=whole.n_layers,
+            n_heads=whole.n_heads,
+            d_head=whole.d_head,
+            d_model=whole.d_model,
+            meta={"model_id": "synthetic", "positions": "last"},
+        ) as store:
+            for layer in range(whole.n_layers):
+                z, o_proj = whole.layer(layer)
+                store.write_layer(layer, z=z[a:b], o_proj=o_proj)
+            store.write_unembed(whole.unembed(), whole.final_norm(), whole.vocab())
+            store.write_samples(whole.samples()[a:b])
+        shards.append(path)
+    merged = merge_stores(shards, tmp_path / "merged", chunk_rows=2, show_progress=False)
+    _same_content(whole, merged)
+    assert merged.meta["model_id"] == "synthetic"
+    assert merged.meta["merged_from"] == [str(p) for p in shards]
+
+
+def test_shards_of_different_exports_are_refused(tmp_path):
+    a = write_planted_store(tmp_path / "a", n_samples=5)
+    b = write_planted_store(tmp_path / "b", n_samples=5, seed=1)  # other weights
+    with pytest.raises(StoreError, match="unembeddings differ"):
+        merge_stores([a.path, b.path], tmp_path / "m", show_progress=False)
+    meta = json.loads((tmp_path / "b" / "meta.json").read_text())
+    assert meta["positions"] == "last"
+    c = write_planted_store(tmp_path / "c", n_samples=5, n_heads=5)
+    with pytest.raises(StoreError, match="n_heads 5 != 4"):
+        merge_stores([a.path, c.path], tmp_path / "m", show_progress=False)
+    assert not (tmp_path / "m").exists()
