@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import inspect
+import itertools
+import json
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -18,9 +24,13 @@ from somp_ref.adapters.capture import (
     select_positions,
 )
 from somp_ref.adapters.model_heads import ModelHeads, model_heads
+from somp_ref.adapters.offload import materialized
 from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
 from somp_ref.progress import progress
-from somp_ref.store import ActivationStore
+from somp_ref.store import ActivationStore, StoreError
+from somp_ref.store.merging import merge_stores, shard_path
+from somp_ref.store.replacing import remove_store_dir
+from somp_ref.store.row_appending import RowWriter
 
 #: The rules a text export offers ("image-mean", "image", "text" need images).
 POSITIONS = ("prompt-mean", "last", "mean", "all")
@@ -41,10 +51,11 @@ def vocabulary(tokenizer: Any, size: int) -> list[str]:
 def unembedding(heads: ModelHeads) -> tuple[np.ndarray, np.ndarray | None]:
     """The unembedding (v, d_model) and the final norm's effective weight (d_model,), or
     None for a norm without a weight."""
-    weight = heads.unembed.weight.detach().float().cpu().numpy()
-    norm = getattr(heads.final_norm, "weight", None)
-    if norm is not None:
-        norm = norm.detach().float().cpu().numpy() + heads.family.norm_weight_offset
+    weight = materialized(heads.unembed, "weight").float().cpu().numpy()
+    norm = None
+    if getattr(heads.final_norm, "weight", None) is not None:
+        norm = materialized(heads.final_norm, "weight").float().cpu().numpy()
+        norm = norm + heads.family.norm_weight_offset
     return weight, norm
 
 
@@ -60,9 +71,16 @@ def export_activations(
     dtype: str = "float32",
     padding_side: str = "left",
     overwrite: bool = False,
+    resume: bool = False,
     show_progress: bool = True,
 ) -> ActivationStore:
     """Run the prompts through the model and store every head's z at the chosen positions.
+
+    Rows are written batch by batch (memory holds one batch). Launched as several
+    processes (``torchrun`` or ``accelerate launch``: ``RANK`` and ``WORLD_SIZE`` set),
+    each process exports its contiguous block of the prompts to a shard beside ``out``
+    (:func:`somp_ref.store.merging.shard_path`), and the first merges the shards into
+    ``out`` once all are done.
 
     Parameters
     ----------
@@ -83,12 +101,17 @@ def export_activations(
         How z is stored.
     padding_side : {"left", "right"}, default="left"
         Results do not depend on it either (position ids count real tokens only).
+    overwrite : bool, default=False
+        Replace the store at ``out``.
+    resume : bool, default=False
+        Continue an interrupted export to ``out`` (same model, prompts and options) from
+        its last finished batch.
 
     Returns
     -------
     ActivationStore
         Opened for reading. If anything fails midway the directory is left marked
-        incomplete and will not open as a store.
+        incomplete: it will not open as a store, and ``resume=True`` finishes it.
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -96,7 +119,27 @@ def export_activations(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if not records:
         raise ValueError("records must not be empty")
-    device = next(model.parameters()).device
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    rank, world = process_rank()
+    if world > 1:
+        return _export_shard_and_merge(
+            model,
+            tokenizer,
+            records,
+            out,
+            rank,
+            world,
+            positions=positions,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            dtype=dtype,
+            padding_side=padding_side,
+            overwrite=overwrite,
+            resume=resume,
+            show_progress=show_progress,
+        )
+    device = input_device(model)
 
     def batches():
         for start in range(0, len(records), batch_size):
@@ -126,10 +169,88 @@ def export_activations(
         positions=positions,
         dtype=dtype,
         overwrite=overwrite,
+        resume=resume,
+        fingerprint=inputs_fingerprint(
+            records,
+            batch_size=batch_size,
+            chat_template=chat_template,
+            padding_side=padding_side,
+            positions=positions,
+        ),
         show_progress=show_progress,
         n_batches=-(-len(records) // batch_size),
         meta={"chat_template": chat_template},
     )
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process in a data-parallel launch: from an initialised
+    ``torch.distributed`` group, else ``RANK`` / ``WORLD_SIZE`` (which ``torchrun`` and
+    ``accelerate launch`` set); (0, 1) for a plain run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous blocks of ``n`` prompts for ``world`` processes, sizes differing by at
+    most one, in order (the merged store keeps the prompts' order)."""
+    edges = [n * rank // world for rank in range(world + 1)]
+    return list(itertools.pairwise(edges))
+
+
+def _export_shard_and_merge(model, tokenizer, records, out, rank, world, **options):
+    """This process's block of the prompts to its shard; then, on rank 0 once every process
+    is done, the shards merged into ``out`` (and removed)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    started = False
+    if not dist.is_initialized():  # torchrun / accelerate launch: the env:// rendezvous
+        dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
+        started = True
+    try:
+        bounds = shard_bounds(len(records), world)
+        start, end = bounds[rank]
+        shard = shard_path(out, rank, world)
+        resume = options.pop("resume")
+        finished = resume and _is_complete(shard)
+        if end > start and not finished:
+            export_activations(
+                model,
+                tokenizer,
+                records[start:end],
+                shard,
+                resume=resume and shard.exists(),
+                **options,
+            )
+        dist.barrier()
+        if rank == 0:
+            shards = [shard_path(out, r, world) for r, (a, b) in enumerate(bounds) if b > a]
+            merge_stores(
+                shards,
+                out,
+                overwrite=options["overwrite"],
+                show_progress=options["show_progress"],
+            )
+            for path in shards:
+                remove_store_dir(path, None)
+        dist.barrier()
+    finally:
+        if started:
+            dist.destroy_process_group()
+    return ActivationStore.open(out)
+
+
+def _is_complete(path: Path) -> bool:
+    try:
+        ActivationStore.open(path)
+    except StoreError:
+        return False
+    return True
 
 
 def export(
@@ -175,6 +296,32 @@ def export(
     )
 
 
+def inputs_fingerprint(records: Sequence[dict[str, Any]], **options: Any) -> str:
+    """SHA-256 of the prompts and the options that decide how they are batched and encoded:
+    what a resumed export must share with the one it continues."""
+    text = json.dumps({"records": list(records), **options}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its input embedding's device (under an accelerate device
+    map, the device that layer executes on, even when its weights are offloaded)."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    device = embedding.weight.device
+    return torch.device("cpu") if device.type == "meta" else device
+
+
+def forward_without_logits(model: Any, inputs: dict[str, Any]) -> None:
+    """Run the model for its hooks only: no KV cache, and the unembedding applied to the last
+    position alone (``logits_to_keep=1``) where the model takes it, not to every position."""
+    params = inspect.signature(model.forward).parameters
+    keep = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+    model(**inputs, use_cache=False, **keep)
+
+
 @torch.no_grad()
 def export_batches(
     model: Any,
@@ -185,6 +332,8 @@ def export_batches(
     positions: str = "last",
     dtype: str = "float32",
     overwrite: bool = False,
+    resume: bool = False,
+    fingerprint: str | None = None,
     show_progress: bool = True,
     n_batches: int | None = None,
     meta: dict[str, Any] | None = None,
@@ -195,63 +344,120 @@ def export_batches(
 
     Heads' contributions are stored as factors: z (normalised under an attention-output
     norm, see :mod:`somp_ref.adapters.capture`) and the matching effective o_proj weight.
+    Rows go to disk batch by batch (:class:`somp_ref.store.row_appending.RowWriter`), so
+    memory holds one batch whatever the number of rows, and an interrupted export keeps
+    every batch it finished.
+
+    Parameters
+    ----------
+    resume : bool, default=False
+        Continue the interrupted export at ``out`` from its last finished batch: ``batches``
+        must be the same as the first time (from the start; the finished ones are skipped).
+    fingerprint : str, optional
+        Identifies the inputs (:func:`inputs_fingerprint`); a resume with another one is
+        refused.
     """
     heads = model_heads(model)
-    # On any error the with block releases the writer lock (an interrupted overwrite leaves
-    # the old store as it was; a new store stays incomplete and never opens as complete).
-    with ActivationStore.create(
-        out,
-        n_layers=heads.n_layers,
-        n_heads=heads.n_heads,
-        d_head=heads.d_head,
-        d_model=heads.d_model,
-        dtype=dtype,
-        overwrite=overwrite,
-        meta={
-            "model_id": getattr(model, "somp_ref_model_id", None)
-            or getattr(model.config, "_name_or_path", "unknown"),
-            "family": heads.family.name,
-            "positions": positions,
-            "hook": "o_proj input (hook_z)",
-            "contribution": "post-attention-norm share"
-            if heads.attn_out_norms is not None
-            else "z @ W_O[:, head]^T",
-            "model_dtype": str(next(model.parameters()).dtype),
-            **(meta or {}),
-        },
-    ) as store:
-        per_layer: list[list[np.ndarray]] = [[] for _ in range(heads.n_layers)]
-        samples: list[dict[str, Any]] = []
-        with capture_z(model, contributions=True) as captured:
-            for records, inputs, masks in progress(
-                batches, desc="export (batches)", enabled=show_progress, total=n_batches
-            ):
-                model(**inputs, use_cache=False)
-                mask = inputs["attention_mask"]
-                for layer in range(heads.n_layers):
-                    rows = select_positions(captured[layer], mask, positions, masks)
-                    per_layer[layer].append(rows.float().cpu().numpy().astype(dtype))
-                samples += _sample_records(records, inputs, tokenizer, positions, masks)
-        for layer, module in enumerate(
-            progress(heads.o_proj, desc="write layers", enabled=show_progress)
-        ):
-            bias = None if module.bias is None else module.bias.detach().float().cpu().numpy()
-            store.write_layer(
-                layer,
-                z=np.concatenate(per_layer[layer]),
-                o_proj=heads.effective_o_proj(layer).cpu().numpy(),
-                bias=bias,
+    facts = {
+        "model_id": getattr(model, "somp_ref_model_id", None)
+        or getattr(model.config, "_name_or_path", "unknown"),
+        "family": heads.family.name,
+        "positions": positions,
+        "hook": "o_proj input (hook_z)",
+        "contribution": "post-attention-norm share"
+        if heads.attn_out_norms is not None
+        else "z @ W_O[:, head]^T",
+        "model_dtype": str(next(model.parameters()).dtype),
+        **(meta or {}),
+    }
+    if resume:
+        store, writer = _resume(out, facts, dtype, fingerprint)
+    else:
+        store = ActivationStore.create(
+            out,
+            n_layers=heads.n_layers,
+            n_heads=heads.n_heads,
+            d_head=heads.d_head,
+            d_model=heads.d_model,
+            dtype=dtype,
+            overwrite=overwrite,
+            meta=facts,
+        )
+        try:
+            writer = RowWriter.start(
+                store,
+                lambda layer: (
+                    heads.effective_o_proj(layer).cpu().numpy(),
+                    heads.o_proj_bias(layer),
+                ),
+                {"batches": 0, "inputs": fingerprint},
             )
-            per_layer[layer] = []
+        except BaseException:
+            store.__exit__(*sys.exc_info())
+            raise
+    done = writer.progress["batches"]
+    # On any error the with block releases the writer lock: a new store stays incomplete,
+    # resumable from its last committed batch (an interrupted overwrite leaves the old
+    # store as it was).
+    with store, contextlib.closing(writer), capture_z(model, contributions=True) as captured:
+        remaining = None if n_batches is None else max(n_batches - done, 0)
+        seen = done
+        for records, inputs, masks in progress(
+            itertools.islice(batches, done, None),
+            desc="export (batches)",
+            enabled=show_progress,
+            total=remaining,
+        ):
+            forward_without_logits(model, inputs)
+            mask = inputs["attention_mask"]
+            z = [
+                select_positions(captured[layer], mask, positions, masks).float().cpu().numpy()
+                for layer in range(heads.n_layers)
+            ]
+            samples = _sample_records(records, inputs, tokenizer, positions, masks)
+            seen += 1
+            writer.append(z, samples, {"batches": seen, "inputs": fingerprint})
+        if seen < done:
+            raise StoreError(
+                f"{out}: {done} batches were exported before, but only {seen} are given now"
+            )
+        writer.finish()
         unembed, final_norm = unembedding(heads)
         store.write_unembed(unembed, final_norm, vocab=vocabulary(tokenizer, unembed.shape[0]))
-        store.write_samples(samples)
     print(
         f"wrote {store.path}: {store.n_samples} rows x {heads.n_layers} layers x "
         f"{heads.n_heads} heads",
         file=sys.stderr,
     )
     return ActivationStore.open(out)
+
+
+def _resume(
+    out: str | Path, facts: dict[str, Any], dtype: str, fingerprint: str | None
+) -> tuple[ActivationStore, RowWriter]:
+    """The interrupted store at ``out`` and its row writer, once it is known to be an
+    export of the same model, rule and inputs."""
+    store = ActivationStore.resume(out)
+    try:
+        writer = RowWriter.resume(store)
+        found = store.meta
+        wanted = {**facts, "dtype": dtype}
+        for key in ("model_id", "family", "positions", "model_dtype", "dtype"):
+            if found.get(key) != wanted.get(key):
+                raise StoreError(
+                    f"{out}: cannot resume, it was exported with {key} {found.get(key)!r}, "
+                    f"not {wanted.get(key)!r}"
+                )
+        if writer.progress.get("inputs") != fingerprint:
+            raise StoreError(
+                f"{out}: cannot resume, it was started with other prompts or options (batch "
+                "size, chat template, padding, positions); resume with the same ones, or "
+                "export again with --overwrite"
+            )
+    except BaseException:
+        store.__exit__(*sys.exc_info())
+        raise
+    return store, writer
 
 
 def _sample_records(

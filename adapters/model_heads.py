@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from somp_ref.adapters.families import Family, UnsupportedModelError, family_of, resolve
+from somp_ref.adapters.offload import materialized
 
 
 @dataclass(frozen=True)
@@ -68,18 +69,23 @@ class ModelHeads:
     def o_proj_bias(self, layer: int) -> np.ndarray | None:
         """The o_proj bias of layer ``layer`` as a float32 numpy array (d_model,) on the CPU,
         or None where o_proj has none."""
-        bias = getattr(self.o_proj[layer], "bias", None)
-        return None if bias is None else bias.detach().float().cpu().numpy()
+        if getattr(self.o_proj[layer], "bias", None) is None:
+            return None
+        return materialized(self.o_proj[layer], "bias").float().cpu().numpy()
 
     def effective_o_proj(self, layer: int) -> torch.Tensor:
         """The o_proj weight a head's contribution factors through, float32 and contiguous
         (d_model, n_heads * d_head): the weight itself, or ``g * W_O`` under an
         attention-output norm with effective weight g (see :mod:`somp_ref.adapters.capture`).
         """
-        weight = self.o_proj_weight(layer).detach().float().contiguous()
+        weight = materialized(self.o_proj[layer], "weight")  # also when offloaded
+        if self.family.o_proj_transposed:
+            weight = weight.T
+        weight = weight.float().contiguous()
         if self.attn_out_norms is None:
             return weight
-        gain = self.attn_out_norms[layer].weight.detach().float() + self.family.norm_weight_offset
+        norm = materialized(self.attn_out_norms[layer], "weight").to(weight.device)
+        gain = norm.float() + self.family.norm_weight_offset
         return gain[:, None] * weight
 
 

@@ -301,9 +301,10 @@ def test_unknown_architecture_lists_supported_ones():
 
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=8, vocab_size=10)
     model = transformers.GPT2LMHeadModel(config)
+    model.config.model_type = "unlisted"  # GPT-2 itself is supported, and not Llama-like
     with pytest.raises(
         UnsupportedModelError,
-        match=r"'gpt2' is not supported; supported: "
+        match=r"'unlisted' is not supported; supported: "
         r".*llama.*mistral",
     ):
         family_of(model)
