@@ -14,6 +14,7 @@ from pathlib import Path
 
 from somp_ref.adapters.preflight import (
     check_device,
+    check_device_map,
     check_layers,
     check_model,
     check_store_target,
@@ -52,7 +53,10 @@ def _run_export(args: argparse.Namespace) -> int:
     from somp_ref.files import check_output_file, check_outside, write_all_atomically
 
     records = read_prompts(args.prompts)
-    check_store_target(args.out, args.overwrite)
+    if args.resume and args.overwrite:
+        raise ValueError("give --resume or --overwrite, not both")
+    if not args.resume:
+        check_store_target(args.out, args.overwrite)
     rank_out = None
     if args.rank_concept:
         load_concept(args.rank_concept)
@@ -62,8 +66,12 @@ def _run_export(args: argparse.Namespace) -> int:
         check_output_file(rank_out)
         check_some_layer_left(args)
     check_model(args)
+    check_device_map(args)
     check_device(args.device)
-    from somp_ref.adapters.head_export import export_activations  # imports torch: after the checks
+    from somp_ref.adapters.head_export import (  # imports torch: after the checks
+        export_activations,
+        process_rank,
+    )
 
     model, tokenizer = load(args)
     if args.rank_concept:
@@ -78,7 +86,10 @@ def _run_export(args: argparse.Namespace) -> int:
         chat_template=args.chat_template,
         dtype=args.store_dtype,
         overwrite=args.overwrite,
+        resume=args.resume,
     )
+    if process_rank()[0] != 0:  # one process of a data-parallel launch reports and ranks
+        return 0
     print(f"wrote {args.out}")
     if args.rank_concept:
         from somp_ref.head_scores import format_top_heads
@@ -106,6 +117,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             f"--top {args.top}"
         )
     check_model(args)
+    check_device_map(args)
     check_device(args.device)
     from somp_ref.adapters.generation import generate  # imports torch: after the checks
     from somp_ref.adapters.intervene import scale_heads
@@ -144,10 +156,16 @@ def register(subparsers) -> None:
             "unembedding, the final norm and the vocabulary. Results do not depend on batch "
             "size or padding. With --rank-concept, also rank the store's heads for that "
             "concept right away with the torch port of SOMP on --device (the ranking options "
-            "are rank's), writing the ranking CSV --rank-out."
+            "are rank's), writing the ranking CSV --rank-out. Rows go to disk batch by batch: "
+            "memory holds one batch, and --resume finishes an interrupted export. Launched "
+            "with torchrun or accelerate launch, each process exports its block of the "
+            "prompts to a shard OUT.shard-R-of-W and the first merges them into --out."
         ),
-        epilog="example: somp-ref export --model default --prompts builtin:colors "
-        "--chat-template --out runs/colors --rank-concept colors --device cuda",
+        epilog="examples: somp-ref export --model default --prompts builtin:colors "
+        "--chat-template --out runs/colors --rank-concept colors --device cuda; "
+        "torchrun --nproc-per-node 8 -m somp_ref export --model meta-llama/Llama-3.1-8B "
+        "--prompts prompts.jsonl --out runs/big --device cuda (each process on "
+        "cuda:LOCAL_RANK)",
     )
     add_model_loading(export)
     export.add_argument(
@@ -181,6 +199,13 @@ def register(subparsers) -> None:
     )
     export.add_argument(
         "--overwrite", action="store_true", help="replace an existing store (default: refuse)"
+    )
+    export.add_argument(
+        "--resume",
+        action="store_true",
+        help="finish an interrupted export to --out from its last finished batch: rows go to "
+        "disk batch by batch, and every finished batch is kept; give the same model, prompts "
+        "and options as the first time (checked) (default: refuse an existing --out)",
     )
     export.add_argument(
         "--rank-concept",
@@ -229,6 +254,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out)
     check_model(args)
+    check_device_map(args)
     check_device(args.device)
     from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
     from somp_ref.adapters.report import write_report

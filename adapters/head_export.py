@@ -139,6 +139,38 @@ def export_activations(
             resume=resume,
             show_progress=show_progress,
         )
+    return _export_here(
+        model,
+        tokenizer,
+        records,
+        out,
+        positions=positions,
+        batch_size=batch_size,
+        chat_template=chat_template,
+        dtype=dtype,
+        padding_side=padding_side,
+        overwrite=overwrite,
+        resume=resume,
+        show_progress=show_progress,
+    )
+
+
+def _export_here(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    out: str | Path,
+    *,
+    positions: str,
+    batch_size: int,
+    chat_template: bool,
+    dtype: str,
+    padding_side: str,
+    overwrite: bool,
+    resume: bool,
+    show_progress: bool,
+) -> ActivationStore:
+    """:func:`export_activations` in this process alone."""
     device = input_device(model)
 
     def batches():
@@ -219,7 +251,7 @@ def _export_shard_and_merge(model, tokenizer, records, out, rank, world, **optio
         resume = options.pop("resume")
         finished = resume and _is_complete(shard)
         if end > start and not finished:
-            export_activations(
+            _export_here(
                 model,
                 tokenizer,
                 records[start:end],
@@ -238,6 +270,8 @@ def _export_shard_and_merge(model, tokenizer, records, out, rank, world, **optio
             )
             for path in shards:
                 remove_store_dir(path, None)
+                # Its writer lock file: every process is past the barrier, none holds it.
+                (path.parent / f".{path.name}.lock").unlink(missing_ok=True)
         dist.barrier()
     finally:
         if started:

@@ -176,6 +176,8 @@ def load_model(
     device: str = "cpu",
     dtype: str = "float32",
     attn_implementation: str = "eager",
+    device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | None = None,
 ) -> tuple[Any, Any]:
     """Load a causal LM and its tokenizer, in eval mode.
 
@@ -192,6 +194,13 @@ def load_model(
     dtype : {"float32", "float16", "bfloat16", "float64"}, default="float32"
     attn_implementation : str, default="eager"
         Eager attention is deterministic and what the parity tests compare against.
+    device_map : str or dict, optional
+        Spread the model over the devices with accelerate instead of moving it to
+        ``device``: "auto" (fill the GPUs in order, then the CPU, then ``offload_folder``),
+        "balanced", "sequential", or a mapping of module names to devices ("cuda:0",
+        "cpu", "disk"). Capture, export and interventions work wherever the layers are.
+    offload_folder : str, optional
+        Where layers mapped to "disk" are kept.
 
     Returns
     -------
@@ -206,11 +215,15 @@ def load_model(
     """
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if device_map is not None and device != "cpu":
+        raise ValueError(f"give a device ({device!r}) or a device map, not both")
     source = resolve_model(name_or_path, revision)  # before torch: a bad name fails fast
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     pinned = {"revision": source.revision} if source.revision else {}
+    if device_map is not None:
+        pinned |= {"device_map": device_map, "offload_folder": offload_folder}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source.path, **pinned)
         model = AutoModelForCausalLM.from_pretrained(
@@ -223,7 +236,8 @@ def load_model(
         raise ModelLoadError(f"could not load model {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model.to(device)
+    if device_map is None:
+        model.to(device)
     model.eval()
     model.somp_ref_model_id = source.model_id
     return model, tokenizer

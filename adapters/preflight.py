@@ -173,10 +173,55 @@ def load(args: argparse.Namespace):
     return load_model(
         args.model,
         revision=args.revision,
-        device=args.device,
+        device=process_device(args.device),
         dtype=args.dtype,
         attn_implementation=args.attn_implementation,
+        device_map=read_device_map(args.device_map),
+        offload_folder=args.offload_folder,
     )
+
+
+def process_device(device: str) -> str:
+    """``device`` for this process: in a data-parallel launch (``torchrun``, ``accelerate
+    launch``), an accelerator named without an index ("cuda") is this process's own,
+    ``cuda:LOCAL_RANK``."""
+    local = os.environ.get("LOCAL_RANK")
+    several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if several and local is not None and device not in ("cpu", "meta") and ":" not in device:
+        return f"{device}:{local}"
+    return device
+
+
+#: The device maps accelerate computes itself (``--device-map NAME``).
+DEVICE_MAP_NAMES = ("auto", "balanced", "balanced_low_0", "sequential")
+
+
+def read_device_map(spec: str | None) -> str | dict[str, str] | None:
+    """``--device-map``: None, one of :data:`DEVICE_MAP_NAMES`, or a JSON file mapping module
+    names to devices (``{"model.layers.0": "cuda:0", ..., "lm_head": "cpu"}``)."""
+    if spec is None or spec in DEVICE_MAP_NAMES:
+        return spec
+    from somp_ref.files import read_user_text
+
+    try:
+        mapping = json.loads(read_user_text(spec, "device map"))
+    except ValueError as err:
+        raise ValueError(f"--device-map {spec}: not JSON ({first_line(err)})") from None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, (str, int)) for k, v in mapping.items()
+    ):
+        raise ValueError(
+            f"--device-map {spec}: must be a JSON object mapping module names to devices"
+        )
+    return mapping
+
+
+def check_device_map(args: argparse.Namespace) -> None:
+    """Raise before the model loads for --device with --device-map, or a map file that is
+    not one."""
+    if args.device_map is not None and args.device != "cpu":
+        raise ValueError("give --device or --device-map, not both")
+    read_device_map(args.device_map)
 
 
 def check_layers(model, args: argparse.Namespace) -> None:

@@ -41,6 +41,7 @@ from somp_ref.cli_options import (  # noqa: F401  (the types stay importable fro
     renamed,
 )
 from somp_ref.errors import UserError
+from somp_ref.store_commands import register as register_store
 
 ENTRY_POINT_GROUP = "somp_ref.commands"
 USAGE_ERROR = 2
@@ -279,6 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_rank(subparsers)
     _add_inspect(subparsers)
+    register_store(subparsers)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         entry.load()(subparsers)
     return parser

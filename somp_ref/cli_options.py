@@ -203,6 +203,12 @@ def add_model_loading(parser: argparse.ArgumentParser) -> None:
     """``--model`` and how to load it: ``--revision``, ``--device``, ``--dtype``,
     ``--attn-implementation``."""
     add_model(parser)
+    add_model_placement(parser)
+
+
+def add_model_placement(parser: argparse.ArgumentParser) -> None:
+    """How a model named by ``--model`` loads: ``--revision``, ``--device``, ``--dtype``,
+    ``--device-map``, ``--offload-folder``, ``--attn-implementation``."""
     parser.add_argument(
         "--revision",
         metavar="REV",
@@ -220,6 +226,19 @@ def add_model_loading(parser: argparse.ArgumentParser) -> None:
         default="float32",
         choices=DTYPES,
         help="dtype of the model weights (default: float32)",
+    )
+    parser.add_argument(
+        "--device-map",
+        metavar="MAP",
+        help="spread a model too big for one device over several with accelerate, instead "
+        "of --device: auto (GPUs in order, then CPU, then --offload-folder), balanced, "
+        "sequential, or a JSON file mapping module names to devices "
+        '(e.g. {"model.layers.0": "cuda:0", "lm_head": "cuda:1"}) (default: none)',
+    )
+    parser.add_argument(
+        "--offload-folder",
+        metavar="DIR",
+        help="where --device-map keeps layers it maps to disk (default: none)",
     )
     parser.add_argument(
         "--attn-implementation",

@@ -157,3 +157,22 @@ def tiny_causal_lm(family: str, vocab_size: int = 256, *, seed: int = 0):
         config = config_class(**gqa)
     config._attn_implementation = "eager"
     return model_class(config).eval()
+
+
+def save_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0):
+    """A tiny random model of ``family`` and a word-level tokenizer (``w0 w1 ...``, 256
+    tokens with [PAD], [UNK] and [EOS]) saved as a local checkpoint directory: what
+    ``--model DIR`` loads, without the hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[EOS]", *(f"w{i}" for i in range(253))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    model = tiny_causal_lm(family, len(words), seed=seed)
+    model.config.pad_token_id, model.config.eos_token_id = 0, 2
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path

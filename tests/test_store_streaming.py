@@ -87,9 +87,10 @@ def test_a_streamed_layer_file_is_read_by_safetensors_itself(tmp_path):
     loaded = safetensors.load_file(str(tmp_path / "s" / "layer_000.safetensors"))
     assert np.array_equal(loaded["z"], z[0])
     assert np.array_equal(loaded["o_proj"], weights[0][0])  # float64 weights stay float64
-    assert store.meta["files"]["layer_000.safetensors"]["bytes"] == (
-        tmp_path / "s" / "layer_000.safetensors"
-    ).stat().st_size
+    assert (
+        store.meta["files"]["layer_000.safetensors"]["bytes"]
+        == (tmp_path / "s" / "layer_000.safetensors").stat().st_size
+    )
 
 
 @settings(max_examples=20, deadline=None)

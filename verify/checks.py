@@ -206,8 +206,12 @@ def store_checks() -> Iterator[Check]:
     yield _judge("store round trip bit-exact", differs, 0)
 
 
-def model_checks(model_name: str | None) -> Iterator[Check]:
-    """Model internals: per-head decomposition, alpha = 1 identity, alpha = 0 ablation."""
+def model_checks(model_name: str | None, loading: dict | None = None) -> Iterator[Check]:
+    """Model internals: per-head decomposition, alpha = 1 identity, alpha = 0 ablation.
+
+    ``loading`` is passed to :func:`somp_ref.adapters.models.load_model` (device, dtype,
+    device_map, ...); tolerances follow the model's dtype.
+    """
     if not model_name:
         yield Check("model internals", None, None, "skip", "--model none")
         return
@@ -215,15 +219,17 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
         import torch
 
         from somp_ref.adapters.capture import capture_z
+        from somp_ref.adapters.head_export import input_device
         from somp_ref.adapters.intervene import scale_heads
         from somp_ref.adapters.model_heads import model_heads
         from somp_ref.adapters.models import DEFAULT_MODEL, ModelLoadError, load_model
+        from somp_ref.adapters.offload import materialized
         from somp_ref.adapters.tokenization import encode
     except ImportError:
         yield Check("model internals", None, None, "skip", "torch not installed (hf extra)")
         return
     try:
-        model, tokenizer = load_model(model_name)
+        model, tokenizer = load_model(model_name, **(loading or {}))
     except ModelLoadError as err:
         if model_name != DEFAULT_MODEL:
             raise  # a model the user named must load: their error, reported as such
@@ -233,8 +239,16 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
         return
     heads = model_heads(model)
     batch = encode(
-        tokenizer, ["Describe the color of a ripe banana.", "Two plus two is"], chat_template=False
+        tokenizer,
+        ["Describe the color of a ripe banana.", "Two plus two is"],
+        chat_template=False,
+        device=input_device(model),
     )
+    dtype = next(model.parameters()).dtype
+    # Heads summed against o_proj's own product: one rounding of each of n_heads * d_head
+    # terms, and the model's matmul in another order; 100 units of rounding of the model's
+    # dtype cover it (float32: 1.2e-5).
+    tol = 100 * torch.finfo(dtype).eps
     outputs: dict[int, torch.Tensor] = {}
     handles = [
         m.register_forward_hook(lambda mod, a, out, i=i: outputs.__setitem__(i, out))
@@ -248,12 +262,16 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
             handle.remove()
     worst = 0.0
     for layer, module in enumerate(heads.o_proj):
-        W = module.weight.reshape(heads.d_model, heads.n_heads, heads.d_head)
-        total = torch.einsum("bphd,mhd->bpm", captured[layer], W.detach())
-        worst = max(
-            worst, ((total - outputs[layer]).abs().max() / outputs[layer].abs().max()).item()
-        )
-    yield _judge(f"{model_name}: heads sum to o_proj output (float32)", worst, 1e-5)
+        out = outputs[layer]
+        W = materialized(module, "weight")
+        W = (W.T if heads.family.o_proj_transposed else W).to(out.device)
+        W = W.reshape(heads.d_model, heads.n_heads, heads.d_head)
+        total = torch.einsum("bphd,mhd->bpm", captured[layer].to(out.device), W)
+        bias = heads.o_proj_bias(layer)
+        if bias is not None:
+            total = total + torch.as_tensor(bias, device=out.device, dtype=total.dtype)
+        worst = max(worst, ((total - out).abs().max() / out.abs().max()).float().item())
+    yield _judge(f"{model_name}: heads sum to o_proj output ({str(dtype)[6:]})", worst, tol)
     every = {(i, h): 1.0 for i in range(heads.n_layers) for h in range(heads.n_heads)}
     with scale_heads(model, every), torch.no_grad():
         same = model(**batch).logits
@@ -266,15 +284,15 @@ def model_checks(model_name: str | None) -> Iterator[Check]:
     saved = {}
     with torch.no_grad():
         for layer, head in ablate:
-            saved[layer, head] = heads.o_proj[layer].weight[:, heads.columns(head)].clone()
-            heads.o_proj[layer].weight[:, heads.columns(head)] = 0.0
+            saved[layer, head] = heads.o_proj_weight(layer)[:, heads.columns(head)].clone()
+            heads.o_proj_weight(layer)[:, heads.columns(head)] = 0.0
         try:
             edited = model(**batch).logits
         finally:
             for (layer, head), weight in saved.items():
-                heads.o_proj[layer].weight[:, heads.columns(head)] = weight
-    err = ((ablated - edited).abs().max() / edited.abs().max()).item()
-    yield _judge(f"{model_name}: alpha = 0 equals zeroed o_proj columns", err, 1e-5)
+                heads.o_proj_weight(layer)[:, heads.columns(head)] = weight
+    err = ((ablated - edited).abs().max() / edited.abs().max()).float().item()
+    yield _judge(f"{model_name}: alpha = 0 equals zeroed o_proj columns", err, tol)
 
 
 def golden_checks() -> Iterator[Check]:
@@ -291,8 +309,9 @@ def golden_checks() -> Iterator[Check]:
         )
 
 
-def all_checks(model_name: str | None = "default") -> list[Check]:
-    """Run every check in order."""
+def all_checks(model_name: str | None = "default", loading: dict | None = None) -> list[Check]:
+    """Run every check in order (``loading``: how the model loads, see
+    :func:`model_checks`)."""
     groups: list[Callable[[], Iterator[Check]]] = [
         engine_checks,
         factored_checks,
@@ -303,5 +322,5 @@ def all_checks(model_name: str | None = "default") -> list[Check]:
         golden_checks,
     ]
     rows = [check for group in groups for check in group()]
-    rows += list(model_checks(model_name))
+    rows += list(model_checks(model_name, loading))
     return rows

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from somp_ref.cli_options import add_model
+from somp_ref.cli_options import add_model, add_model_placement
 
 
 def _format(rows: list[dict]) -> str:
@@ -41,7 +41,22 @@ def _run_verify(args: argparse.Namespace) -> int:
             from somp_ref.adapters.models import local_checkpoint
 
             local_checkpoint(args.model)  # a mistyped path fails now, not after the checks
-        rows = [c.as_dict() for c in all_checks(None if args.model == "none" else args.model)]
+        loading = {}
+        if args.model != "none":
+            from somp_ref.adapters.preflight import check_device, check_device_map, read_device_map
+
+            check_device_map(args)
+            check_device(args.device)
+            loading = {
+                "revision": args.revision,
+                "device": args.device,
+                "dtype": args.dtype,
+                "attn_implementation": args.attn_implementation,
+                "device_map": read_device_map(args.device_map),
+                "offload_folder": args.offload_folder,
+            }
+        model = None if args.model == "none" else args.model
+        rows = [c.as_dict() for c in all_checks(model, loading)]
     failed = [r["name"] for r in rows if r["status"] == "FAIL"]
     if args.json:
         print(json.dumps({"checks": rows, "failed": failed}, indent=1))
@@ -81,10 +96,11 @@ def register(subparsers) -> None:
     )
     add_model(
         parser,
-        "model for the internals checks, loaded on the CPU in float32: 'default' (the "
-        "embedded SmolLM2), a local checkpoint, a hub id, or 'none' to skip them "
-        "(default: default)",
+        "model for the internals checks (loaded as --device, --dtype, --device-map say): "
+        "'default' (the embedded SmolLM2), a local checkpoint, a hub id, or 'none' to skip "
+        "them (default: default)",
     )
+    add_model_placement(parser)
     parser.add_argument(
         "--json",
         action="store_true",

@@ -1,0 +1,210 @@
+"""Large-model paths at small scale: exports that stream and resume, models spread by a
+device map (a layer offloaded to disk), data-parallel export with torchrun (2 CPU processes,
+gloo), and merging shards; the same commands the README's "Large models" section gives."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+
+from models import save_tiny_checkpoint  # noqa: E402
+
+from somp_ref.adapters.head_export import export_activations, shard_bounds  # noqa: E402
+from somp_ref.adapters.intervene import scale_heads  # noqa: E402
+from somp_ref.adapters.models import load_model  # noqa: E402
+from somp_ref.cli import main  # noqa: E402
+from somp_ref.store import ActivationStore, StoreError  # noqa: E402
+
+PROMPTS = [" ".join(f"w{(7 * i + j) % 250}" for j in range(3 + i % 5)) for i in range(11)]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    return load_model(str(checkpoint))
+
+
+def _same_store(a: ActivationStore, b: ActivationStore, rtol: float = 0.0) -> None:
+    assert a.n_samples == b.n_samples and a.samples() == b.samples()
+    for layer in range(a.n_layers):
+        (za, wa), (zb, wb) = a.layer(layer), b.layer(layer)
+        np.testing.assert_allclose(za, zb, rtol=rtol, atol=rtol * float(np.abs(za).max()))
+        assert np.array_equal(wa, wb)
+    assert np.array_equal(a.unembed(), b.unembed())
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_an_interrupted_export_resumes_and_runs_only_the_batches_left(loaded, tmp_path):
+    model, tokenizer = loaded
+    records = [{"prompt": p} for p in PROMPTS]
+    options = {"positions": "all", "batch_size": 2, "show_progress": False}
+    calls = []
+
+    def forward_hook(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            raise Interrupt  # dies in the 4th batch: 3 are on disk
+
+    handle = model.register_forward_pre_hook(forward_hook, with_kwargs=True)
+    try:
+        with pytest.raises(Interrupt):
+            export_activations(model, tokenizer, records, tmp_path / "s", **options)
+    finally:
+        handle.remove()
+    with pytest.raises(StoreError, match="incomplete"):
+        ActivationStore.open(tmp_path / "s")
+    assert ActivationStore.resume(tmp_path / "s").meta["appending"]["progress"]["batches"] == 3
+    calls.clear()
+    handle = model.register_forward_pre_hook(forward_hook, with_kwargs=True)
+    try:
+        resumed = export_activations(
+            model, tokenizer, records, tmp_path / "s", resume=True, **options
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 3  # 6 batches, 3 done before
+    whole = export_activations(model, tokenizer, records, tmp_path / "whole", **options)
+    _same_store(whole, resumed)  # the same batches in the same order: bit-identical
+
+
+def test_resume_refuses_other_prompts_and_a_finished_store(loaded, tmp_path, capsys, checkpoint):
+    model, tokenizer = loaded
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    store = ActivationStore.create(tmp_path / "s", n_layers=2, n_heads=4, d_head=8, d_model=32)
+    store._abandon()  # an incomplete store that was never appended to
+    base = ["export", "--model", str(checkpoint), "--prompts", str(prompts), "--out"]
+    assert main([*base, str(tmp_path / "s"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    records = [{"prompt": p} for p in PROMPTS]
+    calls = []
+
+    def die_second(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupt
+
+    handle = model.register_forward_pre_hook(die_second, with_kwargs=True)
+    try:
+        with pytest.raises(Interrupt):
+            export_activations(
+                model, tokenizer, records, tmp_path / "t", batch_size=8, show_progress=False
+            )
+    finally:
+        handle.remove()
+    prompts.write_text("\n".join(PROMPTS[1:]) + "\n")
+    assert main([*base, str(tmp_path / "t"), "--resume"]) == 2
+    assert "started with other prompts" in capsys.readouterr().err
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    assert main([*base, str(tmp_path / "t"), "--resume"]) == 0  # the same ones finish it
+    whole = export_activations(
+        model, tokenizer, records, tmp_path / "whole", batch_size=8, show_progress=False
+    )
+    _same_store(whole, ActivationStore.open(tmp_path / "t"))
+    assert main([*base, str(tmp_path / "t"), "--resume"]) == 2
+    assert "complete, nothing to resume" in capsys.readouterr().err
+
+
+def test_a_model_spread_by_a_device_map_exports_and_scales_as_loaded_whole(
+    loaded, checkpoint, tmp_path
+):
+    model, tokenizer = loaded
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.rotary_emb": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "disk",  # offloaded: its weights are on the meta device
+        "model.norm": "cpu",
+        "lm_head": "cpu",
+    }
+    spread, _ = load_model(
+        str(checkpoint), device_map=device_map, offload_folder=str(tmp_path / "offload")
+    )
+    assert spread.model.layers[1].self_attn.o_proj.weight.device.type == "meta"
+    records = [{"prompt": p} for p in PROMPTS[:5]]
+    options = {"positions": "last", "batch_size": 2, "show_progress": False}
+    a = export_activations(model, tokenizer, records, tmp_path / "a", **options)
+    b = export_activations(spread, tokenizer, records, tmp_path / "b", **options)
+    _same_store(a, b)  # the same CPU arithmetic: equal
+    ids = tokenizer(["w1 w2 w3 w4"], return_tensors="pt")
+    with torch.no_grad():
+        base = spread(**ids).logits
+        with scale_heads(spread, {(1, 2): 1.0, (0, 0): 1.0}):
+            same = spread(**ids).logits
+        with scale_heads(spread, {(1, 2): 0.0}):
+            ablated = spread(**ids).logits
+        with scale_heads(model, {(1, 2): 0.0}):
+            reference = model(**ids).logits
+    assert torch.equal(base, same)
+    assert not torch.equal(base, ablated)
+    torch.testing.assert_close(ablated, reference, rtol=0, atol=0)
+
+
+def test_device_and_device_map_exclude_each_other(checkpoint, capsys):
+    args = ["export", "--model", str(checkpoint), "--prompts", "builtin:colors", "--out", "x"]
+    assert main([*args, "--device", "meta", "--device-map", "auto"]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("n,world", [(11, 2), (1, 3), (9, 4)])
+def test_shards_are_contiguous_blocks_covering_every_prompt_once(n, world):
+    bounds = shard_bounds(n, world)
+    assert bounds[0][0] == 0 and bounds[-1][1] == n
+    assert all(a[1] == b[0] for a, b in zip(bounds[:-1], bounds[1:], strict=True))
+    sizes = [b - a for a, b in bounds]
+    assert max(sizes) - min(sizes) <= 1
+
+
+def test_torchrun_exports_shards_and_merges_them_into_the_single_process_store(
+    checkpoint, tmp_path
+):
+    torchrun = shutil.which("torchrun") or pytest.skip("torchrun is not installed")
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    common = ["--model", str(checkpoint), "--prompts", str(prompts), "--batch-size", "3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run(
+        [torchrun, "--nproc-per-node", "2", "-m", "somp_ref", "export", *common,
+         "--out", str(tmp_path / "parallel")],
+        check=True, env=env, capture_output=True, timeout=300,
+    )  # fmt: skip
+    assert main(["export", *common, "--out", str(tmp_path / "single")]) == 0
+    parallel = ActivationStore.open(tmp_path / "parallel")
+    # Other batches (3 prompts each, from each block): the same rows to float32 rounding.
+    _same_store(ActivationStore.open(tmp_path / "single"), parallel, rtol=1e-5)
+    assert parallel.meta["merged_from"] == [
+        str(tmp_path / "parallel.shard-000-of-002"),
+        str(tmp_path / "parallel.shard-001-of-002"),
+    ]
+    assert not [p for p in tmp_path.iterdir() if "shard" in p.name]  # merged and removed
+
+
+def test_store_merge_command_joins_stores_and_names_what_differs(tmp_path, capsys):
+    from stores import write_planted_store
+
+    a = write_planted_store(tmp_path / "a", n_samples=4)
+    b = write_planted_store(tmp_path / "b", n_samples=4)  # the same export, again
+    assert main(["store", "merge", str(a.path), str(b.path), "--out", str(tmp_path / "m")]) == 0
+    merged = ActivationStore.open(tmp_path / "m")
+    assert merged.n_samples == 8
+    z, _ = merged.layer(1)
+    assert np.array_equal(z[4:], a.layer(1)[0])
+    c = write_planted_store(tmp_path / "c", n_samples=4, d_head=5)
+    assert main(["store", "merge", str(a.path), str(c.path), "--out", str(tmp_path / "n")]) == 2
+    assert "d_head 5 != 6" in capsys.readouterr().err
+    assert not (tmp_path / "n").exists()
