@@ -24,6 +24,7 @@ import torch
 
 from somp_ref.adapters.generation import generate
 from somp_ref.adapters.intervene import scale_heads
+from somp_ref.adapters.offload import input_device
 from somp_ref.adapters.tasks import Split, Task
 from somp_ref.adapters.tokenization import real_positions, render
 from somp_ref.head_scores import Head
@@ -70,7 +71,7 @@ def forced_answers(
 def forced_log_probs(model: Any, forced: Forced, batch_size: int):
     """Yield, per prompt, the log-probabilities (answer tokens + 1, vocab) at the positions
     that predict its first answer token onwards (float64 on the CPU)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     pad = 0
     for start in range(0, len(forced.ids), batch_size):
         rows = forced.ids[start : start + batch_size]

@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from somp_ref.adapters.offload import input_device
 from somp_ref.adapters.tokenization import encode
 from somp_ref.progress import progress
 
@@ -27,7 +28,7 @@ def generate(
     Prompts are left-padded in batches; position ids count real tokens, so the result for a
     prompt does not depend on its batch.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     texts: list[str] = []
     starts = range(0, len(prompts), batch_size)
     for start in progress(starts, desc="generate (batches)", enabled=show_progress):

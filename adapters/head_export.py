@@ -24,7 +24,7 @@ from somp_ref.adapters.capture import (
     select_positions,
 )
 from somp_ref.adapters.model_heads import ModelHeads, model_heads
-from somp_ref.adapters.offload import materialized
+from somp_ref.adapters.offload import input_device, materialized
 from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore, StoreError
@@ -335,17 +335,6 @@ def inputs_fingerprint(records: Sequence[dict[str, Any]], **options: Any) -> str
     what a resumed export must share with the one it continues."""
     text = json.dumps({"records": list(records), **options}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def input_device(model: Any) -> torch.device:
-    """Where a model's inputs go: its input embedding's device (under an accelerate device
-    map, the device that layer executes on, even when its weights are offloaded)."""
-    embedding = model.get_input_embeddings()
-    hook = getattr(embedding, "_hf_hook", None)
-    if getattr(hook, "execution_device", None) is not None:
-        return torch.device(hook.execution_device)
-    device = embedding.weight.device
-    return torch.device("cpu") if device.type == "meta" else device
 
 
 def forward_without_logits(model: Any, inputs: dict[str, Any]) -> None:

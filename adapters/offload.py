@@ -1,4 +1,5 @@
-"""Reading a module's weights when accelerate has offloaded them.
+"""Models spread over devices by accelerate: where inputs go, and reading weights it has
+offloaded.
 
 Under a device map (``from_pretrained(..., device_map="auto")``) layers that do not fit on
 the accelerators are offloaded to the CPU or the disk: their parameters sit on the "meta"
@@ -35,3 +36,14 @@ def materialized(module: Any, name: str) -> torch.Tensor:
         f"{type(module).__name__}.{name} is on the meta device and no accelerate hook holds "
         "its values: the model was not fully loaded"
     )
+
+
+def input_device(model: Any) -> torch.device:
+    """Where a model's inputs go: its input embedding's device (under an accelerate device
+    map, the device that layer executes on, even when its weights are offloaded)."""
+    embedding = model.get_input_embeddings()
+    hook = getattr(embedding, "_hf_hook", None)
+    if getattr(hook, "execution_device", None) is not None:
+        return torch.device(hook.execution_device)
+    device = embedding.weight.device
+    return torch.device("cpu") if device.type == "meta" else device

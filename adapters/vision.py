@@ -20,6 +20,7 @@ import torch
 from somp_ref.adapters.capture import PositionMasks
 from somp_ref.adapters.head_export import export_batches
 from somp_ref.adapters.model_heads import model_heads
+from somp_ref.adapters.offload import input_device
 from somp_ref.store import ActivationStore
 
 VISION_FAMILIES = ("llava", "gemma3", "qwen2_5_vl")
@@ -180,7 +181,7 @@ def export_vision(
     processor : optional
         The checkpoint's processor; without it, :func:`image_inputs` builds the inputs.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     image_id = image_token_id(model)
 
     def batches():
@@ -231,7 +232,7 @@ def classify_images(
     dict
         "predictions" (list of str), "accuracy" (float, against each item's "label").
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     predictions = []
     for item in items:
         scores = []

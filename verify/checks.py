@@ -219,11 +219,10 @@ def model_checks(model_name: str | None, loading: dict | None = None) -> Iterato
         import torch
 
         from somp_ref.adapters.capture import capture_z
-        from somp_ref.adapters.head_export import input_device
         from somp_ref.adapters.intervene import scale_heads
         from somp_ref.adapters.model_heads import model_heads
         from somp_ref.adapters.models import DEFAULT_MODEL, ModelLoadError, load_model
-        from somp_ref.adapters.offload import materialized
+        from somp_ref.adapters.offload import input_device, materialized
         from somp_ref.adapters.tokenization import encode
     except ImportError:
         yield Check("model internals", None, None, "skip", "torch not installed (hf extra)")
