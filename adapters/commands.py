@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import textwrap
 from pathlib import Path
 
@@ -97,7 +98,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
         scores = rank(
             store, args.rank_concept, engine="torch", device=args.device, **ranking_options(args)
-        )
+        )  # rank() records the concept's name
         write_all_atomically([(rank_out, scores.to_csv)])
         print(format_top_heads(scores))
         print(f"wrote {rank_out}")
@@ -107,7 +108,8 @@ def _run_export(args: argparse.Namespace) -> int:
 def _run_generate(args: argparse.Namespace) -> int:
     from somp_ref.selection import top_heads
 
-    heads = top_heads(read_ranking(args.heads), args.top)
+    ranking = read_ranking(args.heads)
+    heads = top_heads(ranking, args.top)
     if len(heads) < args.top:
         scored = {0: "no head has", 1: "only 1 head has"}.get(
             len(heads), f"only {len(heads)} heads have"
@@ -121,8 +123,21 @@ def _run_generate(args: argparse.Namespace) -> int:
     check_device(args.device)
     from somp_ref.adapters.generation import generate  # imports torch: after the checks
     from somp_ref.adapters.intervene import scale_heads
+    from somp_ref.adapters.provenance import model_fingerprint
+    from somp_ref.provenance import ModelMismatchError, check_same_model
 
     model, tokenizer = load(args)
+    source = ranking.source
+    if not source.get("model_id"):
+        print(f"warning: {args.heads} does not say which model it was made on", file=sys.stderr)
+    try:
+        check_same_model(source, model.somp_ref_model_id, model_fingerprint(model))
+    except ModelMismatchError as err:
+        if not args.force:
+            raise ModelMismatchError(
+                f"{args.heads}: {err}; pass --force to apply it anyway"
+            ) from None
+        print(f"warning: {args.heads}: {err} (applied anyway: --force)", file=sys.stderr)
     options = {"max_new_tokens": args.max_new_tokens, "chat_template": not args.raw}
     baseline = generate(model, tokenizer, args.prompts, **options)
     with scale_heads(model, {head: args.alpha for head in heads}):
@@ -239,6 +254,12 @@ def register(subparsers) -> None:
     add_heads_selection(gen)
     add_alpha(gen, -1.0, "factor the selected heads are scaled by (default: -1)")
     add_max_new_tokens(gen, 40, "tokens generated per prompt (default: 40)")
+    gen.add_argument(
+        "--force",
+        action="store_true",
+        help="apply a ranking made on another model (its file records the model id and a "
+        "fingerprint of the weights) (default: refuse)",
+    )
     gen.add_argument(
         "--raw",
         action="store_true",

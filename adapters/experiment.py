@@ -29,6 +29,7 @@ from somp_ref.adapters.tasks import Task
 from somp_ref.concepts import load_concept, store_concept_ids
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
+from somp_ref.provenance import package_versions
 from somp_ref.ranking import DEFAULT_METHOD, rank_heads
 from somp_ref.selection import layer_shortfall, random_heads_like, top_heads
 
@@ -238,6 +239,7 @@ def run_task(
         "kind": task.kind,
         "alpha": alpha,
         "model": getattr(model, "somp_ref_model_id", settings.model),
+        "model_fingerprint": store.meta.get("model_fingerprint"),
         "settings": asdict(settings),
         "data": {
             "n_train": len(task.train),
@@ -252,6 +254,7 @@ def run_task(
             name: {
                 "top": [list(h) for h in top_heads(scores, max(settings.ks))],
                 "params": scores.params,
+                "source": scores.with_source(concept=task.concept).source,
             }
             for name, scores in ranked.items()
         },
@@ -264,5 +267,9 @@ def run_task(
         "conditions": [asdict(c) for c in conditions],
         "seconds": time.perf_counter() - started,
         "timing": timing,
-        "environment": {"python": sys.version.split()[0], "platform": platform.platform()},
+        "environment": {
+            "python": sys.version.split()[0],
+            "platform": platform.platform(),
+            "versions": package_versions(),
+        },
     }

@@ -25,6 +25,7 @@ from somp_ref.adapters.capture import (
 )
 from somp_ref.adapters.model_heads import ModelHeads, model_heads
 from somp_ref.adapters.offload import input_device, materialized
+from somp_ref.adapters.provenance import model_fingerprint
 from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore, StoreError
@@ -391,6 +392,7 @@ def export_batches(
         if heads.attn_out_norms is not None
         else "z @ W_O[:, head]^T",
         "model_dtype": str(next(model.parameters()).dtype),
+        "model_fingerprint": model_fingerprint(model),
         **(meta or {}),
     }
     if resume:
@@ -465,7 +467,7 @@ def _resume(
         writer = RowWriter.resume(store)
         found = store.meta
         wanted = {**facts, "dtype": dtype}
-        for key in ("model_id", "family", "positions", "model_dtype", "dtype"):
+        for key in ("model_id", "model_fingerprint", "family", "positions", "model_dtype", "dtype"):
             if found.get(key) != wanted.get(key):
                 raise StoreError(
                     f"{out}: cannot resume, it was exported with {key} {found.get(key)!r}, "

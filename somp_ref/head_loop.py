@@ -8,9 +8,7 @@ from its results.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import numpy as np
 
@@ -18,6 +16,7 @@ from somp_ref.engines import PursuitOptions, load_engine
 from somp_ref.factored import Dictionary, mean_concept_logits, rescaled
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
+from somp_ref.provenance import ranking_source
 from somp_ref.pursuit import NORM_ORDER
 from somp_ref.store import ActivationStore, StoreError
 from somp_ref.validation import check_choice, check_flag, check_positive_int, check_tolerance
@@ -207,7 +206,7 @@ def score_heads(
         params=params,
         token_ids=ids,
         tokens=_token_strings(store, ids),
-        source=_source(store),
+        source=ranking_source(store, ids),
         details={"explained_variance": score.copy()} if method == "somp" else {},
     )
 
@@ -216,8 +215,3 @@ def _token_strings(store: ActivationStore, ids: np.ndarray) -> list[str] | None:
     vocab = store.vocab()
     return None if vocab is None else [vocab[i] for i in ids]
 
-
-def _source(store: ActivationStore) -> dict[str, Any]:
-    meta = store.meta  # a fresh copy each access: read once
-    keys = ("model_id", "family", "positions")
-    return {key: meta[key] for key in keys if key in meta} | {"store": os.fspath(store.path)}

@@ -6,7 +6,7 @@ import csv
 import io
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from somp_ref.score_files import (
     CSV_COLUMNS,
     JSON_FORMAT,
     JSON_VERSION,
+    csv_source_fields,
     read_scores_csv,
     read_scores_json,
 )
@@ -143,6 +144,7 @@ class HeadScores:
         text = io.StringIO(newline="")
         writer = csv.writer(text)
         writer.writerow(CSV_COLUMNS)
+        source = csv_source_fields(self.source)
         for rank, (layer, head) in enumerate(self.ranked(), start=1):
             support = self.supports.get((layer, head), np.zeros(0, dtype=np.int64))
             writer.writerow(
@@ -154,9 +156,14 @@ class HeadScores:
                     self.method,
                     " ".join(map(str, support.tolist())),
                     json.dumps([self.token_string(t) for t in support], ensure_ascii=False),
+                    *(source if rank == 1 else [""] * len(source)),
                 ]
             )
         write_text_atomically(path, text.getvalue())
+
+    def with_source(self, **facts: Any) -> HeadScores:
+        """A copy whose ``source`` also records ``facts`` (e.g. ``concept="colors"``)."""
+        return replace(self, source={**self.source, **facts})
 
     @classmethod
     def from_csv(cls, path: str | os.PathLike) -> HeadScores:

@@ -179,9 +179,11 @@ def rank(
         store = ActivationStore.open(store)
     if isinstance(concept, (str, os.PathLike)):
         token_ids = store_concept_ids(store.vocab(), concept).ids
+        name = os.fspath(concept)
     else:
-        token_ids = concept
-    return rank_heads(store, token_ids, n_atoms, method, **options)
+        token_ids, name = concept, None
+    scores = rank_heads(store, token_ids, n_atoms, method, **options)
+    return scores if name is None else scores.with_source(concept=name)
 
 
 def head_signature(

@@ -24,7 +24,26 @@ JSON_FORMAT = "somp_ref.head_scores"
 #: whatever it held); both are read.
 JSON_VERSION = 2
 _SCORE_KEY = {1: "explained_variance", 2: "score"}
-CSV_COLUMNS = ("rank", "layer", "head", "score", "method", "support_ids", "support_tokens")
+#: Where the ranking comes from (:mod:`somp_ref.provenance`), on the first row (the best
+#: head; empty on the others). "versions" is ``name=version`` pairs.
+CSV_SOURCE_COLUMNS = (
+    "model_id",
+    "model_fingerprint",
+    "store_hash",
+    "concept",
+    "dictionary_hash",
+    "versions",
+)
+CSV_COLUMNS = (
+    "rank",
+    "layer",
+    "head",
+    "score",
+    "method",
+    "support_ids",
+    "support_tokens",
+    *CSV_SOURCE_COLUMNS,
+)
 _REQUIRED_COLUMNS = ("layer", "head", "score")
 #: No model has a million heads; a larger layer x head grid means a corrupt number, and
 #: allocating it would exhaust memory before anything is reported.
@@ -65,6 +84,7 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, Any]:
     supports: dict[tuple[int, int], np.ndarray] = {}
     first_row: dict[tuple[int, int], int] = {}
     methods = set()
+    sources: set[tuple[str, ...]] = set()
     for line, row in enumerate(rows, start=2):  # line 1 is the header
         where = f"{path}, line {line}"
         if None in row or None in row.values():
@@ -82,8 +102,13 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, Any]:
         ids = row.get("support_ids", "").split()
         supports[key] = np.asarray([_index(t, "support id", where) for t in ids], dtype=np.int64)
         methods.add(row.get("method", "unknown"))
+        source = tuple(row.get(name) or "" for name in CSV_SOURCE_COLUMNS)
+        if any(source):
+            sources.add(source)
     if len(methods) > 1:
         raise ValueError(f"{path}: rows of several rankings ({', '.join(sorted(methods))})")
+    if len(sources) > 1:
+        raise ValueError(f"{path}: rows of several rankings (their model or store differ)")
     grid = _empty_grid(
         1 + max(layer for layer, _ in scores), 1 + max(head for _, head in scores), path
     )
@@ -96,7 +121,26 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, Any]:
         "method": methods.pop(),
         "params": {},
         "token_ids": np.zeros(0, dtype=np.int64),
+        "source": _csv_source(
+            dict(zip(CSV_SOURCE_COLUMNS, sources.pop() if sources else ("",) * 6, strict=True))
+        ),
     }
+
+
+def _csv_source(fields: dict[str, str]) -> dict[str, Any]:
+    """A ranking's ``source`` from its CSV columns (empty ones left out)."""
+    source: dict[str, Any] = {k: v for k, v in fields.items() if v and k != "versions"}
+    if fields["versions"]:
+        source["versions"] = dict(
+            pair.split("=", 1) for pair in fields["versions"].split() if "=" in pair
+        )
+    return source
+
+
+def csv_source_fields(source: dict[str, Any]) -> list[str]:
+    """The :data:`CSV_SOURCE_COLUMNS` values of a ranking's ``source``."""
+    versions = " ".join(f"{k}={v}" for k, v in source.get("versions", {}).items())
+    return [*(str(source.get(name) or "") for name in CSV_SOURCE_COLUMNS[:-1]), versions]
 
 
 def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:

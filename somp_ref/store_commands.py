@@ -21,6 +21,7 @@ def register(subparsers) -> None:
         "store",
         help="operations on activation stores: merge the shards of an export",
         description="Operations on activation stores. Run 'somp-ref store merge --help'.",
+        epilog="example: somp-ref store merge runs/a runs/b --out runs/ab",
     )
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     merge = actions.add_parser(

@@ -280,6 +280,8 @@ def test_the_model_flags_reach_the_loader(command, tmp_path, monkeypatch, capsys
         "name": "someone/model",
         "revision": "v2",
         "device": "meta",
+        "device_map": None,
+        "offload_folder": None,
         "dtype": "bfloat16",
         "attn_implementation": "sdpa",
     }

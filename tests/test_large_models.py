@@ -208,3 +208,69 @@ def test_store_merge_command_joins_stores_and_names_what_differs(tmp_path, capsy
     assert main(["store", "merge", str(a.path), str(c.path), "--out", str(tmp_path / "n")]) == 2
     assert "d_head 5 != 6" in capsys.readouterr().err
     assert not (tmp_path / "n").exists()
+
+
+def test_rankings_record_their_model_store_concept_and_versions(loaded, tmp_path):
+    from somp_ref.adapters.provenance import model_fingerprint
+    from somp_ref.head_scores import HeadScores
+    from somp_ref.provenance import ids_hash, store_content_hash
+
+    model, tokenizer = loaded
+    store = export_activations(
+        model, tokenizer, [{"prompt": p} for p in PROMPTS], tmp_path / "s", show_progress=False
+    )
+    concept = tmp_path / "words.txt"
+    concept.write_text("w1\nw2\nw3\nw5\nw8\n")
+    args = ["rank", str(store.path), "--concept", str(concept), "--method", "somp"]
+    outputs = ["--out", str(tmp_path / "r.csv"), "--json-out", str(tmp_path / "r.json")]
+    assert main([*args, *outputs]) == 0
+    expected = {
+        "model_id": model.somp_ref_model_id,
+        "model_fingerprint": model_fingerprint(model),
+        "store_hash": store_content_hash(store.meta),
+        "concept": str(concept),
+    }
+    for ranking in (
+        HeadScores.from_csv(tmp_path / "r.csv"),
+        HeadScores.from_json(tmp_path / "r.json"),
+    ):
+        assert expected.items() <= ranking.source.items()
+        assert ranking.source["versions"]["numpy"] == np.__version__
+    from_json = HeadScores.from_json(tmp_path / "r.json")
+    assert from_json.source["dictionary_hash"] == ids_hash(from_json.token_ids)
+
+
+def test_generate_refuses_a_ranking_of_another_model_unless_forced(tmp_path, capsys):
+    first = save_tiny_checkpoint(tmp_path / "first", seed=0)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    concept = tmp_path / "words.txt"
+    concept.write_text("w1\nw2\nw3\nw5\nw8\n")
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(first),
+                "--prompts",
+                str(prompts),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
+    rank = ["rank", str(tmp_path / "s"), "--concept", str(concept), "--method", "somp"]
+    assert main([*rank, "--out", str(tmp_path / "r.csv")]) == 0
+    generate = ["generate", "--heads", str(tmp_path / "r.csv"), "--top", "2", "--raw"]
+    generate += ["--max-new-tokens", "2", "w1 w2"]
+    assert main([*generate, "--model", str(first)]) == 0  # its own model
+    other = save_tiny_checkpoint(tmp_path / "other", seed=1)
+    capsys.readouterr()
+    assert main([*generate, "--model", str(other)]) == 2
+    assert "was made on model" in capsys.readouterr().err
+    save_tiny_checkpoint(first, seed=1)  # other weights under the same path
+    assert main([*generate, "--model", str(first)]) == 2
+    assert "other weights" in capsys.readouterr().err
+    assert main([*generate, "--model", str(first), "--force"]) == 0
+    assert "applied anyway" in capsys.readouterr().err
