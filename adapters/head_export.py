@@ -250,6 +250,8 @@ def _export_shard_and_merge(model, tokenizer, records, out, rank, world, **optio
         start, end = bounds[rank]
         shard = shard_path(out, rank, world)
         resume = options.pop("resume")
+        if resume and Path(out).exists():  # the shards were merged and removed
+            raise StoreError(f"{out}: the export is complete, nothing to resume")
         finished = resume and _is_complete(shard)
         if end > start and not finished:
             _export_here(
@@ -261,8 +263,17 @@ def _export_shard_and_merge(model, tokenizer, records, out, rank, world, **optio
                 **options,
             )
         dist.barrier()
-        if rank == 0:
-            shards = [shard_path(out, r, world) for r, (a, b) in enumerate(bounds) if b > a]
+        shards = [shard_path(out, r, world) for r, (a, b) in enumerate(bounds) if b > a]
+        unseen = [str(path) for path in shards if not path.exists()]
+        if rank == 0 and unseen:  # several machines without a shared file system
+            print(
+                f"{len(unseen)} shards were written on other machines ({unseen[0]}, ...): "
+                f"copy them beside {out} and run: somp-ref store merge "
+                + " ".join(str(path) for path in shards)
+                + f" --out {out}",
+                file=sys.stderr,
+            )
+        elif rank == 0:
             merge_stores(
                 shards,
                 out,
@@ -277,7 +288,7 @@ def _export_shard_and_merge(model, tokenizer, records, out, rank, world, **optio
     finally:
         if started:
             dist.destroy_process_group()
-    return ActivationStore.open(out)
+    return ActivationStore.open(out if not unseen and Path(out).exists() else shard)
 
 
 def _is_complete(path: Path) -> bool:

@@ -155,6 +155,21 @@ def test_a_model_spread_by_a_device_map_exports_and_scales_as_loaded_whole(
     torch.testing.assert_close(ablated, reference, rtol=0, atol=0)
 
 
+def test_the_device_map_flags_export_a_model_with_a_layer_on_disk(checkpoint, tmp_path):
+    device_map = tmp_path / "map.json"
+    device_map.write_text(
+        '{"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "disk", '
+        '"model.layers.1": "cpu", "model.norm": "cpu", "lm_head": "disk"}'
+    )
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]) + "\n")
+    common = ["export", "--model", str(checkpoint), "--prompts", str(prompts), "--out"]
+    spread = [*common, str(tmp_path / "spread"), "--device-map", str(device_map)]
+    assert main([*spread, "--offload-folder", str(tmp_path / "offload")]) == 0
+    assert main([*common, str(tmp_path / "whole")]) == 0
+    _same_store(ActivationStore.open(tmp_path / "whole"), ActivationStore.open(tmp_path / "spread"))
+
+
 def test_device_and_device_map_exclude_each_other(checkpoint, capsys):
     args = ["export", "--model", str(checkpoint), "--prompts", "builtin:colors", "--out", "x"]
     assert main([*args, "--device", "meta", "--device-map", "auto"]) == 2
