@@ -11,11 +11,11 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
-from scipy.linalg import solve_triangular
 
 from somp_ref.decisions import (
     DEPENDENT_TOL,
     GAIN_FLOOR,
+    first_within_window,
     score_scale,
     tie_unit,
     window_scale,
@@ -26,6 +26,11 @@ EPS = float(np.finfo(np.float64).eps)
 #: Relative slack added to the score upper bounds of the fast engine so that rounding in
 #: the bound update can never make a bound fall below the score it covers.
 _BOUND_SLACK = 64 * EPS
+
+#: Relative slack on the drift term of the second bound (``_Scorer``): covers the
+#: rounding of its orthonormal basis (classical Gram-Schmidt twice keeps it orthonormal to
+#: ~n eps) many times over, and loosens the bound by a millionth of the drift only.
+_DRIFT_SLACK = 1e-6
 
 #: Steps the fast engine's buffers hold before they first grow.
 _INITIAL_STEPS = 64
@@ -74,6 +79,7 @@ def pursue(
     tol: float,
     refit: bool,
     atom_exp: np.ndarray | None = None,
+    lazy: bool = True,
 ) -> PursuitPath:
     """Fast pursuit from correlations (Batch-OMP style), SOMP when ``refit`` else MP.
 
@@ -90,6 +96,10 @@ def pursue(
         ``||H||_F^2`` (0 when the signal is zero to rounding: nothing is selected).
     atom_exp : ndarray of shape (v,), optional
         Atom j is the given atom times ``2**-atom_exp[j]`` (see ``_prepare``).
+    lazy : bool, default=True
+        Score lazily from upper bounds (below); False updates and scores every row each
+        step (O(v n) a step: cheaper when n is small, as in the l2 sample space of
+        :func:`somp_ref.factored.factored_somp`). The same choices either way.
 
     Returns
     -------
@@ -99,14 +109,21 @@ def pursue(
     -----
     Atom j's residual correlations after step t are ``Ct[j] - U[:t, j] @ At[:t]``. They
     are brought up to date lazily, row by row, only for the atoms the argmax must score
-    (``_Scorer``): each atom keeps an upper bound on its score (the triangle inequality
-    gives ``score_t+1 <= score_t + |U[t, j]| ||At[t]||_p``), and only atoms whose bound
+    (``_Scorer``): each atom keeps an upper bound on its score, and only atoms whose bound
     could reach the best exact score (or its tie window) are scored, so a step rarely
-    touches all v x n correlations.
+    touches all v x n correlations. Two bounds, the smaller is kept: the triangle
+    inequality step by step (``score_t+1 <= score_t + |U[t, j]| ||At[t]||_p``), and the
+    exact score at the atom's last scoring s plus the norm of everything since,
+    ``||sum_{s<=i<t} U[i, j] At[i]||_p <= sqrt(n)^(p==1) ||sum U[i, j] At[i]||_2``, kept
+    for every atom in the coordinates of an orthonormal basis of the steps' ``At`` rows
+    (at most t numbers an atom). The second grows like a random walk (the square root of
+    the steps since s), the first linearly; both are exact bounds, so the choice is the
+    one exact scores give.
     """
     v, n = Ct.shape
     unit = tie_unit(energy, n, order)
-    scorer = _Scorer(Ct, n_atoms, sq_norms, order=order, normalize=normalize, atom_exp=atom_exp)
+    kind = _Scorer if lazy else _DenseScorer
+    scorer = kind(Ct, n_atoms, sq_norms, order=order, normalize=normalize, atom_exp=atom_exp)
     rho2 = sq_norms.copy()
     support: list[int] = []
     gains: list[float] = []
@@ -181,6 +198,13 @@ class _Scorer:
         self.steps = 0
         self._rows = np.empty((min(_SCORE_BATCH, v), n))
         self._work = np.empty_like(self._rows)
+        # The drift bound: the exact score at the last scoring (``base``), an orthonormal
+        # basis of the At rows (``basis``) and each atom's change since, in its
+        # coordinates (``drift``, v x steps).
+        self.base = self.bound.copy()
+        self.basis = np.zeros((capacity, n))
+        self.drift = np.zeros((v, capacity))
+        self.root_n = float(np.sqrt(n)) if order == 1 else 1.0
 
     def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
         """Record step ``R <- R - a q^T`` (``u = q^T D^T``) and loosen the bounds."""
@@ -188,12 +212,34 @@ class _Scorer:
         if t == self.At.shape[0]:
             self.At = np.concatenate([self.At, np.empty_like(self.At)])
             self.U = np.concatenate([self.U, np.empty_like(self.U)])
+            self.basis = np.concatenate([self.basis, np.zeros_like(self.basis)])
+            self.drift = np.concatenate([self.drift, np.zeros_like(self.drift)], axis=1)
         self.At[t] = a
         self.U[t] = u
         self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
         self.bound *= 1.0 + _BOUND_SLACK
+        self._add_drift(t, a, u)
         self.fresh[:] = False
         self.steps += 1
+
+    def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
+        """Add ``u[j] a`` to every atom's drift, and tighten the bounds with it."""
+        basis = self.basis[:t]
+        coords = np.zeros(t + 1)
+        rest = a.copy()
+        for _ in range(2):  # classical Gram-Schmidt, twice: orthonormal to rounding
+            c = basis @ rest
+            rest -= c @ basis
+            coords[:t] += c
+        coords[t] = np.sqrt(rest @ rest)
+        if coords[t] > 0.0:
+            self.basis[t] = rest / coords[t]
+        drift = self.drift[:, : t + 1]
+        drift += np.einsum("i,j->ij", u, coords)
+        reach = np.sqrt(np.einsum("ij,ij->i", drift, drift)) * (self.root_n * (1 + _DRIFT_SLACK))
+        np.minimum(
+            self.bound, (self.base + reach / self.scale) * (1.0 + _BOUND_SLACK), out=self.bound
+        )
 
     def _refresh(self, atoms: np.ndarray) -> None:
         """Bring ``Ct[atoms]`` (at most ``_SCORE_BATCH``) up to date and score them exactly.
@@ -217,6 +263,8 @@ class _Scorer:
         else:
             scores = np.sqrt(np.einsum("ij,ij->i", rows, rows))
         self.bound[atoms] = scores / self.scale[atoms]
+        self.base[atoms] = self.bound[atoms]
+        self.drift[atoms] = 0.0
         self.fresh[atoms] = True
 
     def best_atom(self, unit: float) -> int:
@@ -250,6 +298,33 @@ class _Scorer:
             picked = stale[:_SCORE_BATCH]
             self._refresh(picked)
             masked[picked] = self.bound[picked]
+
+
+class _DenseScorer(_Scorer):
+    """Every residual correlation kept up to date (a rank-1 update per step) and every
+    atom scored exactly each step; the same tie rule (:func:`first_within_window`)."""
+
+    def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
+        """Nothing: every score is exact each step."""
+
+    def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
+        super().add_step(a, u)
+        # Ct -= u a^T through a preallocated buffer (einsum's outer product is twice as
+        # fast as numpy's broadcasting one). Not scipy's BLAS ``dger``: its OpenBLAS is
+        # not numpy's, and the two thread pools would compete for the cores.
+        if not hasattr(self, "_outer"):
+            self._outer = np.empty_like(self.Ct)
+        np.subtract(self.Ct, np.einsum("i,j->ij", u, a, out=self._outer), out=self.Ct)
+        self.stamp[:] = self.steps
+
+    def best_atom(self, unit: float) -> int:
+        if self.order == 1:
+            scores = np.abs(self.Ct).sum(axis=1)
+        else:
+            scores = np.sqrt(np.einsum("ij,ij->i", self.Ct, self.Ct))
+        scores /= self.scale
+        scores[self.blocked] = -np.inf
+        return first_within_window(scores, unit, self.window_scale)
 
 
 def centered_correlations(
@@ -290,5 +365,7 @@ def solve_factored_coef(At: np.ndarray, U: np.ndarray, support: np.ndarray) -> n
     """
     if support.size == 0:
         return np.zeros((At.shape[1], 0))
-    L = U[:, support].T
-    return solve_triangular(L, At, lower=True, trans="T", check_finite=False).T
+    # W^T = L^-T A^T. numpy's solve (LU: L^T is upper triangular, so no row is swapped),
+    # not scipy's solve_triangular: scipy bundles a second OpenBLAS whose threads, right
+    # after numpy's products, fight numpy's for the cores (a 50 x 50 solve took 10 ms).
+    return np.linalg.solve(U[:, support], At).T

@@ -28,6 +28,7 @@ from somp_ref import __version__
 from somp_ref.cli_options import (  # noqa: F401  (the types stay importable from here)
     add_atoms,
     add_out,
+    add_rank_engine,
     add_ranking,
     add_seed,
     check_layer_flags,
@@ -37,6 +38,7 @@ from somp_ref.cli_options import (  # noqa: F401  (the types stay importable fro
     layer_list,
     non_negative_int,
     positive_int,
+    rank_engine_options,
     ranking_options,
     renamed,
 )
@@ -160,9 +162,18 @@ def _run_rank(args: argparse.Namespace) -> int:
     load_concept(args.concept)
     store = ActivationStore.open(args.store)
     check_layer_flags(args, store.n_layers, "the store")
+    ranked = set(range(store.n_layers) if args.layers is None else args.layers)
+    ranked -= set(args.exclude_layers)
+    layer_values = (store.n_samples or 0) * store.n_heads * store.d_head
+    engine = rank_engine_options(args, len(ranked), layer_values)
+    if args.method != "ll":  # a bad engine, device or extra: before the concept is read
+        from somp_ref.engines import load_engine
+
+        load_engine(engine.get("engine", "numpy"), engine.get("device"))
     concept = store_concept_ids(store.vocab(), args.concept)
     print(f"concept {args.concept}: {concept.report()}")
-    scores = rank_heads(store, concept.ids, **ranking_options(args))
+    scores = rank_heads(store, concept.ids, **ranking_options(args), **engine)
+    scores = scores.with_source(concept=args.concept)
     # All outputs or none: a failure (a full disk) leaves every previous file as it was.
     writes = [(args.out, scores.to_csv)]
     if args.json_out is not None:
@@ -188,7 +199,9 @@ def _add_rank(subparsers) -> None:
             "or compared with null dictionaries, which keeps heads that merely copy any "
             "token out of the top) or the Logit Lens. Writes --out (CSV, one row per head, "
             "best first), --json-out (every score and support) and --plot (a layer x head "
-            "heatmap) when given, and prints the --show best heads."
+            "heatmap) when given, and prints the --show best heads. --engine, --device and "
+            "--workers choose who ranks (numpy in --workers processes, or torch on a "
+            "device); the scores do not depend on them beyond float64 rounding."
         ),
         epilog="example: somp-ref rank runs/colors --concept colors --out colors.csv "
         "--plot colors.png",
@@ -201,6 +214,7 @@ def _add_rank(subparsers) -> None:
         "negative, toxic, animals) or a file with one word a line (required)",
     )
     add_ranking(parser)
+    add_rank_engine(parser)
     add_out(parser, "ranking CSV to write, one row per head, best first (required)")
     parser.add_argument(
         "--json-out",

@@ -8,7 +8,8 @@ only words the help for what it does with it. The groups:
   (the commands that load a model);
 * ranking: ``--method`` (:data:`somp_ref.ranking.METHODS`, default
   :data:`somp_ref.ranking.DEFAULT_METHOD`), ``--atoms`` (50, the paper's number),
-  ``--criterion``, ``--null``, ``--seed``, ``--layers``, ``--exclude-layers``;
+  ``--criterion``, ``--null``, ``--seed``, ``--layers``, ``--exclude-layers``; and, for
+  ``rank``, who ranks: ``--engine``, ``--device`` (as the model commands'), ``--workers``;
 * heads selection: ``--heads FILE`` (a ranking), ``--top K``;
 * steering and outputs: ``--alpha``, ``--batch-size``, ``--max-new-tokens``, ``--out``.
 
@@ -20,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import re
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
+from somp_ref.head_loop import PARALLEL_MIN_VALUES
 from somp_ref.ranking import DEFAULT_METHOD, METHODS, SHARE_POOL
 
 #: SOMP atoms per head unless told otherwise: the paper's number.
@@ -35,6 +38,8 @@ DEFAULT_NULL = 6
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 #: SOMP's atom-selection norms across samples (see :func:`somp_ref.somp`).
 CRITERIA = ("l1", "l2")
+#: Ranking engines (:mod:`somp_ref.engines`): numpy built in, torch from the hf extra.
+ENGINES = ("numpy", "torch")
 #: Layers a model may have: the activation store's schema bound on n_layers. A layer number
 #: at or past it is refused while parsing (``0-99999999999`` would build a list of 1e11).
 MAX_LAYERS = 4096
@@ -377,6 +382,60 @@ def ranking_options(args: argparse.Namespace) -> dict:
         "layers": args.layers,
         "exclude_layers": args.exclude_layers,
     }
+
+
+def add_rank_engine(parser: argparse.ArgumentParser) -> None:
+    """``--engine``, ``--device`` and ``--workers``: who pursues the heads, where, and in
+    how many processes (``rank``)."""
+    parser.add_argument(
+        "--engine",
+        choices=ENGINES,
+        default=None,
+        help="who pursues the heads: numpy (the float64 reference, CPU) or torch (the hf "
+        "extra, any --device) (default: numpy, or torch when --device is not cpu)",
+    )
+    parser.add_argument(
+        "--device",
+        type=device_spec,
+        default=None,
+        help="torch device of --engine torch, e.g. cuda or cuda:1; a device other than cpu "
+        "implies --engine torch (default: cpu)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="processes ranking layers at once with --engine numpy; the scores do not depend "
+        "on it (default: the CPUs available; 1 when one layer is ranked or the ranked layers "
+        f"hold under {PARALLEL_MIN_VALUES} z values)",
+    )
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(len(os.sched_getaffinity(0)), 1)
+    return os.cpu_count() or 1
+
+
+def rank_engine_options(args: argparse.Namespace, n_layers: int, layer_values: int) -> dict:
+    """The keyword arguments of :func:`somp_ref.ranking.rank_heads` that
+    :func:`add_rank_engine`'s flags set, those equal to its defaults left out.
+
+    ``n_layers`` layers are ranked, each holding ``layer_values`` z values (n_samples x
+    n_heads x d_head): ``--workers``' default is 1 for one layer or fewer than
+    :data:`somp_ref.head_loop.PARALLEL_MIN_VALUES` values in all, else the CPUs available.
+    """
+    device = args.device
+    engine = args.engine or ("numpy" if device in (None, "cpu") else "torch")
+    workers = args.workers
+    if workers is None:
+        small = n_layers <= 1 or n_layers * layer_values < PARALLEL_MIN_VALUES
+        workers = 1 if engine != "numpy" or small else available_cpus()
+    options = {"engine": engine, "device": device, "workers": workers}
+    defaults = {"engine": "numpy", "device": None, "workers": 1}
+    return {key: value for key, value in options.items() if value != defaults[key]}
 
 
 # ------------------------------------------------------------------ heads, steering, outputs

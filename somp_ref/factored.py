@@ -4,15 +4,20 @@ A head's contribution to the residual stream is low-rank, ``H_h = Z_h W_O[:, h]^
 ``Z_h`` (n_samples, d_head). Its correlations with the atoms are ``E_h Z_h^T`` with
 ``E_h = D W_O[:, h]`` (v, d_head), one product per layer for all its heads, and its energy
 is a quadratic form in ``W_O[:, h]^T W_O[:, h]`` (d_head, d_head).
+
+With ``criterion="l2"`` and more samples than ``d_head`` the pursuit runs in the head's
+d_head-dimensional sample space (:func:`sample_space_factor`): no product with the n
+samples is formed per atom, and none per step.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, replace
 
 import numpy as np
 
-from somp_ref.batch_omp import pursue, solve_factored_coef
+from somp_ref.batch_omp import PursuitPath, pursue, solve_factored_coef
 from somp_ref.decisions import binary_exponent, signal_energy
 from somp_ref.pursuit import NORM_ORDER, SompResult, pursuit_result
 from somp_ref.validation import (
@@ -80,6 +85,86 @@ def rescaled(values: np.ndarray) -> tuple[np.ndarray, int]:
     return (np.ldexp(values, -exponent) if exponent else values), exponent
 
 
+#: CholeskyQR2 is accepted when its first pass is orthonormal to this (max-entry) tolerance,
+#: i.e. for samples whose condition number is under about 1e5: its factor then matches
+#: Householder's to ~1e-11 relative, 100 times inside the tie window (TIE_RTOL = 1e-9).
+#: Worse-conditioned (or rank-deficient) samples take Householder QR, slower on
+#: OpenBLAS (tall, thin) but backward stable for any input.
+CHOLESKY_QR_TOL = 1e-6
+
+
+def sample_space_factor(zc: np.ndarray) -> np.ndarray:
+    """A triangular R with ``zc^T zc == R^T R`` (the R of ``zc = Q R``), shape (k, d_head)
+    with k = min(n, d_head).
+
+    ``Q`` has orthonormal columns, so ``||zc f||_2 == ||R f||_2`` for every f: the l2
+    criterion's scores, the residual energies and the gains of a pursuit of ``zc W^T``
+    are those of the pursuit of ``R W^T``, a problem with k samples. A QR factor rather
+    than the Cholesky factor of ``zc^T zc`` alone: a score is then the norm of a vector
+    computed from the samples (no quadratic form, whose cancellation would lose half the
+    digits of small scores), so its rounding stays that of the n-sample path.
+
+    CholeskyQR2 (Yamamoto et al. 2015, "Roundoff error analysis of the CholeskyQR2
+    algorithm"): two Cholesky passes, Householder-accurate for condition numbers under
+    ~1e5 and, on OpenBLAS, several times faster than ``geqrf`` on tall thin matrices;
+    otherwise Householder QR (see :data:`CHOLESKY_QR_TOL`). numpy's LAPACK only: scipy's
+    bundles a second OpenBLAS whose threads would compete with numpy's for the cores.
+    """
+    n, d = zc.shape
+    if n > d:
+        try:
+            r1 = np.linalg.cholesky(zc.T @ zc).T
+            q1 = zc @ np.linalg.inv(r1)  # its error, ~eps * cond, is what the check bounds
+            c = q1.T @ q1
+            if np.abs(c - np.eye(d)).max() <= CHOLESKY_QR_TOL:
+                return np.linalg.cholesky(c).T @ r1
+        except np.linalg.LinAlgError:  # rank-deficient (to rounding): Householder below
+            pass
+    return np.linalg.qr(zc, mode="r")
+
+
+def sample_space_coef(zc: np.ndarray, projected: np.ndarray, path: PursuitPath) -> np.ndarray:
+    """The least-squares coefficients (n, t) of a pursuit run in the sample space.
+
+    ``H q_i`` for the support's orthonormal directions ``Q_S = D_S^T L^{-T}`` is
+    ``A = zc E_S^T L^{-T}`` (``E_S`` the support's rows of ``projected``, L the Cholesky
+    factor the pursuit grew), so the coefficients ``A L^{-1}`` are
+    ``zc E_S^T (L L^T)^{-1}``: one (n, d_head) x (d_head, t) product after the pursuit.
+    """
+    support = path.support
+    if support.size == 0:
+        return np.zeros((zc.shape[0], 0))
+    inv_l = np.linalg.inv(path.U[:, support].T)  # L is well conditioned: DEPENDENT_TOL
+    return (zc @ projected[support].T) @ (inv_l.T @ inv_l)
+
+
+_BLAS: dict[str, object] = {}
+
+
+def one_blas_thread() -> contextlib.AbstractContextManager:
+    """A context in which BLAS runs on one thread, when threadpoolctl is installed (it
+    comes with scikit-learn, in the ``hf`` and ``test`` extras); otherwise nothing.
+
+    A pursuit calls BLAS on small operands thousands of times (a refresh is a 32 x t by
+    t x n product): threads cost more than they save there, and when another process
+    holds a core, OpenBLAS threads waiting for each other make a pursuit up to ten times
+    slower (measured on 2 cores: 120 ms a 7B head on one thread, 0.7-1.7 s on two). The
+    large products (``E_h Z_h^T``) run outside it, on every thread. The limit is
+    process-wide while it lasts (threadpoolctl's own caveat for threaded callers).
+    """
+    if "controller" not in _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS["controller"] = None
+        else:
+            _BLAS["controller"] = ThreadpoolController()
+    controller = _BLAS["controller"]
+    if controller is None:
+        return contextlib.nullcontext()
+    return controller.limit(limits=1, user_api="blas")
+
+
 def factored_somp(
     z: np.ndarray,
     o_proj_head: np.ndarray,
@@ -98,26 +183,46 @@ def factored_somp(
     :func:`rescaled`); :func:`head_somp` checks and rescales them. Coefficients and the
     mean are in the units of the inputs given; explained variance and support are not
     affected by any rescaling.
+
+    Notes
+    -----
+    "l1" (``order=1``) pursues the correlations ``E_h zc^T`` (v, n). "l2" with n > d_head
+    pursues ``E_h R^T`` (v, d_head) instead, R from :func:`sample_space_factor`: the same
+    engine (:func:`somp_ref.batch_omp.pursue`, so the same tie, dependence and stopping
+    rules) on d_head instead of n columns. Each step costs O(v d_head) and no v x n
+    product is formed; the coefficients come from one n x t product at the end
+    (:func:`sample_space_coef`).
     """
     mean_z = z.mean(axis=0) if center else np.zeros(z.shape[1])
     zc = z - mean_z
     gram_w = o_proj_head.T @ o_proj_head
-    energy = max(float(np.einsum("ij,ij->", zc @ gram_w, zc)), 0.0)
+    in_sample_space = order == 2 and zc.shape[0] > zc.shape[1]
+    samples = sample_space_factor(zc) if in_sample_space else zc
+    energy = max(float(np.einsum("ij,ij->", samples @ gram_w, samples)), 0.0)
     if center:
-        energy = signal_energy(energy, float(np.einsum("ij,ij->", z @ gram_w, z)))
-    path = pursue(
-        projected @ zc.T,
-        dictionary.gram_row,
-        dictionary.sq_norms,
-        energy,
-        min(n_atoms, projected.shape[0]),
-        order=order,
-        normalize=normalize,
-        tol=tol,
-        refit=True,
-        atom_exp=dictionary.atom_exp,
-    )
-    coef = solve_factored_coef(path.At, path.U, path.support)
+        # ||z W^T||^2 = ||zc W^T||^2 + n ||W mean||^2 (zc's columns sum to zero): the
+        # reference of the zero-signal rule, which needs no more than a few digits.
+        raw = energy + zc.shape[0] * float(mean_z @ gram_w @ mean_z)
+        energy = signal_energy(energy, raw)
+    correlations = projected @ samples.T  # the one large product: every BLAS thread
+    with one_blas_thread():
+        path = pursue(
+            correlations,
+            dictionary.gram_row,
+            dictionary.sq_norms,
+            energy,
+            min(n_atoms, projected.shape[0]),
+            order=order,
+            normalize=normalize,
+            tol=tol,
+            refit=True,
+            atom_exp=dictionary.atom_exp,
+            lazy=not in_sample_space,
+        )
+        if in_sample_space:
+            coef = sample_space_coef(zc, projected, path)
+        else:
+            coef = solve_factored_coef(path.At, path.U, path.support)
     energies = energy - np.concatenate([[0.0], np.cumsum(path.gains)])
     return pursuit_result(path.support, coef, energies, path.stop_reason, mean_z @ o_proj_head.T)
 

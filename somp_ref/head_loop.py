@@ -4,15 +4,27 @@ It validates the store's data (finite values), reads each layer once, hands the 
 an engine (SOMP) or scores it directly (the Logit Lens), and builds the
 :class:`~somp_ref.head_scores.HeadScores`; the rankings of :mod:`somp_ref.ranking` are built
 from its results.
+
+With ``workers > 1`` the numpy engine's layers are pursued by a pool of processes (spawn
+start method: safe with threads and any BLAS). Each worker opens the store by its path,
+limits its BLAS to one thread, builds the dictionary once and pursues the layers it is
+handed; the parent gathers the results in layer order, so the scores are those of
+``workers=1`` bit for bit (each head's arithmetic is the same; only who runs it changes).
+A script that ranks with workers needs the usual ``if __name__ == "__main__":`` guard.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import contextlib
+import multiprocessing
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
 
 import numpy as np
 
-from somp_ref.engines import PursuitOptions, load_engine
+from somp_ref.engines import NumpyEngine, PursuitOptions, load_engine
 from somp_ref.factored import Dictionary, mean_concept_logits, rescaled
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
@@ -23,6 +35,25 @@ from somp_ref.validation import check_choice, check_flag, check_positive_int, ch
 
 #: What the loop itself computes: SOMP's explained variance, and the mean concept logit.
 LOOP_METHODS = ("somp", "ll")
+
+#: The command line ranks in one process (its ``--workers`` default) when the ranked
+#: layers hold fewer z values than this (n_samples x n_heads x d_head, summed): about one
+#: layer of a 7B model (32 heads x 128 x 2000 samples, seconds of pursuit). Below it,
+#: starting the processes (spawn: each imports numpy and scipy and builds the dictionary,
+#: ~1 s) costs more than the pursuit saves; the embedded SmolLM2's stores fall below it.
+PARALLEL_MIN_VALUES = 2**23
+
+#: Environment variables that size a BLAS thread pool when the library loads: set to 1
+#: while the workers start, so that their BLAS starts with one thread (threadpoolctl,
+#: when installed, also limits it once loaded).
+_BLAS_THREAD_VARIABLES = (
+    "OMP_NUM_THREADS",
+    "OPENBLAS_NUM_THREADS",
+    "MKL_NUM_THREADS",
+    "BLIS_NUM_THREADS",
+    "VECLIB_MAXIMUM_THREADS",
+    "NUMEXPR_NUM_THREADS",
+)
 
 
 def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
@@ -113,6 +144,7 @@ def score_heads(
     exclude_layers: Iterable[int] = (),
     engine: str = "numpy",
     device: str | None = None,
+    workers: int = 1,
     show_progress: bool = True,
 ) -> HeadScores:
     """Score every head of a store with SOMP ("somp") or the Logit Lens ("ll").
@@ -137,8 +169,13 @@ def score_heads(
     engine : {"numpy", "torch"}, default="numpy"
         Who pursues each layer's heads (see :mod:`somp_ref.engines`).
     device : str, optional
+    workers : int, default=1
+        Processes pursuing layers at once (numpy engine; "ll" and a single layer ignore
+        it). 1 runs in this process: a library spawns nothing unasked. The scores do not
+        depend on it. The torch engine batches heads itself: ``workers > 1`` with it is a
+        ValueError.
     show_progress : bool, default=True
-        A progress bar over layers on stderr (on a terminal).
+        A progress bar over layers on stderr (on a terminal), advancing per layer.
 
     Returns
     -------
@@ -147,6 +184,12 @@ def score_heads(
     """
     check_choice(method, "method", LOOP_METHODS)
     n_atoms = check_positive_int(n_atoms, "n_atoms")
+    workers = check_positive_int(workers, "workers")
+    if workers > 1 and method == "somp" and engine != "numpy":
+        raise ValueError(
+            f"workers={workers} runs the numpy engine in processes; the {engine} engine "
+            "batches a layer's heads itself: use workers=1"
+        )
     options = PursuitOptions(
         center=True if center is None else check_flag(center, "center"),
         normalize=check_flag(normalize, "normalize"),
@@ -167,14 +210,23 @@ def score_heads(
     if not chosen:
         raise ValueError(f"no layer left to rank (layers {layers}, excluded {exclude_layers})")
     atom_exp = dictionary.exponents()
-    for layer, z, o_proj, o_exp in _layers(store, chosen, f"rank ({method})", show_progress):
-        if method == "somp":
-            results = pursuer.pursue_layer(z, o_proj, dictionary, n_atoms, options)
-            for head, res in enumerate(results):
-                score[layer, head] = res.explained_variance[-1]
-                supports[layer, head] = ids[res.support]
-                increments[layer, head] = np.diff(res.explained_variance)
+    desc = f"rank ({method})"
+    if method == "somp":
+        if workers > 1 and len(chosen) > 1:
+            pursued = _pursued_in_workers(
+                store, ids, chosen, n_atoms, options, workers, desc, show_progress
+            )
         else:
+            pursued = _pursued(
+                store, chosen, pursuer, dictionary, n_atoms, options, desc, show_progress
+            )
+        for layer, results in pursued:
+            for head, (support, explained) in enumerate(results):
+                score[layer, head] = explained[-1]
+                supports[layer, head] = ids[support]
+                increments[layer, head] = np.diff(explained)
+    else:
+        for layer, z, o_proj, o_exp in _layers(store, chosen, desc, show_progress):
             projected = dictionary.atoms @ o_proj
             d_head = store.d_head
             for head in range(store.n_heads):
@@ -211,7 +263,108 @@ def score_heads(
     )
 
 
+#: What a pursued layer hands back: per head, its support and explained variance.
+LayerResults = list[tuple[np.ndarray, np.ndarray]]
+
+
+def _pursued(
+    store: ActivationStore,
+    chosen: list[int],
+    pursuer,
+    dictionary: Dictionary,
+    n_atoms: int,
+    options: PursuitOptions,
+    desc: str,
+    show: bool,
+) -> Iterator[tuple[int, LayerResults]]:
+    """(layer, results) for each chosen layer, pursued in this process."""
+    for layer, z, o_proj, _ in _layers(store, chosen, desc, show):
+        results = pursuer.pursue_layer(z, o_proj, dictionary, n_atoms, options)
+        yield layer, [(res.support, res.explained_variance) for res in results]
+
+
+def _pursued_in_workers(
+    store: ActivationStore,
+    ids: np.ndarray,
+    chosen: list[int],
+    n_atoms: int,
+    options: PursuitOptions,
+    workers: int,
+    desc: str,
+    show: bool,
+) -> Iterator[tuple[int, LayerResults]]:
+    """(layer, results) for each chosen layer in order, pursued by a pool of processes."""
+    context = multiprocessing.get_context("spawn")
+    setup = (os.fspath(store.path), ids, n_atoms, options)
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(
+            ProcessPoolExecutor(
+                min(workers, len(chosen)),
+                mp_context=context,
+                initializer=_start_worker,
+                initargs=setup,
+            )
+        )
+        # A worker error (a corrupt layer) must not wait for the other layers: cancel the
+        # queue on the way out.
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
+        with _one_blas_thread_for_children():  # the processes start at submit()
+            futures = [pool.submit(_pursue_in_worker, layer) for layer in chosen]
+        for layer, future in zip(progress(chosen, desc=desc, enabled=show), futures, strict=True):
+            yield layer, future.result()
+
+
+@contextlib.contextmanager
+def _one_blas_thread_for_children() -> Iterator[None]:
+    """Set every BLAS thread-count variable to 1 in this process's environment (which
+    the spawned workers inherit), and restore them after."""
+    saved = {name: os.environ.get(name) for name in _BLAS_THREAD_VARIABLES}
+    os.environ.update(dict.fromkeys(_BLAS_THREAD_VARIABLES, "1"))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+#: A worker's store, dictionary and options (set once by :func:`_start_worker`).
+_WORKER: dict[str, Any] = {}
+
+
+def _start_worker(path: str, ids: np.ndarray, n_atoms: int, options: PursuitOptions) -> None:
+    """Open the store, build the dictionary as the parent does, limit BLAS to 1 thread."""
+    with contextlib.suppress(ImportError):  # the environment already asked for 1 thread
+        from threadpoolctl import threadpool_limits
+
+        threadpool_limits(1)
+    store = ActivationStore.open(path)
+    atoms = check_finite(
+        np.asarray(store.unembed()[ids], dtype=np.float64), store, "unembed (token, d_model)"
+    )
+    _WORKER.update(
+        store=store, dictionary=Dictionary.build(atoms), n_atoms=n_atoms, options=options
+    )
+
+
+def _pursue_in_worker(layer: int) -> LayerResults:
+    """One layer's (support, explained variance) per head, in a worker."""
+    state = _WORKER
+    ((_, results),) = _pursued(
+        state["store"],
+        [layer],
+        NumpyEngine(),
+        state["dictionary"],
+        state["n_atoms"],
+        state["options"],
+        "",
+        False,
+    )
+    return results
+
+
 def _token_strings(store: ActivationStore, ids: np.ndarray) -> list[str] | None:
     vocab = store.vocab()
     return None if vocab is None else [vocab[i] for i in ids]
-
