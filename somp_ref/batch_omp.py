@@ -32,6 +32,10 @@ _BOUND_SLACK = 64 * EPS
 #: ~n eps) many times over, and loosens the bound by a millionth of the drift only.
 _DRIFT_SLACK = 1e-6
 
+#: A step's ``At`` row opens a new direction of the drift bound's basis when its part
+#: orthogonal to the basis is over this fraction of its norm (see ``_Scorer._add_drift``).
+_NEW_DIRECTION = 1e-6
+
 #: Steps the fast engine's buffers hold before they first grow.
 _INITIAL_STEPS = 64
 
@@ -79,7 +83,7 @@ def pursue(
     tol: float,
     refit: bool,
     atom_exp: np.ndarray | None = None,
-    lazy: bool = True,
+    scoring: str = "lazy",
 ) -> PursuitPath:
     """Fast pursuit from correlations (Batch-OMP style), SOMP when ``refit`` else MP.
 
@@ -96,10 +100,14 @@ def pursue(
         ``||H||_F^2`` (0 when the signal is zero to rounding: nothing is selected).
     atom_exp : ndarray of shape (v,), optional
         Atom j is the given atom times ``2**-atom_exp[j]`` (see ``_prepare``).
-    lazy : bool, default=True
-        Score lazily from upper bounds (below); False updates and scores every row each
-        step (O(v n) a step: cheaper when n is small, as in the l2 sample space of
-        :func:`somp_ref.factored.factored_somp`). The same choices either way.
+    scoring : {"lazy", "tracked", "dense"}, default="lazy"
+        How the argmax finds the best atom; the same choices either way. "lazy": exact
+        scores only where upper bounds require them (below). "tracked" (l2 only): the
+        same, with every atom's squared score also tracked by a recurrence (one (v, n)
+        matrix-vector product a step), a bound within rounding of the score, so that a
+        step scores exactly a few atoms; for small n (the sample space of
+        :func:`somp_ref.factored.factored_somp`), as it copies ``Ct``. "dense": every row
+        updated and scored each step (O(v n) a step).
 
     Returns
     -------
@@ -122,7 +130,7 @@ def pursue(
     """
     v, n = Ct.shape
     unit = tie_unit(energy, n, order)
-    kind = _Scorer if lazy else _DenseScorer
+    kind = {"lazy": _Scorer, "tracked": _TrackedScorer, "dense": _DenseScorer}[scoring]
     scorer = kind(Ct, n_atoms, sq_norms, order=order, normalize=normalize, atom_exp=atom_exp)
     rho2 = sq_norms.copy()
     support: list[int] = []
@@ -164,12 +172,31 @@ def pursue(
     )
 
 
+def _row_norms(Ct: np.ndarray, order: int) -> np.ndarray:
+    """``np.linalg.norm(Ct, ord=order, axis=1)``, a block of rows at a time: the l1 norm of
+    a whole (v, n) matrix at once writes a v x n temporary of absolute values (16 MB for a
+    7B head), whose fresh pages cost more than the sums."""
+    if order != 1:
+        return np.sqrt(np.einsum("ij,ij->i", Ct, Ct))
+    norms = np.empty(Ct.shape[0])
+    block = np.empty((min(_SAMPLE_BLOCK // 4, Ct.shape[0]), Ct.shape[1]))
+    for start in range(0, Ct.shape[0], block.shape[0]):
+        rows = Ct[start : start + block.shape[0]]
+        np.abs(rows, out=block[: rows.shape[0]]).sum(
+            axis=1, out=norms[start : start + rows.shape[0]]
+        )
+    return norms
+
+
 class _Scorer:
     """Exact argmax of the pursuit scores with lazily updated residual correlations.
 
     ``Ct[j]`` holds atom j's residual correlations after ``stamp[j]`` steps; ``bound[j]``
     is an upper bound on its current score, exact where ``fresh[j]``.
     """
+
+    #: Stale atoms scored exactly per round of the argmax.
+    batch = _SCORE_BATCH
 
     def __init__(
         self,
@@ -187,7 +214,7 @@ class _Scorer:
         self.scale = score_scale(sq_norms, normalize, atom_exp)
         self.window_scale = window_scale(sq_norms, normalize, atom_exp)
         self.blocked = sq_norms <= 0.0
-        self.bound = np.linalg.norm(Ct, ord=order, axis=1) / self.scale
+        self.bound = _row_norms(Ct, order) / self.scale
         self.fresh = np.ones(v, dtype=bool)
         self.stamp = np.zeros(v, dtype=np.int64)
         # Step buffers grow by doubling: Matching Pursuit's n_atoms is not capped by the
@@ -196,7 +223,8 @@ class _Scorer:
         self.At = np.empty((capacity, n))
         self.U = np.empty((capacity, v))
         self.steps = 0
-        self._rows = np.empty((min(_SCORE_BATCH, v), n))
+        self.batch = min(self.batch, v)
+        self._rows = np.empty((self.batch, n))
         self._work = np.empty_like(self._rows)
         # The drift bound: the exact score at the last scoring (``base``), an orthonormal
         # basis of the At rows (``basis``) and each atom's change since, in its
@@ -204,6 +232,7 @@ class _Scorer:
         self.base = self.bound.copy()
         self.basis = np.zeros((capacity, n))
         self.drift = np.zeros((v, capacity))
+        self.loose = np.zeros(v)
         self.root_n = float(np.sqrt(n)) if order == 1 else 1.0
 
     def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
@@ -223,7 +252,14 @@ class _Scorer:
         self.steps += 1
 
     def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
-        """Add ``u[j] a`` to every atom's drift, and tighten the bounds with it."""
+        """Add ``u[j] a`` to every atom's drift, and tighten the bounds with it.
+
+        ``a``'s component orthogonal to the basis becomes a new basis vector when it is a
+        real direction (over ``_NEW_DIRECTION`` of ``||a||``: then Gram-Schmidt keeps
+        the basis orthonormal to ~eps / _NEW_DIRECTION, inside ``_DRIFT_SLACK``);
+        otherwise (rounding, or a direction the basis nearly holds) its norm goes to a
+        per-atom triangle-inequality term, ``loose``.
+        """
         basis = self.basis[:t]
         coords = np.zeros(t + 1)
         rest = a.copy()
@@ -231,18 +267,23 @@ class _Scorer:
             c = basis @ rest
             rest -= c @ basis
             coords[:t] += c
-        coords[t] = np.sqrt(rest @ rest)
-        if coords[t] > 0.0:
-            self.basis[t] = rest / coords[t]
+        rest_norm = float(np.sqrt(rest @ rest))
+        if rest_norm > _NEW_DIRECTION * float(np.sqrt(a @ a)):
+            coords[t] = rest_norm
+            self.basis[t] = rest / rest_norm
+        elif rest_norm > 0.0:
+            self.loose += np.abs(u) * rest_norm
         drift = self.drift[:, : t + 1]
         drift += np.einsum("i,j->ij", u, coords)
-        reach = np.sqrt(np.einsum("ij,ij->i", drift, drift)) * (self.root_n * (1 + _DRIFT_SLACK))
+        reach = np.sqrt(np.einsum("ij,ij->i", drift, drift)) * (1 + _DRIFT_SLACK) + self.loose
         np.minimum(
-            self.bound, (self.base + reach / self.scale) * (1.0 + _BOUND_SLACK), out=self.bound
+            self.bound,
+            (self.base + reach * (self.root_n / self.scale)) * (1.0 + _BOUND_SLACK),
+            out=self.bound,
         )
 
     def _refresh(self, atoms: np.ndarray) -> None:
-        """Bring ``Ct[atoms]`` (at most ``_SCORE_BATCH``) up to date and score them exactly.
+        """Bring ``Ct[atoms]`` (at most ``batch``) up to date and score them exactly.
 
         Works in two preallocated buffers: fresh (B, n) temporaries would be new mmap'd
         pages each call, and those page faults cost more than the arithmetic.
@@ -265,6 +306,7 @@ class _Scorer:
         self.bound[atoms] = scores / self.scale[atoms]
         self.base[atoms] = self.bound[atoms]
         self.drift[atoms] = 0.0
+        self.loose[atoms] = 0.0
         self.fresh[atoms] = True
 
     def best_atom(self, unit: float) -> int:
@@ -284,7 +326,7 @@ class _Scorer:
                 # Every other bound is <= masked[j] and bounds cover scores: exact maximum.
                 break
             stale = np.where(self.fresh, -np.inf, masked)
-            k = min(_SCORE_BATCH, size)
+            k = self.batch
             picked = np.argpartition(stale, size - k)[size - k :]
             picked = picked[stale[picked] > -np.inf]
             self._refresh(picked)
@@ -295,9 +337,53 @@ class _Scorer:
             stale = lower[~self.fresh[lower]]
             if stale.size == 0:
                 return int(lower[0]) if lower.size else j
-            picked = stale[:_SCORE_BATCH]
+            picked = stale[: self.batch]
             self._refresh(picked)
             masked[picked] = self.bound[picked]
+
+
+class _TrackedScorer(_Scorer):
+    """l2 scores with every atom's squared score tracked by a recurrence (see ``pursue``).
+
+    After step t, ``||r_j - u_j a||^2 = ||r_j||^2 - 2 u_j (r_j . a) + u_j^2 ||a||^2`` with
+    ``r_j . a = C0_j . a - sum_i U[i, j] (At[i] . a)`` (``C0`` the correlations as given).
+    The recurrence cancels, so it is only a bound: it carries its own worst-case rounding
+    (``err``, from the magnitudes of every term) and the bound is ``sqrt(sq + err)``. An
+    exact scoring resets both. Where the residual is still large the bound is within a
+    few ulps of the score, and a step scores exactly a handful of atoms.
+    """
+
+    batch = 8
+
+    def __init__(self, Ct: np.ndarray, *args, **kwargs):
+        super().__init__(Ct, *args, **kwargs)
+        if self.order != 2:
+            raise ValueError("tracked scoring is for the l2 criterion")
+        self.C0 = Ct.copy()
+        self.c0_norms = np.sqrt(np.einsum("ij,ij->i", Ct, Ct))
+        self.sq = self.c0_norms**2
+        self.err = np.zeros_like(self.sq)
+        self.reach = np.zeros_like(self.sq)  # sum_i |U[i, j]| ||At[i]||
+        self.unit_err = (Ct.shape[1] + 8) * EPS
+
+    def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
+        a_norm = float(np.sqrt(a @ a))
+        cross = self.C0 @ a
+        if t:
+            cross -= self.U[:t].T @ (self.At[:t] @ a)
+        cross_err = (self.unit_err + t * EPS) * (self.c0_norms + self.reach) * a_norm
+        terms = np.abs(self.sq) + 2.0 * np.abs(u * cross) + (u * a_norm) ** 2
+        self.sq += u * (u * a_norm**2 - 2.0 * cross)
+        self.err += 2.0 * np.abs(u) * cross_err + 4.0 * EPS * terms
+        self.reach += np.abs(u) * a_norm
+        tracked = np.sqrt(np.maximum(self.sq + self.err, 0.0)) / self.scale
+        np.minimum(self.bound, tracked * (1.0 + _BOUND_SLACK), out=self.bound)
+
+    def _refresh(self, atoms: np.ndarray) -> None:
+        super()._refresh(atoms)
+        exact = self.bound[atoms] * self.scale[atoms]
+        self.sq[atoms] = exact * exact
+        self.err[atoms] = self.unit_err * self.sq[atoms]
 
 
 class _DenseScorer(_Scorer):

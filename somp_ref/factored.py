@@ -217,7 +217,7 @@ def factored_somp(
             tol=tol,
             refit=True,
             atom_exp=dictionary.atom_exp,
-            lazy=not in_sample_space,
+            scoring="tracked" if in_sample_space else "lazy",
         )
         if in_sample_space:
             coef = sample_space_coef(zc, projected, path)
