@@ -10,7 +10,8 @@ Prints, from one run:
 * the floor: the unavoidable matmuls (D W_O per layer, E_h Z_h^T per head, with the same
   reads and casts), on all ``--layers``;
 * ``rank_heads`` (somp) with criterion l1 and l2 on all ``--layers``, and each time over
-  the floor (targets: l1 <= 3, l2 <= 1.5);
+  the floor (targets: l1 <= 3, l2 <= 1.5); l1 also with ``workers=2`` (what ``somp-ref
+  rank`` runs on 2 cores: the floor's products use every core, a pursuit one);
 * the speed-up of ``workers=2`` over ``workers=1`` with BLAS limited to one thread
   (l1, on the first ``--workers-layers`` layers, 4 by default; target >= 1.7 on 2 cores);
 * with a CUDA GPU: the torch engine's time and the same floor on the GPU (float64, as the
@@ -128,6 +129,7 @@ def main() -> None:
         k = args.atoms
         floor = unavoidable_matmuls(store, atoms)
         l1, scores = timed(store, ids, k, criterion="l1")
+        l1_two, _ = timed(store, ids, k, criterion="l1", workers=2)
         l2, _ = timed(store, ids, k, criterion="l2")
         sub = list(range(min(args.workers_layers, args.layers)))
         from threadpoolctl import threadpool_limits
@@ -154,6 +156,7 @@ def main() -> None:
     )
     row("unavoidable matmuls (D W_O, E Z^T)", floor)
     row("rank_heads (somp, l1)", l1, f"   ratio {l1 / floor:5.2f} (target <= 3)")
+    row("rank_heads (somp, l1), workers=2", l1_two, f"   ratio {l1_two / floor:5.2f}")
     row("rank_heads (somp, l2)", l2, f"   ratio {l2 / floor:5.2f} (target <= 1.5)")
     label = f"l1, {len(sub)} layers, 1 BLAS thread"
     row(f"{label}, workers=1", one)

@@ -67,6 +67,11 @@ class NumpyEngine:
     """The reference engine: :func:`somp_ref.factored.factored_somp`, head by head.
 
     Each head's z is widened to float64 alone, so memory stays at one head's samples.
+    "l1" pursues each head's (v, n) correlations with the lazy argmax; "l2" pursues in
+    the head's d_head-dimensional sample space (no v x n product at all). The large
+    products use every BLAS thread, the pursuits one
+    (:func:`somp_ref.factored.one_blas_thread`); ``score_heads(workers=N)`` runs layers in
+    N processes for the rest of the cores.
     """
 
     name = "numpy"

@@ -148,9 +148,10 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     A pursuit calls BLAS on small operands thousands of times (a refresh is a 32 x t by
     t x n product): threads cost more than they save there, and when another process
     holds a core, OpenBLAS threads waiting for each other make a pursuit up to ten times
-    slower (measured on 2 cores: 120 ms a 7B head on one thread, 0.7-1.7 s on two). The
-    large products (``E_h Z_h^T``) run outside it, on every thread. The limit is
-    process-wide while it lasts (threadpoolctl's own caveat for threaded callers).
+    slower (measured on 2 cores: 120 ms a 7B head on one thread, 0.7-1.7 s on two), and
+    so do small LAPACK calls (a 128 x 128 Cholesky: 0.1 ms, or 60 ms). The large products
+    (``D W_O``, ``E_h Z_h^T``) run outside it, on every thread. The limit is process-wide
+    while it lasts (threadpoolctl's own caveat for threaded callers).
     """
     if "controller" not in _BLAS:
         try:
@@ -195,17 +196,22 @@ def factored_somp(
     """
     mean_z = z.mean(axis=0) if center else np.zeros(z.shape[1])
     zc = z - mean_z
-    gram_w = o_proj_head.T @ o_proj_head
-    in_sample_space = order == 2 and zc.shape[0] > zc.shape[1]
-    samples = sample_space_factor(zc) if in_sample_space else zc
-    energy = max(float(np.einsum("ij,ij->", samples @ gram_w, samples)), 0.0)
-    if center:
-        # ||z W^T||^2 = ||zc W^T||^2 + n ||W mean||^2 (zc's columns sum to zero): the
-        # reference of the zero-signal rule, which needs no more than a few digits.
-        raw = energy + zc.shape[0] * float(mean_z @ gram_w @ mean_z)
-        energy = signal_energy(energy, raw)
-    correlations = projected @ samples.T  # the one large product: every BLAS thread
+    in_sample_space = order == 2 and z.shape[0] > z.shape[1]
+    if not in_sample_space:
+        # The one large product (v x n x d_head, the floor of the l1 ranking): every
+        # BLAS thread. Everything else runs on one (see one_blas_thread).
+        correlations = projected @ zc.T
     with one_blas_thread():
+        gram_w = o_proj_head.T @ o_proj_head
+        samples = sample_space_factor(zc) if in_sample_space else zc
+        energy = max(float(np.einsum("ij,ij->", samples @ gram_w, samples)), 0.0)
+        if center:
+            # ||z W^T||^2 = ||zc W^T||^2 + n ||W mean||^2 (zc's columns sum to zero): the
+            # reference of the zero-signal rule, which needs no more than a few digits.
+            raw = energy + zc.shape[0] * float(mean_z @ gram_w @ mean_z)
+            energy = signal_energy(energy, raw)
+        if in_sample_space:
+            correlations = projected @ samples.T
         path = pursue(
             correlations,
             dictionary.gram_row,
@@ -223,8 +229,9 @@ def factored_somp(
             coef = sample_space_coef(zc, projected, path)
         else:
             coef = solve_factored_coef(path.At, path.U, path.support)
+        mean = mean_z @ o_proj_head.T
     energies = energy - np.concatenate([[0.0], np.cumsum(path.gains)])
-    return pursuit_result(path.support, coef, energies, path.stop_reason, mean_z @ o_proj_head.T)
+    return pursuit_result(path.support, coef, energies, path.stop_reason, mean)
 
 
 def head_somp(
