@@ -172,8 +172,10 @@ def score_heads(
     workers : int, default=1
         Processes pursuing layers at once (numpy engine; "ll" and a single layer ignore
         it). 1 runs in this process: a library spawns nothing unasked. The scores do not
-        depend on it. The torch engine batches heads itself: ``workers > 1`` with it is a
-        ValueError.
+        depend on it. Each call starts its own pool (about a second: every worker imports
+        the package and builds the dictionary), so it pays on stores of seconds a layer
+        (see :data:`PARALLEL_MIN_VALUES`). The torch engine batches heads itself:
+        ``workers > 1`` with it is a ValueError.
     show_progress : bool, default=True
         A progress bar over layers on stderr (on a terminal), advancing per layer.
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from problems import gaussian_problems
+from problems import assert_same_selection, gaussian_problems
 
 from somp_ref import batch_omp, somp
 from somp_ref.batch_omp import _Scorer
@@ -100,9 +100,16 @@ def test_the_scorings_make_the_same_choices(problem, n_atoms, criterion, normali
             )
     lazy = paths["lazy"]
     for scoring, path in paths.items():
-        assert path.support.tolist() == lazy.support.tolist(), scoring
-        assert path.stop_reason == lazy.stop_reason, scoring
-        np.testing.assert_allclose(path.gains, lazy.gains, rtol=GAIN_RTOL, atol=GAIN_RTOL * energy)
+        # Rows updated in another order round differently: a choice may differ only where
+        # a score sits on the tie window's edge (then the paths part).
+        prefix = assert_same_selection(
+            path.support, lazy.support, H, D, criterion=criterion, normalize=normalize
+        )
+        if prefix == len(path.support) == len(lazy.support):
+            assert path.stop_reason == lazy.stop_reason, scoring
+            np.testing.assert_allclose(
+                path.gains, lazy.gains, rtol=GAIN_RTOL, atol=GAIN_RTOL * energy
+            )
 
 
 def test_tracked_scoring_is_for_l2_only():
