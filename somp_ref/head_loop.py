@@ -43,6 +43,10 @@ LOOP_METHODS = ("somp", "ll")
 #: ~1 s) costs more than the pursuit saves; the embedded SmolLM2's stores fall below it.
 PARALLEL_MIN_VALUES = 2**23
 
+#: Dictionaries up to this size (its atoms, float64) are sent to the workers with their
+#: Gram matrix; larger ones are rebuilt by each worker from the store.
+SHIPPED_DICTIONARY_BYTES = 2**28
+
 #: Environment variables that size a BLAS thread pool when the library loads: set to 1
 #: while the workers start, so that their BLAS starts with one thread (threadpoolctl,
 #: when installed, also limits it once loaded).
@@ -216,7 +220,7 @@ def score_heads(
     if method == "somp":
         if workers > 1 and len(chosen) > 1:
             pursued = _pursued_in_workers(
-                store, ids, chosen, n_atoms, options, workers, desc, show_progress
+                store, ids, dictionary, chosen, n_atoms, options, workers, desc, show_progress
             )
         else:
             pursued = _pursued(
@@ -288,6 +292,7 @@ def _pursued(
 def _pursued_in_workers(
     store: ActivationStore,
     ids: np.ndarray,
+    dictionary: Dictionary,
     chosen: list[int],
     n_atoms: int,
     options: PursuitOptions,
@@ -297,7 +302,11 @@ def _pursued_in_workers(
 ) -> Iterator[tuple[int, LayerResults]]:
     """(layer, results) for each chosen layer in order, pursued by a pool of processes."""
     context = multiprocessing.get_context("spawn")
-    setup = (os.fspath(store.path), ids, n_atoms, options)
+    # The parent's dictionary travels to the workers when it is small (its products are
+    # then the parent's, bit for bit, and no worker recomputes the Gram matrix); a large
+    # one (a whole vocabulary) is rebuilt by each worker from the store.
+    shipped = dictionary if dictionary.atoms.nbytes <= SHIPPED_DICTIONARY_BYTES else None
+    setup = (os.fspath(store.path), ids, shipped, n_atoms, options)
     with contextlib.ExitStack() as stack:
         pool = stack.enter_context(
             ProcessPoolExecutor(
@@ -336,19 +345,26 @@ def _one_blas_thread_for_children() -> Iterator[None]:
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(path: str, ids: np.ndarray, n_atoms: int, options: PursuitOptions) -> None:
-    """Open the store, build the dictionary as the parent does, limit BLAS to 1 thread."""
+def _start_worker(
+    path: str,
+    ids: np.ndarray,
+    dictionary: Dictionary | None,
+    n_atoms: int,
+    options: PursuitOptions,
+) -> None:
+    """Limit BLAS to 1 thread, open the store, take the parent's dictionary or build it
+    as the parent does."""
     with contextlib.suppress(ImportError):  # the environment already asked for 1 thread
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
     store = ActivationStore.open(path)
-    atoms = check_finite(
-        np.asarray(store.unembed()[ids], dtype=np.float64), store, "unembed (token, d_model)"
-    )
-    _WORKER.update(
-        store=store, dictionary=Dictionary.build(atoms), n_atoms=n_atoms, options=options
-    )
+    if dictionary is None:
+        atoms = check_finite(
+            np.asarray(store.unembed()[ids], dtype=np.float64), store, "unembed (token, d_model)"
+        )
+        dictionary = Dictionary.build(atoms)
+    _WORKER.update(store=store, dictionary=dictionary, n_atoms=n_atoms, options=options)
 
 
 def _pursue_in_worker(layer: int) -> LayerResults:

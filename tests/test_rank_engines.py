@@ -11,6 +11,7 @@ import pytest
 from numpy.testing import assert_allclose
 from stores import write_planted_store
 
+from somp_ref import head_loop
 from somp_ref.cli import main
 from somp_ref.cli_options import available_cpus, rank_engine_options
 from somp_ref.head_loop import PARALLEL_MIN_VALUES, score_heads
@@ -70,6 +71,14 @@ def word_store(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["specificity", "excess", "share"])
+def test_workers_that_build_their_own_dictionary_give_the_same_scores(store, monkeypatch):
+    # A dictionary over SHIPPED_DICTIONARY_BYTES is rebuilt from the store by each worker.
+    monkeypatch.setattr(head_loop, "SHIPPED_DICTIONARY_BYTES", 0)
+    one = score_heads(store, CONCEPT, 4, show_progress=False)
+    two = score_heads(store, CONCEPT, 4, workers=2, show_progress=False)
+    assert_identical(one, two)
+
+
 def test_workers_reach_the_null_dictionaries_of_a_ranking(word_store, method):
     options = {"n_null": 3, "layers": [0, 2], "show_progress": False}
     one = rank_heads(word_store, CONCEPT, 4, method, **options)
