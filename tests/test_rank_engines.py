@@ -70,7 +70,6 @@ def word_store(tmp_path_factory):
     return ActivationStore.open(path)
 
 
-@pytest.mark.parametrize("method", ["specificity", "excess", "share"])
 def test_workers_that_build_their_own_dictionary_give_the_same_scores(store, monkeypatch):
     # A dictionary over SHIPPED_DICTIONARY_BYTES is rebuilt from the store by each worker.
     monkeypatch.setattr(head_loop, "SHIPPED_DICTIONARY_BYTES", 0)
@@ -79,6 +78,7 @@ def test_workers_that_build_their_own_dictionary_give_the_same_scores(store, mon
     assert_identical(one, two)
 
 
+@pytest.mark.parametrize("method", ["specificity", "excess", "share"])
 def test_workers_reach_the_null_dictionaries_of_a_ranking(word_store, method):
     options = {"n_null": 3, "layers": [0, 2], "show_progress": False}
     one = rank_heads(word_store, CONCEPT, 4, method, **options)
