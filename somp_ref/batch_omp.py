@@ -36,6 +36,11 @@ _DRIFT_SLACK = 1e-6
 #: orthogonal to the basis is over this fraction of its norm (see ``_Scorer._add_drift``).
 _NEW_DIRECTION = 1e-6
 
+#: Gram-Schmidt projects a step's row on the basis a second time when the first pass
+#: left under this fraction of its norm (Daniel, Gragg, Kaufman & Stewart 1976: one
+#: pass that keeps 1/sqrt(2) of the norm is orthogonal to rounding; "twice is enough").
+_REORTHOGONALIZE = 0.7071
+
 #: Steps the fast engine's buffers hold before they first grow.
 _INITIAL_STEPS = 64
 
@@ -263,12 +268,15 @@ class _Scorer:
         basis = self.basis[:t]
         coords = np.zeros(t + 1)
         rest = a.copy()
-        for _ in range(2):  # classical Gram-Schmidt, twice: orthonormal to rounding
+        a_norm = float(np.sqrt(a @ a))
+        for _ in range(2):  # classical Gram-Schmidt, again when it cancelled (DGKS)
             c = basis @ rest
             rest -= c @ basis
             coords[:t] += c
-        rest_norm = float(np.sqrt(rest @ rest))
-        if rest_norm > _NEW_DIRECTION * float(np.sqrt(a @ a)):
+            rest_norm = float(np.sqrt(rest @ rest))
+            if rest_norm >= _REORTHOGONALIZE * a_norm:
+                break
+        if rest_norm > _NEW_DIRECTION * a_norm:
             coords[t] = rest_norm
             self.basis[t] = rest / rest_norm
         elif rest_norm > 0.0:
