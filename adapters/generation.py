@@ -22,11 +22,14 @@ def generate(
     chat_template: bool = True,
     batch_size: int = 8,
     show_progress: bool = False,
+    use_cache: bool = True,
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (new text only, special tokens removed).
 
     Prompts are left-padded in batches; position ids count real tokens, so the result for a
-    prompt does not depend on its batch.
+    prompt does not depend on its batch. ``use_cache=False`` recomputes the whole sequence
+    at each step (slow; the same text, which the position rules of
+    :func:`somp_ref.adapters.intervene.scale_heads` are tested against).
     """
     device = input_device(model)
     texts: list[str] = []
@@ -44,6 +47,7 @@ def generate(
             **batch,
             max_new_tokens=max_new_tokens,
             do_sample=False,
+            use_cache=use_cache,
             pad_token_id=tokenizer.pad_token_id,
             top_p=None,
             top_k=None,

@@ -10,7 +10,7 @@ clearly when it does not (the models themselves fail deep inside their forward).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,19 +19,34 @@ import torch
 
 from somp_ref.adapters.capture import PositionMasks
 from somp_ref.adapters.head_export import export_batches
+from somp_ref.adapters.intervene import PositionRule, scale_heads
 from somp_ref.adapters.model_heads import model_heads
 from somp_ref.adapters.offload import input_device
+from somp_ref.head_scores import Head
 from somp_ref.store import ActivationStore
 
 VISION_FAMILIES = ("llava", "gemma3", "qwen2_5_vl")
 
 
-def _family_name(model: Any) -> str:
-    """The model's family name, which must be a vision-language family."""
+def vision_family(model: Any, purpose: str | None = None) -> str:
+    """The model's family name, which must be a vision-language family (``purpose`` says
+    what needed one, in the error)."""
     name = model_heads(model).family.name
     if name not in VISION_FAMILIES:
-        raise ValueError(f"{name} is not a vision-language family ({', '.join(VISION_FAMILIES)})")
+        needs = f"{purpose} needs a vision-language model: " if purpose else ""
+        raise ValueError(
+            f"{needs}{name} is not a vision-language family ({', '.join(VISION_FAMILIES)})"
+        )
     return name
+
+
+def image_token_mask(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
+    """Where ``input_ids`` holds the image placeholder token: bool, the shape of input_ids.
+
+    The one definition of "image positions": export's "image"/"image-mean" rows and the
+    interventions' ``positions="image"`` / ``"text"`` both use it.
+    """
+    return input_ids == image_token_id(model)
 
 
 def image_token_id(model: Any) -> int:
@@ -51,7 +66,7 @@ def image_tokens_needed(model: Any, inputs: dict[str, Any]) -> int:
     strategy, which keeps CLS) per image; Gemma3: ``mm_tokens_per_image`` per image;
     Qwen2.5-VL: ``t * h * w / spatial_merge_size^2`` per image from ``image_grid_thw``.
     """
-    name, config = _family_name(model), model.config
+    name, config = vision_family(model), model.config
     if name == "qwen2_5_vl":
         grid = inputs["image_grid_thw"]
         merge = config.vision_config.spatial_merge_size
@@ -71,7 +86,7 @@ def check_image_tokens(model: Any, inputs: dict[str, Any]) -> None:
     needed = image_tokens_needed(model, inputs)
     if found != needed:
         raise ValueError(
-            f"{_family_name(model)}: the input has {found} image tokens (id "
+            f"{vision_family(model)}: the input has {found} image tokens (id "
             f"{image_token_id(model)}) but its images need {needed}; build inputs with the "
             "model's processor or somp_ref.adapters.vision.image_inputs"
         )
@@ -107,7 +122,7 @@ def image_inputs(
         ``input_ids``, ``attention_mask``, ``pixel_values`` and, by family,
         ``token_type_ids`` (Gemma3) or ``image_grid_thw`` (Qwen2.5-VL).
     """
-    name, config = _family_name(model), model.config
+    name, config = vision_family(model), model.config
     image_id = image_token_id(model)
     vision = config.vision_config
     out: dict[str, Any] = {}
@@ -182,7 +197,7 @@ def export_vision(
         The checkpoint's processor; without it, :func:`image_inputs` builds the inputs.
     """
     device = input_device(model)
-    image_id = image_token_id(model)
+    image_token_id(model)  # a clear error before the first item
 
     def batches():
         for item in items:
@@ -195,7 +210,7 @@ def export_vision(
                 inputs = image_inputs(model, ids, item["image"])
             check_image_tokens(model, inputs)
             record = {k: v for k, v in item.items() if k not in ("image", "inputs")}
-            masks = PositionMasks(image=inputs["input_ids"] == image_id)
+            masks = PositionMasks(image=image_token_mask(model, inputs["input_ids"]))
             yield [record], _to(inputs, device), masks
 
     return export_batches(
@@ -221,38 +236,52 @@ def classify_images(
     *,
     prompt: str = "This digit is",
     processor: Any = None,
+    alphas: Mapping[Head, float] | None = None,
+    positions: PositionRule = "all",
 ) -> dict[str, Any]:
     """Predict each image's class by scoring the class names as continuations.
 
     For every item, the log-probability of each " name" after the image and ``prompt`` is
     summed over its tokens; the best name is the prediction.
 
+    Parameters
+    ----------
+    alphas : mapping of (layer, head) -> float, optional
+        Heads scaled while scoring (see :func:`somp_ref.adapters.intervene.scale_heads`);
+        default: none.
+    positions : str, default="all"
+        Where ``alphas`` apply: "all", "image" (the image tokens only), "text" (every other
+        token), or any rule :func:`~somp_ref.adapters.intervene.scale_heads` takes.
+
     Returns
     -------
     dict
-        "predictions" (list of str), "accuracy" (float, against each item's "label").
+        "predictions" (list of str), "accuracy" (float, against each item's "label"),
+        "scores" (list of list of float: per item, each class name's log-probability).
     """
     device = input_device(model)
-    predictions = []
-    for item in items:
-        scores = []
-        for name in class_names:
-            answer = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
-            if processor is not None:
-                inputs = processor_inputs(processor, model, f"{prompt} {name}", item["image"])
-            else:
-                text = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-                inputs = image_inputs(model, text + answer, item["image"])
-            check_image_tokens(model, inputs)
-            logits = model(**_to(inputs, device)).logits[0].float()
-            ids = inputs["input_ids"][0].to(device)
-            span = range(len(ids) - len(answer), len(ids))
-            logp = torch.log_softmax(logits, dim=-1)
-            scores.append(sum(float(logp[p - 1, ids[p]]) for p in span))
-        predictions.append(class_names[int(np.argmax(scores))])
+    predictions, all_scores = [], []
+    with scale_heads(model, dict(alphas or {}), positions=positions):
+        for item in items:
+            scores = []
+            for name in class_names:
+                answer = tokenizer(" " + name, add_special_tokens=False)["input_ids"]
+                if processor is not None:
+                    inputs = processor_inputs(processor, model, f"{prompt} {name}", item["image"])
+                else:
+                    text = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+                    inputs = image_inputs(model, text + answer, item["image"])
+                check_image_tokens(model, inputs)
+                logits = model(**_to(inputs, device)).logits[0].float()
+                ids = inputs["input_ids"][0].to(device)
+                span = range(len(ids) - len(answer), len(ids))
+                logp = torch.log_softmax(logits, dim=-1)
+                scores.append(sum(float(logp[p - 1, ids[p]]) for p in span))
+            predictions.append(class_names[int(np.argmax(scores))])
+            all_scores.append(scores)
     labels = [str(item.get("label")) for item in items]
     accuracy = float(np.mean([p == t for p, t in zip(predictions, labels, strict=True)]))
-    return {"predictions": predictions, "accuracy": accuracy}
+    return {"predictions": predictions, "accuracy": accuracy, "scores": all_scores}
 
 
 def digits_dataset(n: int = 20, *, size: int = 64, seed: int = 0) -> list[dict[str, Any]]:
