@@ -29,6 +29,7 @@ from somp_ref.cli_options import (
     add_batch_size,
     add_exclude_layers,
     add_heads_selection,
+    add_intervene_positions,
     add_max_new_tokens,
     add_method,
     add_model_loading,
@@ -140,10 +141,11 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(f"warning: {args.heads}: {err} (applied anyway: --force)", file=sys.stderr)
     options = {"max_new_tokens": args.max_new_tokens, "chat_template": not args.raw}
     baseline = generate(model, tokenizer, args.prompts, **options)
-    with scale_heads(model, {head: args.alpha for head in heads}):
+    alphas = {head: args.alpha for head in heads}
+    with scale_heads(model, alphas, positions=args.intervene_positions):
         steered = generate(model, tokenizer, args.prompts, **options)
     print(
-        f"heads ({len(heads)}, alpha {args.alpha:g}): "
+        f"heads ({len(heads)}, alpha {args.alpha:g} at {args.intervene_positions} positions): "
         + " ".join(f"{layer}.{head}" for layer, head in heads)
     )
     width = 48
@@ -242,17 +244,20 @@ def register(subparsers) -> None:
         help="greedy generation with the top-k heads of a ranking scaled by alpha",
         description=(
             "Generate greedily twice, without and with the --top best heads of a ranking "
-            "(--heads, from 'somp-ref rank') scaled by --alpha, and print both side by side "
-            "(writes no file). alpha=-1 flips the heads (suppresses their concept), 0 "
-            "ablates them, 5 amplifies them."
+            "(--heads, from 'somp-ref rank') scaled by --alpha at the positions "
+            "--intervene-positions selects, and print both side by side (writes no file). "
+            "alpha=-1 flips the heads (suppresses their concept), 0 ablates them, 5 "
+            "amplifies them."
         ),
         epilog="example: somp-ref generate --heads colors.csv --top 8 --alpha -1 "
-        "'Describe the color of a ripe banana.'",
+        "'Describe the color of a ripe banana.' (add --intervene-positions generated to "
+        "leave the prompt's positions alone)",
     )
     add_model_loading(gen)
     gen.add_argument("prompts", nargs="+", help="one or more prompts")
     add_heads_selection(gen)
     add_alpha(gen, -1.0, "factor the selected heads are scaled by (default: -1)")
+    add_intervene_positions(gen)
     add_max_new_tokens(gen, 40, "tokens generated per prompt (default: 40)")
     gen.add_argument(
         "--force",
@@ -273,6 +278,14 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.adapters.tasks import TASK_NAMES
     from somp_ref.files import check_output_dir
 
+    names = list(TASK_NAMES) if args.names == ["all"] else list(dict.fromkeys(args.names))
+    study = args.names == ["all"] or "study" in names
+    if study and args.intervene_positions != "all":
+        raise ValueError(
+            "--intervene-positions applies to the experiments, not to the selection study "
+            "(it chooses the default ranking with heads scaled at every position); run "
+            "'study' on its own"
+        )
     check_output_dir(args.out)
     check_model(args)
     check_device_map(args)
@@ -280,8 +293,6 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
     from somp_ref.adapters.report import write_report
     from somp_ref.adapters.tasks import build_task
-
-    names = list(TASK_NAMES) if args.names == ["all"] else list(dict.fromkeys(args.names))
     from somp_ref.files import write_text_atomically
 
     settings = Settings(
@@ -298,10 +309,10 @@ def _run_experiment(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         seed=args.seed,
         model=args.model,
+        intervene_positions=args.intervene_positions,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    study = args.names == ["all"] or "study" in names
     tasks = [build_task(name, seed=settings.seed) for name in names if name != "study"]
     model, tokenizer = load(args)
     check_layers(model, args)
@@ -332,7 +343,8 @@ def register_experiment(subparsers) -> None:
             "tokens, rank the heads (--method, the paper's raw explained variance and the "
             "Logit Lens), choose alpha on the validation split where the experiment does not "
             "fix it, then for each k scale the top-k heads of each ranking and 10 random head "
-            "sets (same per-layer counts, disjoint) and measure every test prompt: the target "
+            "sets (same per-layer counts, disjoint), at every position or at those "
+            "--intervene-positions selects, and measure every test prompt: the target "
             "effect next to collateral damage (KL along the unmodified model's answers to "
             "neutral prompts, degenerate answers), each with a 95 % bootstrap interval over "
             "prompts. Train, validation and test are disjoint by entity. Writes "
@@ -341,7 +353,9 @@ def register_experiment(subparsers) -> None:
         ),
         epilog="experiments: " + ", ".join(TASK_NAMES) + "; study: the selection study of "
         "the default ranking on the validation splits; all: the study and every experiment. "
-        "example: somp-ref experiment colors --k 3,8,16 --out runs/colors",
+        "example: somp-ref experiment colors --k 3,8,16 --out runs/colors; the same with the "
+        "heads scaled at the answer's tokens only: somp-ref experiment colors "
+        "--intervene-positions generated --out runs/colors-generated",
     )
     parser.add_argument(
         "names",
@@ -372,6 +386,7 @@ def register_experiment(subparsers) -> None:
         help="random head sets per k, same per-layer counts as the selection and disjoint "
         "from it, reported as median [IQR] (default: 10, as the paper)",
     )
+    add_intervene_positions(parser)
     add_method(parser)
     add_atoms(parser)
     add_null(parser)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from somp_ref.adapters.generation import generate
-from somp_ref.adapters.intervene import scale_heads
+from somp_ref.adapters.intervene import PositionRule, generated_from, scale_heads
 from somp_ref.adapters.offload import input_device
 from somp_ref.adapters.tasks import Split, Task
 from somp_ref.adapters.tokenization import real_positions, render
@@ -70,7 +70,11 @@ def forced_answers(
 @torch.no_grad()
 def forced_log_probs(model: Any, forced: Forced, batch_size: int):
     """Yield, per prompt, the log-probabilities (answer tokens + 1, vocab) at the positions
-    that predict its first answer token onwards (float64 on the CPU)."""
+    that predict its first answer token onwards (float64 on the CPU).
+
+    The answers' tokens are declared generated (:func:`generated_from`), so a head scaled
+    with ``positions="generated"`` acts at them as it would have while generating them.
+    """
     device = input_device(model)
     pad = 0
     for start in range(0, len(forced.ids), batch_size):
@@ -78,11 +82,14 @@ def forced_log_probs(model: Any, forced: Forced, batch_size: int):
         width = max(map(len, rows))
         input_ids = torch.tensor([[pad] * (width - len(r)) + list(r) for r in rows])
         mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
-        logits = model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=real_positions(mask).to(device),
-        ).logits
+        starts = forced.starts[start : start + batch_size]
+        answers = [width - len(r) + s for r, s in zip(rows, starts, strict=True)]
+        with generated_from(answers):
+            logits = model(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                position_ids=real_positions(mask).to(device),
+            ).logits
         for row, ids in enumerate(rows):
             offset = width - len(ids)
             first = offset + forced.starts[start + row] - 1
@@ -123,6 +130,10 @@ class Evaluator:
     n_neutral : int
         Neutral prompts for the collateral measure.
     batch_size : int
+    positions : str, default="all"
+        Where the measured heads are scaled (see
+        :func:`somp_ref.adapters.intervene.scale_heads`): in generation and along the
+        teacher-forced answers alike, whose tokens count as generated.
     """
 
     def __init__(
@@ -137,8 +148,10 @@ class Evaluator:
         n_generate: int = 32,
         n_neutral: int = 32,
         batch_size: int = 16,
+        positions: PositionRule = "all",
     ):
         self.model, self.tokenizer, self.task, self.split = model, tokenizer, task, split
+        self.positions = positions
         self.words = list(concept_words)
         self.ids = torch.tensor(sorted(set(int(i) for i in concept_ids)), dtype=torch.long)
         self.batch_size = batch_size
@@ -169,7 +182,7 @@ class Evaluator:
         """Every measure with the heads in ``alphas`` scaled (the baseline when empty)."""
         values: dict[str, np.ndarray] = {}
         outputs: dict[str, list[str]] = {}
-        with scale_heads(self.model, alphas):
+        with scale_heads(self.model, alphas, positions=self.positions):
             values |= self._collateral()
             if self.task.kind == "qa":
                 for part in ("target", "other"):

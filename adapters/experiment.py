@@ -8,7 +8,9 @@ module turns them into tables):
 3. choose alpha on the validation split when the task does not fix it (amplification: a
    sweep over the paper's 2..8), never on the test split;
 4. for each k, scale the top-k heads of each ranking, and 10 random head sets with the same
-   per-layer counts and disjoint from the selection, and measure every test prompt.
+   per-layer counts and disjoint from the selection, and measure every test prompt; the
+   heads are scaled at the positions ``Settings.intervene_positions`` selects (every
+   position by default, as the paper; "generated": the answer's tokens only).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import numpy as np
 
 from somp_ref.adapters.evaluation import Evaluator, Measurement
 from somp_ref.adapters.head_export import export_activations
+from somp_ref.adapters.intervene import check_positions
 from somp_ref.adapters.tasks import Task
 from somp_ref.concepts import load_concept, store_concept_ids
 from somp_ref.head_scores import Head, HeadScores
@@ -59,6 +62,7 @@ class Settings:
     seed: int = 0
     model: str = "default"
     alpha_grid: tuple[float, ...] = ALPHA_GRID
+    intervene_positions: str = "all"  # where heads are scaled: intervene.POSITION_RULES
 
 
 @dataclass
@@ -181,6 +185,7 @@ def run_task(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Run one experiment (the store goes to ``out/NAME/train_store``); returns its results."""
+    check_positions(settings.intervene_positions)
     started = time.perf_counter()
     store = export_activations(
         model,
@@ -209,6 +214,7 @@ def run_task(
             n_generate=settings.n_generate,
             n_neutral=settings.n_neutral,
             batch_size=settings.batch_size,
+            positions=settings.intervene_positions,
         )
 
     alpha, sweep = settings.alpha, []

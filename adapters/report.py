@@ -31,6 +31,7 @@ FIGURES = {
         ("mass x base", "mass_all", "ratio"),
         ("words x base", "concept_words", "ratio"),
         ("KL", "kl", "mean"),
+        ("KL first", "kl_first", "mean"),
         ("degenerate", "degenerate", "mean"),
     ],
     "qa": [
@@ -39,6 +40,7 @@ FIGURES = {
         ("oth acc x base", "other_acc", "ratio"),
         ("oth F1 x base", "other_f1", "ratio"),
         ("KL", "kl", "mean"),
+        ("KL first", "kl_first", "mean"),
     ],
 }
 LABELS = {"somp": "somp (paper: raw EV)", "ll": "ll (paper: Logit Lens)"}
@@ -109,8 +111,10 @@ def format_table(result: dict[str, Any]) -> str:
     titles = [title for title, _, _ in FIGURES[result["kind"]]]
     default = result["settings"]["method"]
     data = result["data"]
+    where = result["settings"].get("intervene_positions", "all")
     lines = [
-        f"{result['experiment']} — alpha {result['alpha']:g}, {result['model']}",
+        f"{result['experiment']} — alpha {result['alpha']:g} at {where} positions, "
+        f"{result['model']}",
         f"test: {data['n_test_target']} target prompts"
         + (f", {data['n_test_other']} other questions" if data["n_test_other"] else "")
         + (f" ({data['n_generated']} generated)" if data["n_generated"] else "")

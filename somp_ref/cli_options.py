@@ -11,7 +11,8 @@ only words the help for what it does with it. The groups:
   ``--criterion``, ``--null``, ``--seed``, ``--layers``, ``--exclude-layers``; and, for
   ``rank``, who ranks: ``--engine``, ``--device`` (as the model commands'), ``--workers``;
 * heads selection: ``--heads FILE`` (a ranking), ``--top K``;
-* steering and outputs: ``--alpha``, ``--batch-size``, ``--max-new-tokens``, ``--out``.
+* steering and outputs: ``--alpha``, ``--intervene-positions``, ``--batch-size``,
+  ``--max-new-tokens``, ``--out``.
 
 Only argparse arguments and types live here: the core's commands use this module as the
 adapters' do, so it imports neither torch nor ``somp_ref.adapters``.
@@ -461,6 +462,25 @@ def add_heads_selection(parser: argparse.ArgumentParser) -> None:
 def add_alpha(parser: argparse.ArgumentParser, default: float | None, help: str) -> None:
     """``--alpha``: the factor the selected heads are scaled by."""
     parser.add_argument("--alpha", type=finite_float, default=default, help=help)
+
+
+#: Where the command line can scale heads (somp_ref.adapters.intervene.POSITION_RULES, the
+#: text-model ones, kept here torch-free; a test keeps them in step). The first is the default.
+INTERVENE_POSITIONS = ("all", "prompt", "generated")
+
+
+def add_intervene_positions(parser: argparse.ArgumentParser) -> None:
+    """``--intervene-positions``: at which positions the selected heads are scaled."""
+    parser.add_argument(
+        "--intervene-positions",
+        choices=INTERVENE_POSITIONS,
+        default=INTERVENE_POSITIONS[0],
+        help="where the selected heads are scaled: all = every position of prompt and answer "
+        "(the paper's); prompt = the prompt's positions only, the answer's left alone; "
+        "generated = only positions whose input token was generated (the prompt's last "
+        "position, which predicts the first answer token, is left alone) "
+        f"(default: {INTERVENE_POSITIONS[0]})",
+    )
 
 
 def add_batch_size(parser: argparse.ArgumentParser, default: int) -> None:
