@@ -71,7 +71,8 @@ def rank_heads(
         Null dictionaries of "specificity" and "excess" and the seed that draws them.
     **options
         Passed to :func:`somp_ref.head_loop.score_heads`: center, normalize, criterion,
-        tol, layers, exclude_layers, engine ("numpy" or "torch"), device, show_progress.
+        tol, layers, exclude_layers, engine ("numpy" or "torch"), device, workers (numpy:
+        layers pursued in that many processes, the same scores bit for bit), show_progress.
 
     Returns
     -------

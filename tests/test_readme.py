@@ -49,3 +49,28 @@ def test_the_python_api_example_runs(tmp_path, monkeypatch):
     # Flipping eight heads changes the model's greedy answer to the prompt (the README
     # prints both); a no-op steer would leave it byte-identical.
     assert steered != plain
+
+
+def test_the_large_models_commands_use_flags_their_commands_have():
+    from somp_ref.cli import build_parser
+
+    text = README.read_text(encoding="utf-8")
+    section = text.split("\n## Large models\n", 1)[1].split("\n## ", 1)[0]
+    commands = " ".join(re.findall(r"```bash\n(.*?)```", section, re.DOTALL))
+    commands = commands.replace("\\\n", " ")
+    parsers = {}
+    for action in build_parser()._subparsers._group_actions:
+        parsers.update(action.choices)
+    checked = 0
+    for line in commands.splitlines():
+        found = re.search(r"(?:somp-ref|-m somp_ref) (\w+)(?: (merge))?(.*)", line)
+        if not found:
+            continue
+        parser = parsers[found[1]]
+        if found[2]:
+            parser = parser._subparsers._group_actions[0].choices[found[2]]
+        known = {flag for action in parser._actions for flag in action.option_strings}
+        for flag in re.findall(r"(?<![\w-])--[a-z][a-z-]*", found[3]):
+            assert flag in known, (found[1], flag)
+            checked += 1
+    assert checked >= 20  # the section's commands were found and read
