@@ -230,3 +230,29 @@ def test_shards_of_different_exports_are_refused(tmp_path):
     with pytest.raises(StoreError, match="n_heads 5 != 4"):
         merge_stores([a.path, c.path], tmp_path / "m", show_progress=False)
     assert not (tmp_path / "m").exists()
+
+
+def test_a_writer_killed_while_finishing_resumes_and_finishes(tmp_path, monkeypatch):
+    z, weights, records = _data(6)
+    _interrupted(tmp_path / "s", z, weights, records, batches_done=3, garbage=False)
+    store = ActivationStore.resume(tmp_path / "s")
+    writer = RowWriter.resume(store)
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # after the renames, before meta.json records the parts
+
+    monkeypatch.setattr(ActivationStore, "_record_files", killed)
+    with pytest.raises(KeyboardInterrupt):
+        writer.finish()
+    store._abandon()
+    monkeypatch.undo()
+    assert (tmp_path / "s" / "layer_000.safetensors").exists()  # renamed, not recorded
+    store = ActivationStore.resume(tmp_path / "s")
+    writer = RowWriter.resume(store)
+    assert writer.rows == 6
+    writer.finish()
+    store.write_unembed(np.eye(8))
+    store.close()
+    _same_content(
+        _whole(tmp_path / "w", z, weights, records, np.eye(8)), ActivationStore.open(tmp_path / "s")
+    )

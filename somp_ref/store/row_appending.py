@@ -324,9 +324,9 @@ class RowWriter:
             os.replace(store._dir / partial_name(name), store._dir / name)
         store._meta["prompts_hash"] = prompts.hexdigest()
         store._meta["n_sample_records"] = rows
-        del store._meta[APPENDING]
-        for name in names:
-            store._record_file(name)  # saves meta.json: the parts are the store's now
+        # One write of meta.json makes the parts the store's: until then it still says rows
+        # are being appended, and a resume renames the files back and finishes again.
+        store._record_files(names, drop=APPENDING)
 
     def close(self) -> None:
         """Close the partial files (the store stays resumable where it was committed)."""

@@ -197,9 +197,17 @@ class StoreWriting(StoreFacts):
         self._record_file(name)
 
     def _record_file(self, name: str) -> None:
-        path = self._dir / name
-        self._content.forget(name)
-        self._meta["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        self._record_files([name])
+
+    def _record_files(self, names: Sequence[str], *, drop: str | None = None) -> None:
+        """Record the size and hash of each file in ``names``, and forget the meta key
+        ``drop``, in one write of meta.json."""
+        for name in names:
+            path = self._dir / name
+            self._content.forget(name)
+            self._meta["files"][name] = {"bytes": path.stat().st_size, "sha256": sha256(path)}
+        if drop is not None:
+            del self._meta[drop]
         self._save_meta()
 
     def _save_meta(self) -> None:
