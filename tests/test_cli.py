@@ -115,8 +115,16 @@ def test_experiment_help_teaches_the_options(capsys):
 # ------------------------------------------------------------------ the flags themselves
 
 #: The subcommands that load a model, and the flags that say which and how.
-MODEL_COMMANDS = ("export", "generate", "experiment")
-MODEL_FLAGS = ("--model", "--revision", "--device", "--dtype", "--attn-implementation")
+MODEL_COMMANDS = ("export", "generate", "experiment", "verify")
+MODEL_FLAGS = (
+    "--model",
+    "--revision",
+    "--device",
+    "--dtype",
+    "--device-map",
+    "--offload-folder",
+    "--attn-implementation",
+)
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
@@ -271,6 +279,7 @@ def test_the_model_flags_reach_the_loader(command, tmp_path, monkeypatch, capsys
         "export": ["export", "--prompts", str(prompts), "--out", out],
         "generate": ["generate", "--heads", str(ranking), "--top", "2", "hi"],
         "experiment": ["experiment", "colors", "--generate", "2", "--out", out],
+        "verify": ["verify"],  # the numpy checks run first, then the model loads
     }[command]
     flags = ["--model", "someone/model", "--revision", "v2", "--device", "meta"]
     flags += ["--dtype", "bfloat16", "--attn-implementation", "sdpa"]
