@@ -92,7 +92,7 @@ class _PositionTracker:
         )
         self.image_mask: Callable[[torch.Tensor], torch.Tensor] | None = None
         if isinstance(rule, str) and rule in ("image", "text"):
-            from somp_ref.adapters.vision import image_token_mask, vision_family
+            from somp_ref.adapters.image_tokens import image_token_mask, vision_family
 
             vision_family(model, f"positions={rule!r}")
             self.image_mask = functools.partial(image_token_mask, model)
@@ -246,7 +246,7 @@ def scale_heads(
         "generated": only positions whose input token was generated (the prompt's last
         position, which predicts the first answer token, is a prompt position); "image" /
         "text": the image-token positions / every other one (vision-language models; the
-        image token is the one :func:`somp_ref.adapters.vision.image_token_id` names). A
+        image token is the one :func:`somp_ref.adapters.image_tokens.image_token_id` names). A
         mask selects columns of the padded input per row; a callable gets ``(rows,
         columns)`` LongTensors of shapes (batch, 1) and (1, n) and returns booleans.
         Columns count as the KV cache does (see the module docstring), so ``generate``

@@ -19,44 +19,15 @@ import torch
 
 from somp_ref.adapters.capture import PositionMasks
 from somp_ref.adapters.head_export import export_batches
+from somp_ref.adapters.image_tokens import (
+    image_token_id,
+    image_token_mask,
+    vision_family,
+)
 from somp_ref.adapters.intervene import PositionRule, scale_heads
-from somp_ref.adapters.model_heads import model_heads
 from somp_ref.adapters.offload import input_device
 from somp_ref.head_scores import Head
 from somp_ref.store import ActivationStore
-
-VISION_FAMILIES = ("llava", "gemma3", "qwen2_5_vl")
-
-
-def vision_family(model: Any, purpose: str | None = None) -> str:
-    """The model's family name, which must be a vision-language family (``purpose`` says
-    what needed one, in the error)."""
-    name = model_heads(model).family.name
-    if name not in VISION_FAMILIES:
-        needs = f"{purpose} needs a vision-language model: " if purpose else ""
-        raise ValueError(
-            f"{needs}{name} is not a vision-language family ({', '.join(VISION_FAMILIES)})"
-        )
-    return name
-
-
-def image_token_mask(model: Any, input_ids: torch.Tensor) -> torch.Tensor:
-    """Where ``input_ids`` holds the image placeholder token: bool, the shape of input_ids.
-
-    The one definition of "image positions": export's "image"/"image-mean" rows and the
-    interventions' ``positions="image"`` / ``"text"`` both use it.
-    """
-    return input_ids == image_token_id(model)
-
-
-def image_token_id(model: Any) -> int:
-    """The id of the placeholder token that image features replace."""
-    config = model.config
-    for name in ("image_token_id", "image_token_index"):
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise ValueError(f"{type(model).__name__}: no image token id in the config")
 
 
 def image_tokens_needed(model: Any, inputs: dict[str, Any]) -> int:
