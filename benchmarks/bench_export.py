@@ -36,9 +36,7 @@ def _export_rows(rows: int, out: str, queue) -> None:
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     words = "red green blue water stone river cloud light".split()
     # 8 tokens a prompt (8 one-token words, no template) in the SmolLM2 tokenizer.
-    records = [
-        {"prompt": " ".join(words[(i + j) % 8] for j in range(8))} for i in range(rows // 8)
-    ]
+    records = [{"prompt": " ".join(words[(i + j) % 8] for j in range(8))} for i in range(rows // 8)]
     store = export_activations(
         model, tokenizer, records, out, positions="all", batch_size=32, show_progress=False
     )
