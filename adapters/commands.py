@@ -70,10 +70,8 @@ def _run_export(args: argparse.Namespace) -> int:
     check_model(args)
     check_device_map(args)
     check_device(args.device)
-    from somp_ref.adapters.head_export import (  # imports torch: after the checks
-        export_activations,
-        process_rank,
-    )
+    from somp_ref.adapters.head_export import export_activations  # imports torch: late
+    from somp_ref.adapters.parallel_export import process_rank
 
     model, tokenizer = load(args)
     if args.rank_concept:

@@ -7,7 +7,6 @@ import hashlib
 import inspect
 import itertools
 import json
-import os
 import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,12 +24,11 @@ from somp_ref.adapters.capture import (
 )
 from somp_ref.adapters.model_heads import ModelHeads, model_heads
 from somp_ref.adapters.offload import input_device, materialized
+from somp_ref.adapters.parallel_export import export_in_shards, process_rank
 from somp_ref.adapters.provenance import model_fingerprint
 from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore, StoreError
-from somp_ref.store.merging import merge_stores, shard_path
-from somp_ref.store.replacing import remove_store_dir
 from somp_ref.store.row_appending import RowWriter
 
 #: The rules a text export offers ("image-mean", "image", "text" need images).
@@ -124,7 +122,8 @@ def export_activations(
         raise ValueError("resume and overwrite exclude each other")
     rank, world = process_rank()
     if world > 1:
-        return _export_shard_and_merge(
+        return export_in_shards(
+            _export_here,
             model,
             tokenizer,
             records,
@@ -214,89 +213,6 @@ def _export_here(
         n_batches=-(-len(records) // batch_size),
         meta={"chat_template": chat_template},
     )
-
-
-def process_rank() -> tuple[int, int]:
-    """(rank, world size) of this process in a data-parallel launch: from an initialised
-    ``torch.distributed`` group, else ``RANK`` / ``WORLD_SIZE`` (which ``torchrun`` and
-    ``accelerate launch`` set); (0, 1) for a plain run."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
-def shard_bounds(n: int, world: int) -> list[tuple[int, int]]:
-    """Contiguous blocks of ``n`` prompts for ``world`` processes, sizes differing by at
-    most one, in order (the merged store keeps the prompts' order)."""
-    edges = [n * rank // world for rank in range(world + 1)]
-    return list(itertools.pairwise(edges))
-
-
-def _export_shard_and_merge(model, tokenizer, records, out, rank, world, **options):
-    """This process's block of the prompts to its shard; then, on rank 0 once every process
-    is done, the shards merged into ``out`` (and removed)."""
-    import datetime
-
-    import torch.distributed as dist
-
-    started = False
-    if not dist.is_initialized():  # torchrun / accelerate launch: the env:// rendezvous
-        dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
-        started = True
-    try:
-        bounds = shard_bounds(len(records), world)
-        start, end = bounds[rank]
-        shard = shard_path(out, rank, world)
-        resume = options.pop("resume")
-        if resume and Path(out).exists():  # the shards were merged and removed
-            raise StoreError(f"{out}: the export is complete, nothing to resume")
-        finished = resume and _is_complete(shard)
-        if end > start and not finished:
-            _export_here(
-                model,
-                tokenizer,
-                records[start:end],
-                shard,
-                resume=resume and shard.exists(),
-                **options,
-            )
-        dist.barrier()
-        shards = [shard_path(out, r, world) for r, (a, b) in enumerate(bounds) if b > a]
-        unseen = [str(path) for path in shards if not path.exists()]
-        if rank == 0 and unseen:  # several machines without a shared file system
-            print(
-                f"{len(unseen)} shards were written on other machines ({unseen[0]}, ...): "
-                f"copy them beside {out} and run: somp-ref store merge "
-                + " ".join(str(path) for path in shards)
-                + f" --out {out}",
-                file=sys.stderr,
-            )
-        elif rank == 0:
-            merge_stores(
-                shards,
-                out,
-                overwrite=options["overwrite"],
-                show_progress=options["show_progress"],
-            )
-            for path in shards:
-                remove_store_dir(path, None)
-                # Its writer lock file: every process is past the barrier, none holds it.
-                (path.parent / f".{path.name}.lock").unlink(missing_ok=True)
-        dist.barrier()
-    finally:
-        if started:
-            dist.destroy_process_group()
-    return ActivationStore.open(out if not unseen and Path(out).exists() else shard)
-
-
-def _is_complete(path: Path) -> bool:
-    try:
-        ActivationStore.open(path)
-    except StoreError:
-        return False
-    return True
 
 
 def export(

@@ -61,7 +61,9 @@ SAFE_EXPONENT = 100
 
 def binary_exponent(values: np.ndarray, axis: int | None = None) -> np.ndarray:
     """Exponent e of ``max|values|`` (``2**(e-1) <= max < 2**e``), 0 inside the safe range."""
-    exponent = np.frexp(np.max(np.abs(values), axis=axis))[1]
+    # max(max, -min), not max(abs): no temporary copy of a head's samples.
+    largest = np.maximum(np.max(values, axis=axis), -np.min(values, axis=axis))
+    exponent = np.frexp(largest)[1]
     return np.where(np.abs(exponent) > SAFE_EXPONENT, exponent, 0)
 
 

@@ -17,9 +17,10 @@ pytest.importorskip("accelerate")
 
 from models import save_tiny_checkpoint  # noqa: E402
 
-from somp_ref.adapters.head_export import export_activations, shard_bounds  # noqa: E402
+from somp_ref.adapters.head_export import export_activations  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
 from somp_ref.adapters.models import load_model  # noqa: E402
+from somp_ref.adapters.parallel_export import shard_bounds  # noqa: E402
 from somp_ref.cli import main  # noqa: E402
 from somp_ref.store import ActivationStore, StoreError  # noqa: E402
 
