@@ -90,6 +90,8 @@ def _run_export(args: argparse.Namespace) -> int:
     )
     if process_rank()[0] != 0:  # one process of a data-parallel launch reports and ranks
         return 0
+    if store is None:  # the shards are on other machines: said how to merge them
+        return 0
     print(f"wrote {args.out}")
     if args.rank_concept:
         from somp_ref.head_scores import format_top_heads

@@ -8,7 +8,7 @@ import inspect
 import itertools
 import json
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from somp_ref.adapters.provenance import model_fingerprint
 from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore, StoreError
-from somp_ref.store.row_appending import RowWriter
+from somp_ref.store.json_values import check_json
+from somp_ref.store.row_appending import APPENDING, RowWriter
 
 #: The rules a text export offers ("image-mean", "image", "text" need images).
 POSITIONS = ("prompt-mean", "last", "mean", "all")
@@ -72,7 +73,7 @@ def export_activations(
     overwrite: bool = False,
     resume: bool = False,
     show_progress: bool = True,
-) -> ActivationStore:
+) -> ActivationStore | None:
     """Run the prompts through the model and store every head's z at the chosen positions.
 
     Rows are written batch by batch (memory holds one batch). Launched as several
@@ -108,9 +109,11 @@ def export_activations(
 
     Returns
     -------
-    ActivationStore
+    ActivationStore or None
         Opened for reading. If anything fails midway the directory is left marked
-        incomplete: it will not open as a store, and ``resume=True`` finishes it.
+        incomplete: it will not open as a store, and ``resume=True`` finishes it (not an
+        ``overwrite``: the old store stays, and the new one is gone). None in a
+        data-parallel launch whose shards lie on machines this one cannot see.
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -120,6 +123,8 @@ def export_activations(
         raise ValueError("records must not be empty")
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
+    # Before the model runs: a record that cannot be stored would stop the export midway.
+    check_json([dict(record) for record in records], "records", strict=False)
     rank, world = process_rank()
     if world > 1:
         return export_in_shards(
@@ -320,10 +325,19 @@ def export_batches(
         else "z @ W_O[:, head]^T",
         "model_dtype": str(next(model.parameters()).dtype),
         "model_fingerprint": model_fingerprint(model),
+        **({"inputs_fingerprint": fingerprint} if fingerprint is not None else {}),
         **(meta or {}),
     }
     if resume:
-        store, writer = _resume(out, facts, dtype, fingerprint)
+        if fingerprint is None:
+            raise ValueError("resume=True needs the inputs' fingerprint (inputs_fingerprint)")
+        finished = _finished_export(out, facts, dtype)
+        if finished is not None:
+            return finished
+        store, writer = _resume(out, facts, dtype)
+        if writer is None:  # every part was written; only closing it was interrupted
+            store.close()
+            return ActivationStore.open(out)
     else:
         store = ActivationStore.create(
             out,
@@ -342,24 +356,30 @@ def export_batches(
                     heads.effective_o_proj(layer).cpu().numpy(),
                     heads.o_proj_bias(layer),
                 ),
-                {"batches": 0, "inputs": fingerprint},
+                {"batches": 0},
             )
+            # Before the rows: once the last batch is in, finishing the rows and closing
+            # the store are all that is left.
+            unembed, final_norm = unembedding(heads)
+            vocab = vocabulary(tokenizer, unembed.shape[0])
+            store.write_unembed(unembed, final_norm, vocab=vocab)
         except BaseException:
             store.__exit__(*sys.exc_info())
             raise
     done = writer.progress["batches"]
     # On any error the with block releases the writer lock: a new store stays incomplete,
     # resumable from its last committed batch (an interrupted overwrite leaves the old
-    # store as it was).
+    # store as it was: it is built in a hidden sibling, which the error removes).
     with store, contextlib.closing(writer), capture_z(model, contributions=True) as captured:
         remaining = None if n_batches is None else max(n_batches - done, 0)
-        seen = done
+        given = 0
         for records, inputs, masks in progress(
-            itertools.islice(batches, done, None),
+            _skipping(batches, done),
             desc="export (batches)",
             enabled=show_progress,
             total=remaining,
         ):
+            given += 1
             forward_without_logits(model, inputs)
             mask = inputs["attention_mask"]
             z = [
@@ -367,15 +387,8 @@ def export_batches(
                 for layer in range(heads.n_layers)
             ]
             samples = _sample_records(records, inputs, tokenizer, positions, masks)
-            seen += 1
-            writer.append(z, samples, {"batches": seen, "inputs": fingerprint})
-        if seen < done:
-            raise StoreError(
-                f"{out}: {done} batches were exported before, but only {seen} are given now"
-            )
+            writer.append(z, samples, {"batches": done + given})
         writer.finish()
-        unembed, final_norm = unembedding(heads)
-        store.write_unembed(unembed, final_norm, vocab=vocabulary(tokenizer, unembed.shape[0]))
     print(
         f"wrote {store.path}: {store.n_samples} rows x {heads.n_layers} layers x "
         f"{heads.n_heads} heads",
@@ -384,29 +397,69 @@ def export_batches(
     return ActivationStore.open(out)
 
 
-def _resume(
-    out: str | Path, facts: dict[str, Any], dtype: str, fingerprint: str | None
-) -> tuple[ActivationStore, RowWriter]:
-    """The interrupted store at ``out`` and its row writer, once it is known to be an
-    export of the same model, rule and inputs."""
-    store = ActivationStore.resume(out)
-    try:
-        writer = RowWriter.resume(store)
-        found = store.meta
-        wanted = {**facts, "dtype": dtype}
-        for key in ("model_id", "model_fingerprint", "family", "positions", "model_dtype", "dtype"):
-            if found.get(key) != wanted.get(key):
+def _skipping(batches: Iterable[Any], done: int) -> Iterator[Any]:
+    """``batches`` without the first ``done``; StoreError if there are fewer than that."""
+    iterator = iter(batches)
+    skipped = sum(1 for _ in itertools.islice(iterator, done))
+    if skipped < done:
+        raise StoreError(f"{done} batches were exported before, but only {skipped} are given now")
+    yield from iterator
+
+
+#: The facts a resumed export must share with the one it continues (the weights'
+#: fingerprint stands for the model: the same checkpoint named by another path is the same).
+_SAME_EXPORT = ("model_fingerprint", "family", "positions", "model_dtype", "dtype")
+
+
+def _check_same_export(out: str | Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
+    for key in (*_SAME_EXPORT, "inputs_fingerprint"):
+        if found.get(key) != wanted.get(key):
+            if key == "inputs_fingerprint":
                 raise StoreError(
-                    f"{out}: cannot resume, it was exported with {key} {found.get(key)!r}, "
-                    f"not {wanted.get(key)!r}"
+                    f"{out}: cannot resume, it was started with other prompts or options "
+                    "(batch size, chat template, padding, positions); resume with the same "
+                    "ones, or export again with --overwrite"
                 )
-        if writer.progress.get("inputs") != fingerprint:
             raise StoreError(
-                f"{out}: cannot resume, it was started with other prompts or options (batch "
-                "size, chat template, padding, positions); resume with the same ones, or "
-                "export again with --overwrite"
+                f"{out}: cannot resume, it was exported with {key} {found.get(key)!r}, "
+                f"not {wanted.get(key)!r}"
             )
+
+
+def _finished_export(out: str | Path, facts: dict[str, Any], dtype: str) -> ActivationStore | None:
+    """The complete store at ``out`` if it is this very export (nothing to resume), None if
+    ``out`` is not complete; StoreError if it is a complete store of another export (e.g.
+    the old store an interrupted --overwrite keeps)."""
+    try:
+        store = ActivationStore.open(out)
+    except StoreError:
+        return None
+    try:
+        _check_same_export(out, store.meta, {**facts, "dtype": dtype})
+    except StoreError as err:
+        raise StoreError(
+            f"{out} is a complete store of another export ({err}); an interrupted "
+            "--overwrite keeps the old store and cannot be resumed: export again"
+        ) from None
+    print(f"{out}: already complete, nothing to resume", file=sys.stderr)
+    return store
+
+
+def _resume(
+    out: str | Path, facts: dict[str, Any], dtype: str
+) -> tuple[ActivationStore, RowWriter | None]:
+    """The interrupted store at ``out`` and its row writer (None when every row and the
+    unembedding were written), once it is known to be an export of the same model, rule
+    and inputs."""
+    store = ActivationStore.resume(out)
+    writer = None
+    try:
+        if APPENDING in store.meta or store.missing():
+            writer = RowWriter.resume(store)  # says so when it was not written batch by batch
+        _check_same_export(out, store.meta, {**facts, "dtype": dtype})
     except BaseException:
+        if writer is not None:
+            writer.close()
         store.__exit__(*sys.exc_info())
         raise
     return store, writer

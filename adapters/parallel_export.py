@@ -43,15 +43,25 @@ def export_in_shards(
     rank: int,
     world: int,
     **options: Any,
-) -> ActivationStore:
+) -> ActivationStore | None:
     """Export this process's block of ``records`` to its shard with ``export_here`` (the
     one-process export, called as ``export_here(model, tokenizer, records, shard,
     **options)``); then, on rank 0 once every process is done, merge the shards into
-    ``out`` and remove them."""
+    ``out`` and remove them.
+
+    Returns
+    -------
+    ActivationStore or None
+        The merged store; None when the shards are on machines this one cannot see (rank 0
+        then prints the ``somp-ref store merge`` line to run).
+    """
     import datetime
 
     import torch.distributed as dist
 
+    if options.get("resume") and _is_complete(Path(out)):  # merged before: every process
+        print(f"{out}: already complete, nothing to resume", file=sys.stderr)
+        return ActivationStore.open(out)
     started = False
     if not dist.is_initialized():  # torchrun / accelerate launch: the env:// rendezvous
         dist.init_process_group("gloo", timeout=datetime.timedelta(days=1))
@@ -61,10 +71,8 @@ def export_in_shards(
         start, end = bounds[rank]
         shard = shard_path(out, rank, world)
         resume = options.pop("resume")
-        if resume and Path(out).exists():  # the shards were merged and removed
-            raise StoreError(f"{out}: the export is complete, nothing to resume")
-        finished = resume and _is_complete(shard)
-        if end > start and not finished:
+        if end > start:
+            # A shard finished before is checked (same model and inputs) and kept.
             export_here(
                 model,
                 tokenizer,
@@ -79,7 +87,7 @@ def export_in_shards(
         if rank == 0 and unseen:  # several machines without a shared file system
             print(
                 f"{len(unseen)} shards were written on other machines ({unseen[0]}, ...): "
-                f"copy them beside {out} and run: somp-ref store merge "
+                f"{out} is not written; copy them beside it and run: somp-ref store merge "
                 + " ".join(str(path) for path in shards)
                 + f" --out {out}",
                 file=sys.stderr,
@@ -88,7 +96,8 @@ def export_in_shards(
             merge_stores(
                 shards,
                 out,
-                overwrite=options["overwrite"],
+                # resume: an incomplete store left by a merge that was interrupted
+                overwrite=options["overwrite"] or (resume and Path(out).exists()),
                 show_progress=options["show_progress"],
             )
             for path in shards:
@@ -99,7 +108,7 @@ def export_in_shards(
     finally:
         if started:
             dist.destroy_process_group()
-    return ActivationStore.open(out if not unseen and Path(out).exists() else shard)
+    return None if unseen else ActivationStore.open(out)
 
 
 def _is_complete(path: Path) -> bool:

@@ -40,6 +40,9 @@ def needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
 _TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
 #: The hidden copies an overwrite of a store makes beside it (``.NAME.new-PID-RANDOM``,
 #: ``.NAME.old-PID-RANDOM``): never a store to write.
+#: safetensors' temporary file (the Rust tempfile crate's ``.tmpXXXXXX``), which a writer
+#: killed in the middle of writing a layer or the unembedding leaves in a store.
+_SAFETENSORS_TEMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 _HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-[0-9]+-[0-9a-f]+")
 
 
@@ -74,7 +77,8 @@ def check_store_target(out: str, overwrite: bool) -> None:
     foreign = sorted(
         name
         for name, is_dir in names.items()
-        if is_dir or not (name in own or _temp_of(name) in own)
+        if is_dir
+        or not (name in own or _temp_of(name) in own or _SAFETENSORS_TEMP_NAME.fullmatch(name))
     )
     if foreign:
         raise StoreError(

@@ -102,12 +102,12 @@ def read_prompts(spec: str) -> list[dict[str, Any]]:
         records = _json_records(_parse_json(text, spec, "valid JSON"), spec)
     elif suffix == ".jsonl":
         records = []
-        for number, line in enumerate(text.splitlines(), start=1):
+        for number, line in enumerate(_lines(text), start=1):
             if line.strip():
                 where = f"{spec}:{number}"
                 records.append(_record(_parse_json(line, where, "a JSON record"), where))
     else:
-        records = [{"prompt": line.strip()} for line in text.splitlines() if line.strip()]
+        records = [{"prompt": line.strip()} for line in _lines(text) if line.strip()]
     if not records:
         raise ValueError(f"{path} holds no prompts")
     return records
@@ -142,3 +142,10 @@ def _record(value: Any, where: str) -> dict[str, Any]:
     if not value["prompt"].strip():
         raise ValueError(f"{where}: empty prompt (a prompt needs some text)")
     return value
+
+
+def _lines(text: str) -> list[str]:
+    """A file's lines, broken at line feeds only (a CR before one is dropped): not at the
+    Unicode separators (U+2028, U+2029, U+0085) that str.splitlines also breaks at, which
+    web text holds inside prompts."""
+    return [line.removesuffix("\r") for line in text.split("\n")]

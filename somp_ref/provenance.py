@@ -64,15 +64,17 @@ class ModelMismatchError(ValueError):
 
 
 def check_same_model(source: dict[str, Any], model_id: str, fingerprint: str | None) -> None:
-    """Raise :class:`ModelMismatchError` when a ranking's ``source`` names another model
-    than ``model_id``, or another weights fingerprint than ``fingerprint``; a ranking that
-    records neither passes (nothing to compare: old files)."""
-    theirs = source.get("model_id")
-    if theirs is not None and theirs != model_id:
+    """Raise :class:`ModelMismatchError` when a ranking's ``source`` records other weights
+    than ``fingerprint`` or, where either has no fingerprint, another model id than
+    ``model_id``. The weights decide: the same checkpoint under another path or id is the
+    same model. A ranking that records neither passes (nothing to compare: old files)."""
+    theirs, their_weights = source.get("model_id"), source.get("model_fingerprint")
+    if their_weights is not None and fingerprint is not None:
+        if their_weights != fingerprint:
+            made_on = f"model {theirs!r}" if theirs != model_id else f"{model_id!r}"
+            raise ModelMismatchError(
+                f"the ranking was made on {made_on} with other weights ({their_weights[:12]}, "
+                f"this one {fingerprint[:12]})"
+            )
+    elif theirs is not None and theirs != model_id:
         raise ModelMismatchError(f"the ranking was made on model {theirs!r}, not {model_id!r}")
-    print_fp = source.get("model_fingerprint")
-    if print_fp is not None and fingerprint is not None and print_fp != fingerprint:
-        raise ModelMismatchError(
-            f"the ranking was made on a model with other weights ({print_fp[:12]}, this one "
-            f"{fingerprint[:12]}) under the same id {model_id!r}"
-        )

@@ -117,8 +117,12 @@ def test_resume_refuses_other_prompts_and_a_finished_store(loaded, tmp_path, cap
         model, tokenizer, records, tmp_path / "whole", batch_size=8, show_progress=False
     )
     _same_store(whole, ActivationStore.open(tmp_path / "t"))
-    assert main([*base, str(tmp_path / "t"), "--resume"]) == 2
-    assert "complete, nothing to resume" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main([*base, str(tmp_path / "t"), "--resume"]) == 0  # done already: says so
+    assert "already complete, nothing to resume" in capsys.readouterr().err
+    prompts.write_text("\n".join(PROMPTS[2:]) + "\n")
+    assert main([*base, str(tmp_path / "t"), "--resume"]) == 2  # not this export's store
+    assert "complete store of another export" in capsys.readouterr().err
 
 
 def test_a_model_spread_by_a_device_map_exports_and_scales_as_loaded_whole(
@@ -290,3 +294,30 @@ def test_generate_refuses_a_ranking_of_another_model_unless_forced(tmp_path, cap
     assert "other weights" in capsys.readouterr().err
     assert main([*generate, "--model", str(first), "--force"]) == 0
     assert "applied anyway" in capsys.readouterr().err
+
+
+def test_the_weights_decide_whether_a_ranking_fits_a_model():
+    from somp_ref.provenance import ModelMismatchError, check_same_model
+
+    source = {"model_id": "./ckpt", "model_fingerprint": "a" * 64}
+    check_same_model(source, "/abs/ckpt", "a" * 64)  # the same weights under another path
+    with pytest.raises(ModelMismatchError, match="other weights"):
+        check_same_model(source, "./ckpt", "b" * 64)
+    with pytest.raises(ModelMismatchError, match="made on model './ckpt'"):
+        check_same_model({"model_id": "./ckpt"}, "other", "a" * 64)  # no fingerprint: ids
+    check_same_model({}, "anything", None)  # an old file records nothing: nothing to compare
+
+
+def test_prompt_files_break_lines_at_line_feeds_only(tmp_path):
+    from somp_ref.adapters.prompts import read_prompts
+
+    path = tmp_path / "p.txt"
+    path.write_text("one\u2028still one\r\ntwo\n\nthree\x85still three\n", encoding="utf-8")
+    assert [r["prompt"] for r in read_prompts(str(path))] == [
+        "one\u2028still one",
+        "two",
+        "three\x85still three",
+    ]
+    lines = tmp_path / "p.jsonl"
+    lines.write_text('{"prompt": "a\u2028b"}\n{"prompt": "c"}\n', encoding="utf-8")
+    assert [r["prompt"] for r in read_prompts(str(lines))] == ["a\u2028b", "c"]

@@ -256,3 +256,63 @@ def test_a_writer_killed_while_finishing_resumes_and_finishes(tmp_path, monkeypa
     _same_content(
         _whole(tmp_path / "w", z, weights, records, np.eye(8)), ActivationStore.open(tmp_path / "s")
     )
+
+
+def test_line_separators_inside_records_stay_inside_them(tmp_path):
+    z, weights, records = _data(3)
+    records[1]["prompt"] = "one\u2028two\u2029three\x85four"  # str.splitlines breaks at these
+    store = _appended(tmp_path / "s", z, weights, records, np.eye(8), [0, 3])
+    assert store.samples() == records
+    whole = _whole(tmp_path / "w", z, weights, records, np.eye(8))
+    assert whole.samples() == records
+
+
+def test_a_batch_without_rows_commits_only_its_progress(tmp_path):
+    z, weights, records = _data(4)
+    with ActivationStore.create(tmp_path / "s", **SHAPES) as store:
+        writer = RowWriter.start(store, lambda layer: weights[layer], {"batches": 0})
+        writer.append([zl[:2] for zl in z], records[:2], {"batches": 1})
+        writer.append([np.zeros((0, 3, 4))] * 2, [], {"batches": 2})
+        writer.append([zl[2:] for zl in z], records[2:], {"batches": 3})
+        assert writer.rows == 4 and writer.progress == {"batches": 3}
+        writer.finish()
+        store.write_unembed(np.eye(8))
+    _same_content(
+        _whole(tmp_path / "w", z, weights, records, np.eye(8)), ActivationStore.open(tmp_path / "s")
+    )
+
+
+def test_a_batch_whose_commit_failed_is_appended_again_not_twice(tmp_path, monkeypatch):
+    z, weights, records = _data(5)
+    with ActivationStore.create(tmp_path / "s", **SHAPES) as store:
+        writer = RowWriter.start(store, lambda layer: weights[layer])
+        writer.append([zl[:2] for zl in z], records[:2])
+        real = ActivationStore._save_meta
+
+        def full_disk(self):
+            raise OSError(28, "No space left on device")
+
+        monkeypatch.setattr(ActivationStore, "_save_meta", full_disk)
+        with pytest.raises(OSError):
+            writer.append([zl[2:] for zl in z], records[2:])
+        monkeypatch.setattr(ActivationStore, "_save_meta", real)
+        assert writer.rows == 2
+        writer.append([zl[2:] for zl in z], records[2:])  # the retry
+        writer.finish()
+        with pytest.raises(StoreError, match="closed or finished"):
+            writer.append([zl[:1] for zl in z], records[:1])
+        store.write_unembed(np.eye(8))
+    _same_content(
+        _whole(tmp_path / "w", z, weights, records, np.eye(8)), ActivationStore.open(tmp_path / "s")
+    )
+
+
+def test_a_merged_store_merges_again(tmp_path):
+    a = write_planted_store(tmp_path / "a", n_samples=3)
+    b = write_planted_store(tmp_path / "b", n_samples=3)  # the same export, again
+    ab = merge_stores([a.path, b.path], tmp_path / "ab", show_progress=False)
+    abc = merge_stores([ab.path, a.path], tmp_path / "abc", show_progress=False)
+    assert abc.n_samples == 9
+    assert np.array_equal(abc.layer(0)[0][6:], a.layer(0)[0])
+    with pytest.raises(StoreError, match="already exists"):
+        merge_stores([a.path], tmp_path / "ab", show_progress=False)

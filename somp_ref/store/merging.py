@@ -23,7 +23,14 @@ from somp_ref.store.row_appending import RowWriter
 from somp_ref.store.schema import REQUIRED_KEYS
 
 #: meta.json keys that differ between shards of one export (their rows, their files).
-_PER_SHARD = {*REQUIRED_KEYS, "format", "format_version", "prompts_hash", "shard"}
+_PER_SHARD = {
+    *REQUIRED_KEYS,
+    "format",
+    "format_version",
+    "prompts_hash",
+    "inputs_fingerprint",
+    "merged_from",
+}
 #: Rows copied per append: 4096 rows of a 7B layer (32 heads x 128, float32) are 64 MiB
 #: per layer read, one layer at a time.
 CHUNK_ROWS = 4096
@@ -63,6 +70,8 @@ def merge_stores(
         raise ValueError("merge needs at least one store")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    if not overwrite and (Path(out).exists() or Path(out).is_symlink()):  # before any hashing
+        raise StoreError(f"{out} already exists (pass overwrite=True to replace it)")
     opened = [ActivationStore.open(path) for path in shards]
     first = opened[0]
     facts = {k: v for k, v in first.meta.items() if k not in _PER_SHARD}

@@ -84,7 +84,9 @@ class StoreReading(StoreFacts):
         try:
             with open_regular(path) as handle:
                 self._check_content(handle, path)
-                lines = handle.read().decode("utf-8").splitlines()
+                # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085,
+                # which json.dumps(ensure_ascii=False) leaves inside strings.
+                lines = handle.read().decode("utf-8").split("\n")
             return [json.loads(line) for line in lines if line]
         except (OSError, ValueError, RecursionError) as err:
             raise StoreError(f"{path}: unreadable samples file ({err})") from err

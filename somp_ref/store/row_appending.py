@@ -235,9 +235,21 @@ class RowWriter:
             When a file cannot be written; the batch is not committed.
         """
         store = self._store
-        store._require_writable()
+        self._require_appending()
         if len(z) != store.n_layers:
             raise ValueError(f"z must have one array per layer ({store.n_layers}), got {len(z)}")
+        for index, record in enumerate(records):
+            if not isinstance(record, Mapping):
+                raise TypeError(
+                    f"records[{index}] must be a mapping (a dict), got {type(record).__name__}"
+                )
+        progress = dict(progress if progress is not None else self._state["progress"])
+        check_json(progress, "progress")
+        if not records and all(np.shape(values)[:1] == (0,) for values in z):
+            # A batch that kept no rows (a per-token rule on prompts without such tokens):
+            # only the progress moves on.
+            self._commit({**self._state, "progress": progress})
+            return
         arrays = [
             checked(
                 values,
@@ -257,8 +269,6 @@ class RowWriter:
         if len(records) != n:
             raise ValueError(f"records must have one entry per row ({n}), got {len(records)}")
         check_json(records, "records", strict=False)
-        progress = dict(progress if progress is not None else self._state["progress"])
-        check_json(progress, "progress")
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
         sizes = self._committed_sizes()
         for handle, (_, size), data in zip(
@@ -268,16 +278,38 @@ class RowWriter:
             handle.write(data)
             handle.truncate()
             _flush(handle)
-        self._state["rows"] += n
-        self._state["samples_bytes"] += len(lines)
-        self._state["progress"] = progress
-        store._save_meta()  # the commit
+        self._commit(
+            {
+                **self._state,
+                "rows": self._state["rows"] + n,
+                "samples_bytes": self._state["samples_bytes"] + len(lines),
+                "progress": progress,
+            }
+        )
+
+    def _commit(self, state: dict[str, Any]) -> None:
+        """Save ``state`` in meta.json (the commit), and only then adopt it: a failed write
+        leaves the writer at its last commit, so the batch may be appended again."""
+        meta = self._store._meta
+        previous = meta[APPENDING]
+        meta[APPENDING] = state
+        try:
+            self._store._save_meta()
+        except BaseException:
+            meta[APPENDING] = previous
+            raise
+        self._state = state
+
+    def _require_appending(self) -> None:
+        self._store._require_writable()
+        if not self._files:
+            raise StoreError(f"{self._store.path}: this row writer is closed or finished")
 
     def finish(self) -> None:
         """Turn the partial files into the store's layer files and samples.jsonl, recorded
         like any part; then write the unembedding and close the store."""
         store = self._store
-        store._require_writable()
+        self._require_appending()
         rows = self.rows
         if rows == 0:
             raise StoreError(f"{store.path}: no rows were appended")
@@ -358,6 +390,6 @@ def _entry(array: np.ndarray) -> dict[str, Any]:
 
 
 def _flush(handle: BinaryIO) -> None:
-    """To the disk, not just the OS: a committed batch survives a power cut."""
+    """To the disk (fsync), not just the OS's buffers, before meta.json commits the batch."""
     handle.flush()
     os.fsync(handle.fileno())
