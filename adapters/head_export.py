@@ -125,39 +125,22 @@ def export_activations(
         raise ValueError("resume and overwrite exclude each other")
     # Before the model runs: a record that cannot be stored would stop the export midway.
     check_json([dict(record) for record in records], "records", strict=False)
+    options = {
+        "positions": positions,
+        "batch_size": batch_size,
+        "chat_template": chat_template,
+        "dtype": dtype,
+        "padding_side": padding_side,
+        "overwrite": overwrite,
+        "resume": resume,
+        "show_progress": show_progress,
+    }
     rank, world = process_rank()
     if world > 1:
         return export_in_shards(
-            _export_here,
-            model,
-            tokenizer,
-            records,
-            out,
-            rank,
-            world,
-            positions=positions,
-            batch_size=batch_size,
-            chat_template=chat_template,
-            dtype=dtype,
-            padding_side=padding_side,
-            overwrite=overwrite,
-            resume=resume,
-            show_progress=show_progress,
+            _export_here, model, tokenizer, records, out, rank, world, **options
         )
-    return _export_here(
-        model,
-        tokenizer,
-        records,
-        out,
-        positions=positions,
-        batch_size=batch_size,
-        chat_template=chat_template,
-        dtype=dtype,
-        padding_side=padding_side,
-        overwrite=overwrite,
-        resume=resume,
-        show_progress=show_progress,
-    )
+    return _export_here(model, tokenizer, records, out, **options)
 
 
 def _export_here(
