@@ -35,14 +35,8 @@ def needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
     return wrapped
 
 
-#: The temporary files of ``somp_ref.files.write_atomically`` (``.NAME.PID-RANDOM.tmp``),
-#: which a writer killed mid-write leaves in a store.
-_TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
 #: The hidden copies an overwrite of a store makes beside it (``.NAME.new-PID-RANDOM``,
 #: ``.NAME.old-PID-RANDOM``): never a store to write.
-#: safetensors' temporary file (the Rust tempfile crate's ``.tmpXXXXXX``), which a writer
-#: killed in the middle of writing a layer or the unembedding leaves in a store.
-_SAFETENSORS_TEMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 _HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-[0-9]+-[0-9a-f]+")
 
 
@@ -69,40 +63,29 @@ def check_store_target(out: str, overwrite: bool) -> None:
         return
     if not overwrite:
         raise FileExistsError(errno.EEXIST, "already exists (pass --overwrite to replace it)", out)
+    from somp_ref.store.replacing import is_own_entry  # the store's own rule, once
+
     with os.scandir(path) as entries:
-        names = {entry.name: entry.is_dir(follow_symlinks=False) for entry in entries}
-    if not names:
+        found = list(entries)
+    if not found:
         return
-    own = _store_own_names(path, out)
-    foreign = sorted(
-        name
-        for name, is_dir in names.items()
-        if is_dir
-        or not (name in own or _temp_of(name) in own or _SAFETENSORS_TEMP_NAME.fullmatch(name))
-    )
+    n_layers = _store_layers(path, out)
+    foreign = sorted(entry.name for entry in found if not is_own_entry(entry, n_layers))
     if foreign:
         raise StoreError(
             f"{out} holds {foreign[0]!r}, which is not part of a store: refusing to overwrite it"
         )
 
 
-def _temp_of(name: str) -> str | None:
-    match = _TEMP_NAME.fullmatch(name)
-    return None if match is None else match[1]
-
-
-def _store_own_names(path: Path, out: str) -> set[str]:
-    """The file names a store at ``path`` may hold, from its meta.json; StoreError if it
-    has none of the store format."""
+def _store_layers(path: Path, out: str) -> int:
+    """The layer count of the store at ``path``, from its meta.json (which says what files
+    it may hold); StoreError if it has none of the store format."""
     from somp_ref.files import read_user_text
     from somp_ref.store import (
         FORMAT,
         FORMAT_VERSION,
         META_FILE,
-        SAMPLES_FILE,
-        UNEMBED_FILE,
         StoreError,
-        layer_file,
     )
 
     def not_a_store(reason: str) -> StoreError:
@@ -126,10 +109,7 @@ def _store_own_names(path: Path, out: str) -> set[str]:
         raise not_a_store(f"{META_FILE} has format version {meta.get('format_version')!r}")
     if type(n_layers) is not int or not 1 <= n_layers <= MAX_LAYERS:
         raise not_a_store(f"{META_FILE} has n_layers {n_layers!r}")
-    from somp_ref.store.row_appending import partial_name
-
-    parts = {UNEMBED_FILE, SAMPLES_FILE, *(layer_file(i) for i in range(n_layers))}
-    return {META_FILE, *parts, *(partial_name(part) for part in parts - {UNEMBED_FILE})}
+    return n_layers
 
 
 def check_device(device: str) -> None:

@@ -30,7 +30,7 @@ _TEMP_NAME = re.compile(r"\.(.+)\.[0-9]+-[0-9a-f]+\.tmp")
 _SAFETENSORS_TEMP_NAME = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 
-def _is_own_entry(entry: os.DirEntry, n_layers: int | None) -> bool:
+def is_own_entry(entry: os.DirEntry, n_layers: int | None) -> bool:
     """Whether a directory entry is one a store of ``n_layers`` layers writes: meta.json, a
     part, or a temporary file of either (its own or safetensors'); never a directory."""
     if entry.is_dir(follow_symlinks=False):
@@ -49,7 +49,7 @@ def _is_own_entry(entry: os.DirEntry, n_layers: int | None) -> bool:
 def _first_foreign(directory: Path, n_layers: int | None) -> str | None:
     """Name of the first entry (by name) of ``directory`` that is not a store's own, or None."""
     with os.scandir(directory) as entries:
-        names = sorted(e.name for e in entries if not _is_own_entry(e, n_layers))
+        names = sorted(e.name for e in entries if not is_own_entry(e, n_layers))
     return names[0] if names else None
 
 
@@ -61,7 +61,7 @@ def remove_store_dir(directory: Path, n_layers: int | None) -> None:
         warnings.warn(f"left {directory} alone: not a directory", stacklevel=3)
         return
     with os.scandir(directory) as entries:
-        own = [Path(e.path) for e in entries if _is_own_entry(e, n_layers)]
+        own = [Path(e.path) for e in entries if is_own_entry(e, n_layers)]
     for path in sorted(own, key=lambda p: p.name == META_FILE):
         path.unlink(missing_ok=True)
     try:
