@@ -8,7 +8,6 @@ Their shared flags come from :mod:`somp_ref.cli_options`, as the core commands' 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import textwrap
 from pathlib import Path
@@ -25,21 +24,14 @@ from somp_ref.adapters.preflight import (
 )
 from somp_ref.cli_options import (
     add_alpha,
-    add_atoms,
     add_batch_size,
-    add_exclude_layers,
     add_heads_selection,
     add_intervene_positions,
     add_max_new_tokens,
-    add_method,
     add_model_loading,
-    add_null,
     add_out,
     add_ranking,
-    add_seed,
     check_some_layer_left,
-    k_list,
-    positive_int,
     ranking_options,
     renamed,
 )
@@ -271,153 +263,3 @@ def register(subparsers) -> None:
         help="feed prompts as raw text, without the chat template (default: chat template)",
     )
     gen.set_defaults(func=needs_torch(_run_generate))
-    register_experiment(subparsers)
-
-
-def _run_experiment(args: argparse.Namespace) -> int:
-    from somp_ref.adapters.tasks import TASK_NAMES
-    from somp_ref.files import check_output_dir
-
-    names = list(TASK_NAMES) if args.names == ["all"] else list(dict.fromkeys(args.names))
-    study = args.names == ["all"] or "study" in names
-    if study and args.intervene_positions != "all":
-        raise ValueError(
-            "--intervene-positions applies to the experiments, not to the selection study "
-            "(it chooses the default ranking with heads scaled at every position); run "
-            "'study' on its own"
-        )
-    check_output_dir(args.out)
-    check_model(args)
-    check_device_map(args)
-    check_device(args.device)
-    from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
-    from somp_ref.adapters.report import write_report
-    from somp_ref.adapters.tasks import build_task
-    from somp_ref.files import write_text_atomically
-
-    settings = Settings(
-        ks=tuple(args.k),
-        method=args.method,
-        alpha=args.alpha,
-        n_random=args.random,
-        atoms=args.atoms,
-        n_null=args.null,
-        positions=args.positions,
-        exclude_layers=tuple(args.exclude_layers),
-        n_generate=args.generate,
-        n_neutral=args.neutral,
-        batch_size=args.batch_size,
-        seed=args.seed,
-        model=args.model,
-        intervene_positions=args.intervene_positions,
-    )
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    tasks = [build_task(name, seed=settings.seed) for name in names if name != "study"]
-    model, tokenizer = load(args)
-    check_layers(model, args)
-    if study:
-        from somp_ref.adapters.selection_study import format_study, run_study
-
-        studies = run_study(model, tokenizer, settings, out / "study")
-        text = format_study(studies)
-        write_text_atomically(out / "study.json", json.dumps(studies, indent=1))
-        write_text_atomically(out / "study.md", f"```\n{text}\n```\n")
-        print(text + "\n")
-    if tasks:
-        results = [run_task(model, tokenizer, task, settings, out) for task in tasks]
-        print(write_report(results, out))
-    print(f"\nwrote {out}: results.json (everything, per prompt), results.md, study.*")
-    return 0
-
-
-def register_experiment(subparsers) -> None:
-    """Add ``experiment`` to the ``somp-ref`` command."""
-    from somp_ref.adapters.tasks import TASK_NAMES
-
-    parser = subparsers.add_parser(
-        "experiment",
-        help="the paper's protocol end to end: export, rank, intervene, evaluate",
-        description=(
-            "The paper's protocol: export each head's output averaged over the train prompts' "
-            "tokens, rank the heads (--method, the paper's raw explained variance and the "
-            "Logit Lens), choose alpha on the validation split where the experiment does not "
-            "fix it, then for each k scale the top-k heads of each ranking and 10 random head "
-            "sets (same per-layer counts, disjoint), at every position or at those "
-            "--intervene-positions selects, and measure every test prompt: the target "
-            "effect next to collateral damage (KL along the unmodified model's answers to "
-            "neutral prompts, degenerate answers), each with a 95 % bootstrap interval over "
-            "prompts. Train, validation and test are disjoint by entity. Writes "
-            "--out/results.json (everything, per prompt), --out/results.md (the tables) and "
-            "--out/NAME/train_store."
-        ),
-        epilog="experiments: " + ", ".join(TASK_NAMES) + "; study: the selection study of "
-        "the default ranking on the validation splits; all: the study and every experiment. "
-        "example: somp-ref experiment colors --k 3,8,16 --out runs/colors; the same with the "
-        "heads scaled at the answer's tokens only: somp-ref experiment colors "
-        "--intervene-positions generated --out runs/colors-generated",
-    )
-    parser.add_argument(
-        "names",
-        nargs="+",
-        metavar="NAME",
-        choices=[*TASK_NAMES, "study", "all"],
-        help="experiment(s) to run",
-    )
-    add_model_loading(parser)
-    parser.add_argument(
-        "--k",
-        type=k_list,
-        default=[3, 8, 16],
-        metavar="K,K,...",
-        help="how many top heads to scale, comma-separated values of k (default: 3,8,16)",
-    )
-    add_alpha(
-        parser,
-        None,
-        "factor the selected heads are scaled by (default: -1 to suppress; amplification "
-        "experiments choose it by a sweep over 2..8 on the validation split)",
-    )
-    parser.add_argument(
-        "--random",
-        type=positive_int,
-        default=10,
-        metavar="N",
-        help="random head sets per k, same per-layer counts as the selection and disjoint "
-        "from it, reported as median [IQR] (default: 10, as the paper)",
-    )
-    add_intervene_positions(parser)
-    add_method(parser)
-    add_atoms(parser)
-    add_null(parser)
-    add_exclude_layers(parser)
-    parser.add_argument(
-        "--positions",
-        choices=EXPORT_POSITIONS,
-        default=EXPORT_POSITIONS[0],
-        help="rows of the train store: prompt-mean = each head's output averaged over the "
-        f"prompt's own tokens, the paper's (default: {EXPORT_POSITIONS[0]})",
-    )
-    parser.add_argument(
-        "--generate",
-        type=positive_int,
-        default=32,
-        metavar="N",
-        help="test prompts answered by generation for word counts and degenerate answers; "
-        "every test prompt is measured teacher-forced (default: 32)",
-    )
-    parser.add_argument(
-        "--neutral",
-        type=positive_int,
-        default=32,
-        metavar="N",
-        help="neutral prompts whose answers measure collateral damage (KL) (default: 32)",
-    )
-    add_seed(parser, "the data split and the random draws")
-    add_batch_size(parser, 32)
-    add_out(parser, "output directory (default: runs/experiment)", default="runs/experiment")
-    renamed(
-        parser,
-        {"--heads": "--k", "--rank": "--method", "--seeds": "--random", "--test": "--generate"},
-    )
-    parser.set_defaults(func=needs_torch(_run_experiment))

@@ -255,6 +255,14 @@ CASES = [
     ("experiment colors --alpha nan", "--alpha: must be a finite number"),
     ("experiment colors --alpha inf", "--alpha: must be a finite number"),
     ("experiment colors --device bogus:99", "unknown device type 'bogus'"),
+    # compare
+    ("compare @nowhere @file", "nowhere: results.json of somp-ref experiment does not exist"),
+    ("compare @folder @folder", "results.json of somp-ref experiment does not exist"),
+    ("compare @file @file", "not valid JSON; not the results of somp-ref experiment"),
+    ("compare @fifo @fifo", "not a regular file"),
+    ("compare @nested.json @nested.json", "not valid JSON"),
+    ("compare @other.json @other.json", "no 'experiments' list"),
+    ("compare @store @store", "store/results.json: results.json"),
     # verify
     ("verify --port nocolon", "a port is 'package.module:function'"),
     ("verify --port badsyntax_port:f", "port module badsyntax_port has a syntax error"),
@@ -320,6 +328,7 @@ PROCESS_CASES = [
     "experiment colors --out @new --model ./no/such/model",
     "experiment colors --heads 3,8",
     "verify --port no_such_module:fn",
+    "compare @file @fifo",
     # the audit's: no hang on a FIFO; stdout (a pipe here) is not a file to replace; the
     # concept's report no longer precedes the error on stderr
     "rank @store --concept @fifo --out @out.csv",

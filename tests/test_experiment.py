@@ -12,8 +12,14 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from somp_ref.adapters.comparison import compare_runs, load_results  # noqa: E402
 from somp_ref.adapters.experiment import Settings, run_task  # noqa: E402
-from somp_ref.adapters.report import format_table, summarize, write_report  # noqa: E402
+from somp_ref.adapters.report import (  # noqa: E402
+    FIGURES,
+    format_table,
+    summarize,
+    write_report,
+)
 from somp_ref.adapters.tasks import Split, build_task  # noqa: E402
 
 pytestmark = pytest.mark.model
@@ -90,6 +96,16 @@ def test_amplification_chooses_alpha_on_validation_and_reports(smollm, tmp_path)
     assert "alpha sweep on the validation split" in text
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["experiments"][0]["summary"] and (tmp_path / "results.md").is_file()
+    # somp-ref compare reads the file as written: a run against itself changes nothing.
+    (compared,) = compare_runs(load_results(tmp_path), load_results(tmp_path))
+    assert {(row["k"], row["method"]) for row in compared["rows"]} == {
+        (2, method) for method in ("somp", "ll", "random")
+    }
+    for row in compared["rows"]:
+        for title, measure, _ in FIGURES["amplify"]:
+            entry, unchanged = row[title], 0.0 if measure == "degenerate" else 1.0
+            if entry is not None and "value" in entry and np.isfinite(entry["value"]):
+                assert entry["value"] == entry["low"] == entry["high"] == unchanged
 
 
 def test_the_selection_study_measures_every_ranking_against_its_own_control(smollm, tmp_path):

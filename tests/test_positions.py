@@ -291,14 +291,15 @@ def test_the_selection_study_refuses_a_position_rule(tmp_path, capsys):
 def test_the_rule_reaches_the_experiment_and_generate(rule, tmp_path, monkeypatch, capsys):
     import numpy as np
 
-    from somp_ref.adapters import commands, experiment, generation, intervene
+    from somp_ref.adapters import commands, experiment, experiment_commands, generation, intervene
     from somp_ref.cli import main
     from somp_ref.heads import HeadScores
 
     seen = {}
     model = tiny_mistral(VOCAB)
     model.somp_ref_model_id = "tiny"
-    monkeypatch.setattr(commands, "load", lambda args: (model, None))
+    for module in (commands, experiment_commands):
+        monkeypatch.setattr(module, "load", lambda args: (model, None))
 
     def run_task(model, tokenizer, task, settings, out):
         seen["experiment"] = settings.intervene_positions

@@ -1,0 +1,318 @@
+"""Paired comparison of two runs of the same experiments.
+
+Two runs that differ in one setting (where the heads are scaled, ``--intervene-positions``;
+the train store's rows, ``--positions``; the ranking, ``--method``) measure the same test
+prompts with the same unmodified model, so each prompt's figure in one run pairs with its
+figure in the other. For each experiment both ran and each (k, heads) both measured, a
+figure is compared as the ratio of its means over the prompts (second run / first run),
+or as their difference for proportions that may be 0 in the first run
+(:data:`COMPARED_BY`), with a 95 % bootstrap interval that resamples the prompts jointly.
+The random control is paired set by set (the same draw in both runs) and reported as the
+median [IQR] of the per-set figure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from somp_ref.adapters.report import FIGURES, LABELS
+from somp_ref.files import read_user_text
+from somp_ref.selection import jaccard
+from somp_ref.statistics import bootstrap, median_iqr
+
+#: Measures compared by their difference (second - first) rather than the ratio of their
+#: means: proportions of answers, often 0 in both runs.
+COMPARED_BY = {"degenerate": "difference"}
+
+#: Two runs measured the same test prompts when their baselines (the unmodified model's
+#: figures, prompt by prompt) agree to this relative tolerance: the same prompts agree to
+#: float32 rounding whatever the batch size or the machine's BLAS (bit for bit on one
+#: machine), other prompts differ at the first digit.
+BASELINE_RTOL = 1e-3
+#: ... plus this absolute one, for figures that are 0 on a prompt (no concept word).
+BASELINE_ATOL = 1e-6
+
+#: Settings worth naming when two runs differ in them (the others are the data's or the
+#: machine's and must not differ).
+_COMPARED_SETTINGS = (
+    "positions",
+    "intervene_positions",
+    "method",
+    "alpha",
+    "atoms",
+    "n_null",
+    "exclude_layers",
+    "ks",
+    "n_random",
+)
+
+#: A result's statistic of a pair of per-prompt arrays (second, first).
+_STATISTICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "ratio": lambda second, first: second.mean() / first.mean(),
+    "difference": lambda second, first: second.mean() - first.mean(),
+}
+
+
+def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The experiments of one run: its ``results.json``, or a directory that holds one.
+
+    Raises
+    ------
+    FileNotFoundError, ValueError
+        Naming the file: missing, not JSON, or not the results of ``somp-ref experiment``.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / "results.json"
+    text = read_user_text(path, "results.json of somp-ref experiment")
+    try:
+        payload = json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        raise ValueError(
+            f"{path}: not valid JSON; not the results of somp-ref experiment"
+        ) from None
+    experiments = payload.get("experiments") if isinstance(payload, dict) else None
+    if not isinstance(experiments, list) or not experiments:
+        raise ValueError(f"{path}: no 'experiments' list; not the results of somp-ref experiment")
+    for number, result in enumerate(experiments):
+        _check_result(result, f"{path}: experiments[{number}]")
+    return experiments
+
+
+def _check_result(result: Any, where: str) -> None:
+    """A ValueError naming the first field compare_runs needs and ``result`` lacks."""
+    if not isinstance(result, dict):
+        raise ValueError(f"{where} must be an object")
+    for key, kind in (
+        ("experiment", str),
+        ("kind", str),
+        ("settings", dict),
+        ("baseline", dict),
+        ("conditions", list),
+    ):
+        if not isinstance(result.get(key), kind):
+            raise ValueError(f"{where}: missing or malformed '{key}'")
+    if result["kind"] not in FIGURES:
+        raise ValueError(f"{where}: unknown kind {result['kind']!r}")
+    measures = [measure for _, measure, _ in FIGURES[result["kind"]]]
+    for number, condition in enumerate([result["baseline"], *result["conditions"]]):
+        label = "baseline" if number == 0 else f"conditions[{number - 1}]"
+        values = condition.get("values") if isinstance(condition, dict) else None
+        if not isinstance(values, dict) or not all(
+            isinstance(values.get(m), list) for m in measures
+        ):
+            raise ValueError(f"{where}: {label} lacks the per-prompt values of {measures}")
+        if number and not isinstance(condition.get("method"), str):
+            raise ValueError(f"{where}: {label} has no 'method'")
+
+
+def compare_runs(
+    first: list[dict[str, Any]], second: list[dict[str, Any]], *, seed: int = 0
+) -> list[dict[str, Any]]:
+    """The paired comparison of every experiment both runs hold (see the module's notes).
+
+    Parameters
+    ----------
+    first, second : list of dict
+        The experiments of two runs (:func:`load_results`).
+    seed : int, default=0
+        Of the bootstrap.
+
+    Returns
+    -------
+    list of dict
+        Per experiment: ``experiment``, ``differs`` (setting -> [first, second]),
+        ``n_prompts`` and ``rows``, one per (k, heads): ``k``, ``method``, ``heads_jaccard``
+        (of the two runs' head sets; random: the median over sets) and, per figure, an
+        Estimate dict (selections) or a median/IQR dict (random).
+
+    Raises
+    ------
+    ValueError
+        When the runs share no experiment, or measured other prompts or another model.
+    """
+    second_by_name = {result["experiment"]: result for result in second}
+    pairs = [
+        (a, second_by_name[a["experiment"]]) for a in first if a["experiment"] in second_by_name
+    ]
+    if not pairs:
+        names = sorted({r["experiment"] for r in first}), sorted(second_by_name)
+        raise ValueError(f"the runs share no experiment (first: {names[0]}, second: {names[1]})")
+    return [_compare_experiment(a, b, seed) for a, b in pairs]
+
+
+def _compare_experiment(first: dict, second: dict, seed: int) -> dict[str, Any]:
+    name = first["experiment"]
+    _check_same_prompts(first, second)
+    figures = FIGURES[first["kind"]]
+    keep = _finite_everywhere(first, second, [m for _, m, _ in figures])
+    rows = []
+    for k in [k for k in first["settings"].get("ks", []) if k in second["settings"].get("ks", [])]:
+        groups_a, groups_b = _by_method(first, k), _by_method(second, k)
+        for method in [m for m in groups_a if m in groups_b]:
+            row: dict[str, Any] = {"k": k, "method": method}
+            if method.startswith("random"):
+                pairs = _paired_sets(groups_a[method], groups_b[method])
+                row["sets"] = len(pairs)
+                row["heads_jaccard"] = float(
+                    np.median([jaccard(a["heads"], b["heads"]) for a, b in pairs])
+                )
+                for title, measure, _ in figures:
+                    how = COMPARED_BY.get(measure, "ratio")
+                    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0: NaN, left out
+                        per_set = [
+                            _STATISTICS[how](*_values(b, a, measure, keep[measure]))
+                            for a, b in pairs
+                        ]
+                    finite = [v for v in per_set if np.isfinite(v)]
+                    row[title] = median_iqr(finite).as_dict() if finite else None
+            else:
+                a, b = groups_a[method][0], groups_b[method][0]
+                row["heads_jaccard"] = jaccard(a["heads"], b["heads"])
+                for title, measure, _ in figures:
+                    how = COMPARED_BY.get(measure, "ratio")
+                    row[title] = _paired(b, a, measure, keep[measure], how, seed)
+            rows.append(row)
+    differs = {
+        key: [first["settings"].get(key), second["settings"].get(key)]
+        for key in _COMPARED_SETTINGS
+        if first["settings"].get(key) != second["settings"].get(key)
+    }
+    if first.get("alpha") != second.get("alpha"):
+        differs["alpha"] = [first.get("alpha"), second.get("alpha")]
+    return {
+        "experiment": name,
+        "kind": first["kind"],
+        "differs": differs,
+        "n_prompts": {m: int(keep[m].sum()) for _, m, _ in figures},
+        "rows": rows,
+    }
+
+
+def _check_same_prompts(first: dict, second: dict) -> None:
+    """A ValueError unless both runs measured the same prompts with the same model."""
+    name = first["experiment"]
+    fingerprints = first.get("model_fingerprint"), second.get("model_fingerprint")
+    if None not in fingerprints and fingerprints[0] != fingerprints[1]:
+        raise ValueError(
+            f"{name}: the runs used different models ({fingerprints[0]} and {fingerprints[1]})"
+        )
+    for _, measure, _ in FIGURES[first["kind"]]:
+        a = np.asarray(first["baseline"]["values"][measure], dtype=np.float64)
+        b = np.asarray(second["baseline"]["values"][measure], dtype=np.float64)
+        if a.shape != b.shape or not np.allclose(
+            a, b, rtol=BASELINE_RTOL, atol=BASELINE_ATOL, equal_nan=True
+        ):
+            raise ValueError(
+                f"{name}: the runs did not measure the same test prompts (the unmodified "
+                f"model's '{measure}' differs): pair runs of one experiment, seed and model"
+            )
+
+
+def _finite_everywhere(first: dict, second: dict, measures: list[str]) -> dict[str, np.ndarray]:
+    """Per measure, the prompts whose value is finite in every condition of both runs (and
+    the baseline), so that every figure of a row is computed on the same prompts."""
+    keep = {}
+    for measure in measures:
+        columns = [
+            np.asarray(c["values"][measure], dtype=np.float64)
+            for result in (first, second)
+            for c in [result["baseline"], *result["conditions"]]
+        ]
+        n = columns[0].shape[0]
+        if any(column.shape != (n,) for column in columns):
+            raise ValueError(
+                f"{first['experiment']}: conditions hold different numbers of '{measure}' values"
+            )
+        keep[measure] = np.logical_and.reduce([np.isfinite(c) for c in columns])
+    return keep
+
+
+def _by_method(result: dict, k: int) -> dict[str, list[dict]]:
+    groups: dict[str, list[dict]] = {}
+    for condition in result["conditions"]:
+        if condition.get("k") == k:
+            groups.setdefault(condition["method"], []).append(condition)
+    return groups
+
+
+def _paired_sets(first: list[dict], second: list[dict]) -> list[tuple[dict, dict]]:
+    """Random sets paired by their draw (seed); in order where the seeds are missing."""
+    by_seed = {c.get("seed"): c for c in second}
+    if all(c.get("seed") is not None for c in first) and all(
+        c.get("seed") in by_seed for c in first
+    ):
+        return [(c, by_seed[c["seed"]]) for c in first]
+    return list(zip(first, second, strict=False))
+
+
+def _values(second: dict, first: dict, measure: str, keep: np.ndarray) -> tuple[np.ndarray, ...]:
+    return tuple(np.asarray(c["values"][measure], dtype=np.float64)[keep] for c in (second, first))
+
+
+def _paired(second: dict, first: dict, measure: str, keep: np.ndarray, how: str, seed: int):
+    """The paired statistic with its interval, or None when no prompt is left."""
+    if not keep.any():
+        return None
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return bootstrap(
+            list(_values(second, first, measure, keep)), _STATISTICS[how], seed=seed
+        ).as_dict()
+
+
+def _cell(entry: dict | None, how: str) -> str:
+    if entry is None:
+        return "-"
+    if "median" in entry:
+        if not np.isfinite(entry["median"]):
+            return "-"
+        return f"{entry['median']:.2f} [{entry['q1']:.2f}-{entry['q3']:.2f}]"
+    if not np.isfinite(entry["value"]):
+        return "-"
+    null = 1.0 if how == "ratio" else 0.0
+    star = "*" if not entry["low"] <= null <= entry["high"] else ""
+    return f"{entry['value']:.2f} [{entry['low']:.2f},{entry['high']:.2f}]{star}"
+
+
+def format_comparison(comparison: list[dict[str, Any]], first: str, second: str) -> str:
+    """The terminal tables of :func:`compare_runs` (``first``/``second``: the runs' names)."""
+    blocks = []
+    for result in comparison:
+        figures = FIGURES[result["kind"]]
+        titles = []
+        for title, measure, _ in figures:
+            base = title.removesuffix(" x base")
+            how = COMPARED_BY.get(measure, "ratio")
+            titles.append((title, how, f"{base} B/A" if how == "ratio" else f"{base} B-A"))
+        differs = ", ".join(f"{key} {a} -> {b}" for key, (a, b) in result["differs"].items())
+        prompts = sorted(set(result["n_prompts"].values()))
+        lines = [
+            f"{result['experiment']}: B = {second} against A = {first}"
+            + (f" ({differs})" if differs else " (no setting differs)"),
+            "paired over the same test prompts ("
+            + "/".join(map(str, prompts))
+            + "); B/A: ratio of the means, B-A: difference; 95 % bootstrap CI, * = excludes "
+            "no change; random: median [IQR] over sets paired by draw; same heads: Jaccard",
+        ]
+        width = 21
+        lines.append(
+            f"{'k':>3}  {'heads':<16}{'same heads':>11}"
+            + "".join(f"{t:>{width}}" for *_, t in titles)
+        )
+        for row in result["rows"]:
+            label = LABELS.get(row["method"], row["method"]).split(" (")[0]
+            if row["method"].startswith("random"):
+                label = f"{row['method']} ({row['sets']})"
+            cells = [_cell(row[title], how) for title, how, _ in titles]
+            lines.append(
+                f"{row['k']:>3}  {label:<16}{row['heads_jaccard']:>11.2f}"
+                + "".join(f"{c:>{width}}" for c in cells)
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)

@@ -1,0 +1,216 @@
+"""``somp-ref compare``: two runs of an experiment paired prompt by prompt."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from somp_ref.adapters.comparison import compare_runs, format_comparison, load_results
+from somp_ref.adapters.report import FIGURES
+from somp_ref.cli import main
+
+MEASURES = [measure for _, measure, _ in FIGURES["suppress"]]
+
+
+def run(values: dict[str, dict[str, np.ndarray]], *, seeds=(0, 1, 2), **settings) -> dict:
+    """One colors-like result: ``values[method][measure]`` per prompt; "baseline" and
+    "random" (one array per seed, stacked) among the methods."""
+    conditions = []
+    for method, measures in values.items():
+        if method == "baseline":
+            continue
+        if method == "random":
+            for number, seed in enumerate(seeds):
+                conditions.append(
+                    {
+                        "method": "random",
+                        "k": 8,
+                        "seed": seed,
+                        "heads": [[1, seed], [2, seed]],
+                        "values": {m: v[number].tolist() for m, v in measures.items()},
+                    }
+                )
+        else:
+            conditions.append(
+                {
+                    "method": method,
+                    "k": 8,
+                    "seed": None,
+                    "heads": [[5, 1], [6, 2]],
+                    "values": {m: v.tolist() for m, v in measures.items()},
+                }
+            )
+    return {
+        "experiment": "colors",
+        "kind": "suppress",
+        "alpha": -1.0,
+        "model_fingerprint": "sha256:abc",
+        "settings": {"ks": [8], "intervene_positions": "all", **settings},
+        "baseline": {"values": {m: v.tolist() for m, v in values["baseline"].items()}},
+        "conditions": conditions,
+    }
+
+
+def measures(rng: np.random.Generator, n: int, sets: int | None = None) -> dict[str, np.ndarray]:
+    shape = (n,) if sets is None else (sets, n)
+    return {
+        "concept_words": rng.integers(0, 3, shape).astype(float),
+        "mass": rng.uniform(0.1, 0.9, shape),
+        "kl": rng.uniform(0.01, 2.0, shape),
+        "kl_first": rng.uniform(0.01, 2.0, shape),
+        "degenerate": rng.integers(0, 2, shape).astype(float),
+    }
+
+
+def pair(n: int = 24, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    first = {
+        "baseline": measures(rng, n),
+        "specificity": measures(rng, n),
+        "random": measures(rng, n, sets=3),
+    }
+    return first, rng
+
+
+def test_a_run_against_itself_changes_nothing():
+    values, _ = pair()
+    (result,) = compare_runs([run(values)], [run(values)])
+    assert result["differs"] == {}
+    for row in result["rows"]:
+        assert row["heads_jaccard"] == 1.0
+        for title, measure, _ in FIGURES["suppress"]:
+            entry = row[title]
+            expected = 0.0 if measure == "degenerate" else 1.0
+            if "median" in entry:
+                assert entry["median"] == entry["q1"] == entry["q3"] == expected
+            else:  # every resample pairs a prompt with itself
+                assert entry["value"] == entry["low"] == entry["high"] == expected
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.floats(0.05, 20.0), st.floats(-0.5, 0.5), st.integers(0, 2**31))
+def test_a_uniform_change_is_measured_exactly(factor, shift, seed):
+    """KL scaled by ``factor`` on every prompt: B/A is the factor in every resample;
+    degenerate shifted by ``shift`` everywhere: B-A is the shift (to rounding)."""
+    first, _ = pair(seed=seed % 1000)
+    second = {
+        method: {
+            m: v * factor if m == "kl" else v + shift if m == "degenerate" else v
+            for m, v in by_measure.items()
+        }
+        for method, by_measure in first.items()
+        if method != "baseline"
+    } | {"baseline": first["baseline"]}
+    (result,) = compare_runs([run(first)], [run(second)], seed=seed)
+    chosen = next(r for r in result["rows"] if r["method"] == "specificity")
+    random = next(r for r in result["rows"] if r["method"] == "random")
+    # Rounding: a mean of 24 values scaled, and a quotient: a few ulps, 1e-12 relative.
+    for key in ("value", "low", "high"):
+        assert chosen["KL"][key] == pytest.approx(factor, rel=1e-12)
+        assert chosen["degenerate"][key] == pytest.approx(shift, abs=1e-12)
+        assert chosen["mass"][key] == pytest.approx(1.0, rel=1e-12)
+    assert random["KL"]["median"] == pytest.approx(factor, rel=1e-12)
+    assert random["sets"] == 3
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 40), st.integers(0, 2**31))
+def test_the_ratio_is_of_paired_means_and_its_interval_holds_it(n, seed):
+    first, rng = pair(n=n, seed=seed % 1000)
+    second = {"baseline": first["baseline"], **{m: measures(rng, n) for m in ["specificity"]}}
+    second["random"] = measures(rng, n, sets=3)
+    (result,) = compare_runs([run(first)], [run(second)], seed=seed)
+    chosen = next(r for r in result["rows"] if r["method"] == "specificity")
+    kl_a, kl_b = first["specificity"]["kl"], second["specificity"]["kl"]
+    entry = chosen["KL"]
+    assert entry["value"] == pytest.approx(kl_b.mean() / kl_a.mean(), rel=1e-12)
+    # The percentile interval of resampled ratios holds the full-sample ratio unless the
+    # resamples all fall to one side, which 2000 resamples of >= 2 prompts make remote.
+    assert entry["low"] <= entry["value"] * (1 + 1e-12) and entry["value"] <= entry["high"] * (
+        1 + 1e-12
+    )
+
+
+def test_random_sets_pair_by_draw_not_by_order():
+    first, _ = pair()
+    values = run(first)
+    shuffled = run(first)
+    shuffled["conditions"] = shuffled["conditions"][:1] + shuffled["conditions"][1:][::-1]
+    (result,) = compare_runs([values], [shuffled])
+    random = next(r for r in result["rows"] if r["method"] == "random")
+    assert random["KL"]["median"] == random["KL"]["q1"] == random["KL"]["q3"] == 1.0
+
+
+def test_a_prompt_missing_anywhere_leaves_every_figure_of_its_measure():
+    first, _ = pair()
+    second = {m: {k: v.copy() for k, v in d.items()} for m, d in first.items()}
+    second["specificity"]["kl"][3] = np.nan
+    (result,) = compare_runs([run(first)], [run(second)])
+    assert result["n_prompts"]["kl"] == 23 and result["n_prompts"]["mass"] == 24
+    random = next(r for r in result["rows"] if r["method"] == "random")
+    assert random["KL"]["median"] == 1.0  # the same 23 prompts on both sides
+    chosen = next(r for r in result["rows"] if r["method"] == "specificity")
+    assert chosen["KL"]["value"] == 1.0
+
+
+def test_settings_that_differ_are_named():
+    values, _ = pair()
+    (result,) = compare_runs(
+        [run(values, positions="prompt-mean")],
+        [run(values, positions="mean") | {"alpha": 3.0}],
+    )
+    assert result["differs"] == {"positions": ["prompt-mean", "mean"], "alpha": [-1.0, 3.0]}
+    text = format_comparison([result], "runs/a", "runs/b")
+    assert "positions prompt-mean -> mean" in text.splitlines()[0]
+
+
+def test_runs_of_other_prompts_or_models_are_refused():
+    values, rng = pair()
+    other = dict(values, baseline=measures(rng, 24))
+    with pytest.raises(ValueError, match="did not measure the same test prompts"):
+        compare_runs([run(values)], [run(other)])
+    shorter = {m: {k: v[..., :20] for k, v in d.items()} for m, d in values.items()}
+    with pytest.raises(ValueError, match="did not measure the same test prompts"):
+        compare_runs([run(values)], [run(shorter)])
+    foreign = run(values) | {"model_fingerprint": "sha256:def"}
+    with pytest.raises(ValueError, match="different models"):
+        compare_runs([run(values)], [foreign])
+    with pytest.raises(ValueError, match="share no experiment"):
+        compare_runs([run(values)], [run(values) | {"experiment": "countries"}])
+
+
+def test_the_command_prints_and_writes_json(tmp_path, capsys):
+    first, _ = pair()
+    second = {m: {k: v * 0.5 if k == "kl" else v for k, v in d.items()} for m, d in first.items()}
+    second["baseline"] = first["baseline"]
+    for name, values in (("a", first), ("b", second)):
+        (tmp_path / name).mkdir()
+        payload = {"experiments": [run(values)]}
+        (tmp_path / name / "results.json").write_text(json.dumps(payload))
+    args = ["compare", str(tmp_path / "a"), str(tmp_path / "b" / "results.json")]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    row = next(line for line in text.splitlines() if "specificity" in line)
+    assert "0.50 [0.50,0.50]*" in row  # KL halved on every prompt
+    assert main([*args, "--json"]) == 0
+    saved = json.loads(capsys.readouterr().out)
+    assert saved["experiments"][0]["rows"][0]["KL"]["value"] == 0.5
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ("[1, 2]", "no 'experiments' list"),
+        ('{"experiments": [{"experiment": "colors"}]}', "missing or malformed 'kind'"),
+        ('{"experiments": [', "not valid JSON"),
+    ],
+)
+def test_other_files_are_refused_by_name(tmp_path, payload, message):
+    path = tmp_path / "results.json"
+    path.write_text(payload)
+    with pytest.raises(ValueError, match=message):
+        load_results(tmp_path)
