@@ -146,6 +146,26 @@ def _check_directory(folder: Path, target: Path) -> None:
         raise PermissionError(errno.EACCES, f"directory {where} is not writable", str(target))
 
 
+def sync_directory(path: str | os.PathLike) -> None:
+    """Flush a directory's entries to disk (fsync of the directory itself).
+
+    A rename or a new file is durable only once its directory is: ``fsync`` of a file
+    writes its data, not the name pointing at it, so after a power cut a replaced file may
+    come back as the previous one, or a new store directory vanish. Best effort where a
+    directory cannot be opened or synced (Windows; a few file systems answer EINVAL).
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
     """Write a file through ``write(handle)`` under a temporary name, then rename it over
     ``path``.
@@ -185,6 +205,7 @@ def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None])
             handle.flush()
             os.fsync(handle.fileno())  # the data is on disk before the name points at it
         os.replace(tmp, target)
+        sync_directory(target.parent)  # and the name is, before the caller goes on
     except BaseException as err:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -263,6 +284,8 @@ def write_all_atomically(
                 ) from None
         for tmp, target in zip(temporaries, targets, strict=True):
             os.replace(tmp, target)
+        for directory in dict.fromkeys(target.parent for target in targets):
+            sync_directory(directory)
     except BaseException:
         for tmp in temporaries:
             with contextlib.suppress(OSError):

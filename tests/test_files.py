@@ -288,3 +288,83 @@ def test_a_writer_that_crashes_leaves_every_previous_file(tmp_path):
             [(first, lambda path: path.write_bytes(b"new")), (tmp_path / "b", crash)]
         )
     assert_untouched(first)
+
+
+@pytest.fixture
+def name_events(monkeypatch):
+    """Every rename, replace and mkdir (the directory it changes) and every fsync (what
+    was synced), in order. Linux: the synced path is read from /proc/self/fd."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to see what an fsync synced")
+    events: list[tuple[str, str]] = []
+    real = {name: getattr(os, name) for name in ("replace", "rename", "mkdir", "fsync")}
+
+    def changes(name):
+        def call(src, dst=None, *args, **kwargs):
+            result = real[name](src, *([dst] if dst is not None else []), *args, **kwargs)
+            changed = dst if dst is not None else src
+            events.append(("changes", os.path.dirname(os.path.abspath(changed))))
+            return result
+
+        return call
+
+    def fsync(fd):
+        events.append(("syncs", os.readlink(f"/proc/self/fd/{fd}")))
+        return real["fsync"](fd)
+
+    for name in ("replace", "rename"):
+        monkeypatch.setattr(os, name, changes(name))
+    monkeypatch.setattr(os, "mkdir", lambda path, *a, **k: changes("mkdir")(path, None, *a, **k))
+    monkeypatch.setattr(os, "fsync", fsync)
+    return events
+
+
+def unsynced(events: list[tuple[str, str]]) -> list[str]:
+    """Directories changed by a name event that no later fsync of the directory covers."""
+    left = []
+    for number, (kind, directory) in enumerate(events):
+        if kind == "changes" and ("syncs", directory) not in events[number + 1 :]:
+            left.append(directory)
+    return left
+
+
+def test_every_new_name_is_synced_before_the_writer_returns(tmp_path, name_events):
+    """A rename is durable only once its directory is synced: an output, a group of
+    outputs, a new store, a store written batch by batch and an overwritten store."""
+    from stores import write_planted_store
+
+    from somp_ref.store import ActivationStore
+    from somp_ref.store.row_appending import RowWriter
+
+    write_text_atomically(tmp_path / "a.txt", "a")
+    (tmp_path / "sub").mkdir()
+    name_events.clear()
+    write_all_atomically(
+        [
+            (tmp_path / "b.txt", lambda p: p.write_text("b")),
+            (tmp_path / "sub" / "c.txt", lambda p: p.write_text("c")),
+        ]
+    )
+    assert name_events and unsynced(name_events) == []
+    name_events.clear()
+    write_planted_store(tmp_path / "store")
+    assert unsynced(name_events) == []
+    name_events.clear()
+    rng = np.random.default_rng(0)
+    with ActivationStore.create(
+        tmp_path / "rows", n_layers=1, n_heads=2, d_head=3, d_model=4
+    ) as store:
+        writer = RowWriter.start(store, lambda layer: (rng.standard_normal((4, 6)), None))
+        writer.append([rng.standard_normal((5, 2, 3)).astype(np.float32)], [{}] * 5, {})
+        writer.finish()
+        store.write_unembed(rng.standard_normal((7, 4)))
+    assert unsynced(name_events) == []
+    name_events.clear()
+    with ActivationStore.create(
+        tmp_path / "store", n_layers=1, n_heads=1, d_head=2, d_model=3, overwrite=True
+    ) as store:
+        store.write_layer(0, z=rng.standard_normal((4, 1, 2)), o_proj=rng.standard_normal((3, 2)))
+        store.write_unembed(rng.standard_normal((5, 3)))
+        store.write_samples([{}] * 4)
+    assert any(kind == "changes" for kind, _ in name_events)
+    assert unsynced(name_events) == []

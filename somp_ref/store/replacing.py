@@ -16,6 +16,7 @@ import re
 import warnings
 from pathlib import Path
 
+from somp_ref.files import sync_directory
 from somp_ref.store.layout import META_FILE, StoreError, is_part_name
 from somp_ref.store.locations import sibling, siblings
 from somp_ref.store.row_appending import part_of_partial
@@ -136,6 +137,7 @@ def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
                 stacklevel=3,
             )
         target.mkdir()
+        sync_directory(target.parent)  # the new store's name survives a power cut
         return target, None
     if not overwrite:
         raise StoreError(f"{target} already exists (pass overwrite=True to replace it)")
@@ -160,5 +162,6 @@ def swap_in(built: Path, target: Path, replaces: int) -> None:
     except FileNotFoundError:  # the old store was removed meanwhile: nothing to delete
         old = None
     os.rename(built, target)
+    sync_directory(target.parent)  # the swap is durable before the old store goes
     if old is not None:
         remove_store_dir(old, replaces)
