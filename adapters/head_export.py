@@ -5,10 +5,9 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
-import itertools
 import json
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +21,16 @@ from somp_ref.adapters.capture import (
     position_mask,
     select_positions,
 )
+from somp_ref.adapters.export_resume import finished_export, resume_export, skipping
 from somp_ref.adapters.model_heads import ModelHeads, model_heads
 from somp_ref.adapters.offload import input_device, materialized
 from somp_ref.adapters.parallel_export import export_in_shards, process_rank
 from somp_ref.adapters.provenance import model_fingerprint
 from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
 from somp_ref.progress import progress
-from somp_ref.store import ActivationStore, StoreError
+from somp_ref.store import ActivationStore
 from somp_ref.store.json_values import check_json
-from somp_ref.store.row_appending import APPENDING, RowWriter
+from somp_ref.store.row_appending import RowWriter
 
 #: The rules a text export offers ("image-mean", "image", "text" need images).
 POSITIONS = ("prompt-mean", "last", "mean", "all")
@@ -314,10 +314,10 @@ def export_batches(
     if resume:
         if fingerprint is None:
             raise ValueError("resume=True needs the inputs' fingerprint (inputs_fingerprint)")
-        finished = _finished_export(out, facts, dtype)
+        finished = finished_export(out, facts, dtype)
         if finished is not None:
             return finished
-        store, writer = _resume(out, facts, dtype)
+        store, writer = resume_export(out, facts, dtype)
         if writer is None:  # every part was written; only closing it was interrupted
             store.close()
             return ActivationStore.open(out)
@@ -357,7 +357,7 @@ def export_batches(
         remaining = None if n_batches is None else max(n_batches - done, 0)
         given = 0
         for records, inputs, masks in progress(
-            _skipping(batches, done),
+            skipping(batches, done),
             desc="export (batches)",
             enabled=show_progress,
             total=remaining,
@@ -378,74 +378,6 @@ def export_batches(
         file=sys.stderr,
     )
     return ActivationStore.open(out)
-
-
-def _skipping(batches: Iterable[Any], done: int) -> Iterator[Any]:
-    """``batches`` without the first ``done``; StoreError if there are fewer than that."""
-    iterator = iter(batches)
-    skipped = sum(1 for _ in itertools.islice(iterator, done))
-    if skipped < done:
-        raise StoreError(f"{done} batches were exported before, but only {skipped} are given now")
-    yield from iterator
-
-
-#: The facts a resumed export must share with the one it continues (the weights'
-#: fingerprint stands for the model: the same checkpoint named by another path is the same).
-_SAME_EXPORT = ("model_fingerprint", "family", "positions", "model_dtype", "dtype")
-
-
-def _check_same_export(out: str | Path, found: dict[str, Any], wanted: dict[str, Any]) -> None:
-    for key in (*_SAME_EXPORT, "inputs_fingerprint"):
-        if found.get(key) != wanted.get(key):
-            if key == "inputs_fingerprint":
-                raise StoreError(
-                    f"{out}: cannot resume, it was started with other prompts or options "
-                    "(batch size, chat template, padding, positions); resume with the same "
-                    "ones, or export again with --overwrite"
-                )
-            raise StoreError(
-                f"{out}: cannot resume, it was exported with {key} {found.get(key)!r}, "
-                f"not {wanted.get(key)!r}"
-            )
-
-
-def _finished_export(out: str | Path, facts: dict[str, Any], dtype: str) -> ActivationStore | None:
-    """The complete store at ``out`` if it is this very export (nothing to resume), None if
-    ``out`` is not complete; StoreError if it is a complete store of another export (e.g.
-    the old store an interrupted --overwrite keeps)."""
-    try:
-        store = ActivationStore.open(out)
-    except StoreError:
-        return None
-    try:
-        _check_same_export(out, store.meta, {**facts, "dtype": dtype})
-    except StoreError as err:
-        raise StoreError(
-            f"{out} is a complete store of another export ({err}); an interrupted "
-            "--overwrite keeps the old store and cannot be resumed: export again"
-        ) from None
-    print(f"{out}: already complete, nothing to resume", file=sys.stderr)
-    return store
-
-
-def _resume(
-    out: str | Path, facts: dict[str, Any], dtype: str
-) -> tuple[ActivationStore, RowWriter | None]:
-    """The interrupted store at ``out`` and its row writer (None when every row and the
-    unembedding were written), once it is known to be an export of the same model, rule
-    and inputs."""
-    store = ActivationStore.resume(out)
-    writer = None
-    try:
-        if APPENDING in store.meta or store.missing():
-            writer = RowWriter.resume(store)  # says so when it was not written batch by batch
-        _check_same_export(out, store.meta, {**facts, "dtype": dtype})
-    except BaseException:
-        if writer is not None:
-            writer.close()
-        store.__exit__(*sys.exc_info())
-        raise
-    return store, writer
 
 
 def _sample_records(
