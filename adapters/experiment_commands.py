@@ -44,7 +44,7 @@ def register(subparsers) -> None:
 
 def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.adapters.tasks import TASK_NAMES
-    from somp_ref.files import check_output_dir
+    from somp_ref.files import check_output_dir, make_directories
 
     names = list(TASK_NAMES) if args.names == ["all"] else list(dict.fromkeys(args.names))
     study = args.names == ["all"] or "study" in names
@@ -80,7 +80,7 @@ def _run_experiment(args: argparse.Namespace) -> int:
         intervene_positions=args.intervene_positions,
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    make_directories(out)
     tasks = [build_task(name, seed=settings.seed) for name in names if name != "study"]
     model, tokenizer = load(args)
     check_layers(model, args)
@@ -192,13 +192,18 @@ def register_experiment(subparsers) -> None:
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from somp_ref.adapters.comparison import compare_runs, format_comparison, load_results
+    from somp_ref.adapters.comparison import (
+        compare_runs,
+        finite_or_null,
+        format_comparison,
+        load_results,
+    )
 
     first, second = load_results(args.first), load_results(args.second)
     comparison = compare_runs(first, second, seed=args.seed)
     if args.json:
         payload = {"first": args.first, "second": args.second, "experiments": comparison}
-        print(json.dumps(payload, indent=1))
+        print(json.dumps(finite_or_null(payload), indent=1, allow_nan=False))
     else:
         print(format_comparison(comparison, args.first, args.second))
     return 0
@@ -211,7 +216,7 @@ def register_compare(subparsers) -> None:
         help="compare two experiment runs prompt by prompt (e.g. where heads are scaled)",
         description=(
             "Pair two runs of 'somp-ref experiment' that differ in one setting (e.g. "
-            "--intervene-positions, --positions or --method) over their common test "
+            "--intervene-positions, --positions or --method) over the same test "
             "prompts: for each experiment both ran and each k and heads both measured, each "
             "figure as the ratio of its means (B/A) or, for degenerate answers, their "
             "difference (B-A), with a 95 % bootstrap interval that resamples the prompts "

@@ -92,6 +92,8 @@ def _significant(row: dict, rows: list[dict], title: str) -> bool:
     if random is None or "value" not in row[title] or not np.isfinite(random[title]["median"]):
         return False
     estimate = row[title]
+    if not (np.isfinite(estimate["low"]) and np.isfinite(estimate["high"])):
+        return False  # no interval (one prompt): no claim either way
     return not estimate["low"] <= random[title]["median"] <= estimate["high"]
 
 

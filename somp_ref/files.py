@@ -146,24 +146,51 @@ def _check_directory(folder: Path, target: Path) -> None:
         raise PermissionError(errno.EACCES, f"directory {where} is not writable", str(target))
 
 
+#: What a directory's fsync may answer where directories cannot be synced (some file
+#: systems, or a descriptor opened read-only on some systems): nothing to do then.
+_CANNOT_SYNC_DIRECTORY = {errno.EINVAL, errno.EBADF, errno.ENOTSUP, errno.EOPNOTSUPP}
+
+
 def sync_directory(path: str | os.PathLike) -> None:
     """Flush a directory's entries to disk (fsync of the directory itself).
 
     A rename or a new file is durable only once its directory is: ``fsync`` of a file
     writes its data, not the name pointing at it, so after a power cut a replaced file may
-    come back as the previous one, or a new store directory vanish. Best effort where a
-    directory cannot be opened or synced (Windows; a few file systems answer EINVAL).
+    come back as the previous one, or a new store directory vanish. Nothing is done where
+    directories cannot be opened (Windows) or synced (:data:`_CANNOT_SYNC_DIRECTORY`).
+
+    Raises
+    ------
+    OSError
+        Any other failure: ``path`` missing or not a directory (a caller's bug), or the
+        disk's own error (EIO: the names may not be on disk).
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
+    if os.name == "nt":
         return
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as err:
+        if err.errno not in _CANNOT_SYNC_DIRECTORY:
+            raise
     finally:
         os.close(fd)
+
+
+def make_directories(path: str | os.PathLike) -> Path:
+    """``Path(path).mkdir(parents=True, exist_ok=True)``, each directory it creates made
+    durable (:func:`sync_directory` of its parent), so a store or an output written in it
+    does not vanish with it after a power cut."""
+    path = Path(path)
+    missing = []
+    ancestor = path
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        missing.append(ancestor)
+        ancestor = ancestor.parent
+    path.mkdir(parents=True, exist_ok=True)
+    for directory in reversed(missing):
+        sync_directory(directory.parent)
+    return path
 
 
 def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:

@@ -214,3 +214,97 @@ def test_other_files_are_refused_by_name(tmp_path, payload, message):
     path.write_text(payload)
     with pytest.raises(ValueError, match=message):
         load_results(tmp_path)
+
+
+def mutated(change) -> dict:
+    values, _ = pair()
+    result = run(values)
+    change(result)
+    return result
+
+
+def _set(path, value):
+    def change(result):
+        *parents, last = path
+        target = result
+        for key in parents:
+            target = target[key]
+        target[last] = value
+
+    return change
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (_set(["settings", "ks"], 8), "settings.ks must be a list of distinct integers"),
+        (_set(["settings", "ks"], None), "settings.ks must be a list of distinct integers"),
+        (_set(["settings", "ks"], [8, 8]), "settings.ks must be a list of distinct integers"),
+        (_set(["conditions", 0, "values", "kl"], [{}] * 24), "values.kl must be a list of num"),
+        (_set(["conditions", 0, "values", "kl"], [10**400] * 24), "values.kl must be a list"),
+        (_set(["conditions", 0, "values", "kl"], "x"), "values.kl must be a list of numbers"),
+        (_set(["conditions", 0, "values", "kl"], [[1.0]] * 24), "must be a flat list"),
+        (_set(["conditions", 0, "heads"], 3), "'heads' must be a list of [layer, head]"),
+        (_set(["conditions", 0, "heads"], [[[1], 2]]), "'heads' must be a list of [layer, h"),
+        (_set(["conditions", 0, "k"], "8"), "needs a 'method' (string) and a 'k' (integer)"),
+        (_set(["conditions", 1, "seed"], [1]), "'seed' must be an integer or null"),
+        (_set(["baseline", "values"], None), "baseline: no per-prompt 'values'"),
+        (lambda r: r["conditions"].insert(0, r["conditions"][0]), "specificity at k = 8 is lis"),
+        (lambda r: r["conditions"][0].pop("heads"), "'heads' must be a list of [layer, head]"),
+    ],
+)
+def test_malformed_results_are_refused_by_file_and_field(tmp_path, capsys, change, message):
+    values, _ = pair()
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"experiments": [run(values)]}))
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"experiments": [mutated(change)]}))
+    assert main(["compare", str(tmp_path / "a"), str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad}: experiments[0]" in err and message in err, err
+
+
+def test_runs_without_a_common_condition_compare_nothing_and_say_so():
+    values, _ = pair()
+    other = run(values)
+    other["settings"]["ks"] = [16]
+    for condition in other["conditions"]:
+        condition["k"] = 16
+    with pytest.raises(ValueError, match="share no k and heads"):
+        compare_runs([run(values)], [other])
+
+
+def test_random_sets_pair_on_the_draws_both_runs_hold():
+    values, _ = pair()
+    second = run(values)
+    # The second run holds draws 2 and 1 only, in that order: pairing by position would
+    # compare draw 0 with 2 and 1 with 1.
+    second["conditions"] = [
+        second["conditions"][0],
+        second["conditions"][3],
+        second["conditions"][2],
+    ]
+    (result,) = compare_runs([run(values)], [second])
+    random = next(r for r in result["rows"] if r["method"] == "random")
+    assert random["sets"] == 2 and random["heads_jaccard"] == 1.0
+    assert random["KL"]["median"] == random["KL"]["q1"] == random["KL"]["q3"] == 1.0
+
+
+def test_a_figure_without_an_interval_gets_no_star():
+    from somp_ref.adapters.comparison import _cell
+
+    entry = {"value": 1.5, "low": float("nan"), "high": float("nan"), "n": 1}
+    assert _cell(entry, "ratio") == "1.50 [nan,nan]"
+    assert _cell({"value": 1.5, "low": 1.2, "high": 1.8, "n": 9}, "ratio").endswith("*")
+
+
+def test_the_json_output_is_standard_json(tmp_path, capsys):
+    values, _ = pair()
+    values["specificity"]["concept_words"][:] = 0.0  # B/A of words: 0/0, NaN
+    values["baseline"]["concept_words"][:] = 0.0
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps({"experiments": [run(values)]}))
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "a"), "--json"]) == 0
+    text = capsys.readouterr().out
+    assert "NaN" not in text and "Infinity" not in text
+    json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard {name}"))

@@ -348,6 +348,7 @@ def test_every_new_name_is_synced_before_the_writer_returns(tmp_path, name_event
     assert name_events and unsynced(name_events) == []
     name_events.clear()
     write_planted_store(tmp_path / "store")
+    write_planted_store(tmp_path / "new" / "parents" / "store")  # made with its parents
     assert unsynced(name_events) == []
     name_events.clear()
     rng = np.random.default_rng(0)
@@ -368,3 +369,28 @@ def test_every_new_name_is_synced_before_the_writer_returns(tmp_path, name_event
         store.write_samples([{}] * 4)
     assert any(kind == "changes" for kind, _ in name_events)
     assert unsynced(name_events) == []
+
+
+def test_a_directory_that_cannot_be_synced_is_no_error_but_a_disk_error_is(tmp_path, monkeypatch):
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to tell a directory's fsync from a file's")
+    real_fsync = os.fsync
+
+    def failing(code):
+        def fsync(fd):
+            if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+                raise OSError(code, os.strerror(code))
+            return real_fsync(fd)
+
+        return fsync
+
+    monkeypatch.setattr(os, "fsync", failing(errno.EINVAL))  # a file system without it
+    write_text_atomically(tmp_path / "a.txt", "a")
+    assert (tmp_path / "a.txt").read_text() == "a"
+    monkeypatch.setattr(os, "fsync", failing(errno.EIO))  # the disk failed: say so
+    with pytest.raises(OSError) as raised:
+        write_text_atomically(tmp_path / "b.txt", "b")
+    assert raised.value.errno == errno.EIO
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    with pytest.raises(NotADirectoryError):  # a caller's mistake is not swallowed
+        files.sync_directory(tmp_path / "a.txt")

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from somp_ref.files import make_directories
 from somp_ref.store.json_values import check_json
 from somp_ref.store.layout import FORMAT, FORMAT_VERSION, META_FILE, StoreError
 from somp_ref.store.locations import real_location, refuse_hidden_sibling, refuse_symlink
@@ -123,7 +124,7 @@ class ActivationStore(StoreReading, StoreWriting):
         given = Path(path)
         refuse_symlink(given)  # these are refused before anything is made
         refuse_hidden_sibling(real_location(given))
-        given.parent.mkdir(parents=True, exist_ok=True)
+        make_directories(given.parent)
         target = real_location(given)  # where the lock, the store and its siblings go
         lock = WriterLock(target)
         try:
