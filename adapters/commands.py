@@ -213,8 +213,9 @@ def register(subparsers) -> None:
         "--resume",
         action="store_true",
         help="finish an interrupted export to --out from its last finished batch: rows go to "
-        "disk batch by batch, and every finished batch is kept; give the same model, prompts "
-        "and options as the first time (checked) (default: refuse an existing --out)",
+        "disk batch by batch, and every finished batch is kept (an interrupted --overwrite "
+        "too: the old store stays until the new one is finished); give the same model, "
+        "prompts and options as the first time (checked) (default: refuse an existing --out)",
     )
     export.add_argument(
         "--rank-concept",

@@ -3,8 +3,10 @@
 
 An export commits its rows batch by batch (:class:`somp_ref.store.row_appending.RowWriter`);
 ``export --resume`` gives the same inputs again, the finished batches are skipped, and the
-store is finished as if nothing had happened. A store of another export is never
-continued: the error says which fact differs.
+store is finished as if nothing had happened. An interrupted ``--overwrite`` is continued
+the same way: its unfinished store was kept beside the old one, which stays until the new
+one is swapped in. A store of another export is never continued: the error says which
+fact differs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from somp_ref.store import ActivationStore, StoreError
+from somp_ref.store.locations import real_location
+from somp_ref.store.replacing import kept_replacement
 from somp_ref.store.row_appending import APPENDING, RowWriter
 
 
@@ -52,8 +56,9 @@ def check_same_export(out: str | Path, found: dict[str, Any], wanted: dict[str, 
 
 def finished_export(out: str | Path, facts: dict[str, Any], dtype: str) -> ActivationStore | None:
     """The complete store at ``out`` if it is this very export (nothing to resume), None if
-    ``out`` is not complete; StoreError if it is a complete store of another export (e.g.
-    the old store an interrupted --overwrite keeps)."""
+    there is something to resume (``out`` is incomplete, or an interrupted --overwrite kept
+    its unfinished replacement beside it); StoreError if ``out`` is a complete store of
+    another export and nothing was kept."""
     try:
         store = ActivationStore.open(out)
     except StoreError:
@@ -61,9 +66,11 @@ def finished_export(out: str | Path, facts: dict[str, Any], dtype: str) -> Activ
     try:
         check_same_export(out, store.meta, {**facts, "dtype": dtype})
     except StoreError as err:
+        if kept_replacement(real_location(out)) is not None:
+            return None  # the overwrite that replaces it, interrupted: continue that one
         raise StoreError(
-            f"{out} is a complete store of another export ({err}); an interrupted "
-            "--overwrite keeps the old store and cannot be resumed: export again"
+            f"{out} is a complete store of another export ({err}), and no interrupted "
+            "--overwrite of it left rows to continue: export again"
         ) from None
     print(f"{out}: already complete, nothing to resume", file=sys.stderr)
     return store

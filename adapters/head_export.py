@@ -352,7 +352,7 @@ def export_batches(
     done = writer.progress["batches"]
     # On any error the with block releases the writer lock: a new store stays incomplete,
     # resumable from its last committed batch (an interrupted overwrite leaves the old
-    # store as it was: it is built in a hidden sibling, which the error removes).
+    # store as it was: it is built in a hidden sibling, kept for --resume once a batch is in).
     with store, contextlib.closing(writer), capture_z(model, contributions=True) as captured:
         remaining = None if n_batches is None else max(n_batches - done, 0)
         given = 0

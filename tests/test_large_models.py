@@ -321,3 +321,41 @@ def test_prompt_files_break_lines_at_line_feeds_only(tmp_path):
     lines = tmp_path / "p.jsonl"
     lines.write_text('{"prompt": "a\u2028b"}\n{"prompt": "c"}\n', encoding="utf-8")
     assert [r["prompt"] for r in read_prompts(str(lines))] == ["a\u2028b", "c"]
+
+
+def test_an_interrupted_overwrite_resumes_and_keeps_the_old_store_until_done(loaded, tmp_path):
+    model, tokenizer = loaded
+    options = {"positions": "all", "batch_size": 2, "show_progress": False}
+    old = export_activations(
+        model, tokenizer, [{"prompt": p} for p in PROMPTS[:3]], tmp_path / "s", **options
+    )
+    before = {p.name: p.read_bytes() for p in old.path.iterdir()}
+    records = [{"prompt": p} for p in PROMPTS]
+    calls = []
+
+    def die_third(module, args, kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise Interrupt  # 2 batches of the new export are on disk
+
+    handle = model.register_forward_pre_hook(die_third, with_kwargs=True)
+    try:
+        with pytest.raises(Interrupt):
+            export_activations(model, tokenizer, records, tmp_path / "s", overwrite=True, **options)
+    finally:
+        handle.remove()
+    assert {p.name: p.read_bytes() for p in old.path.iterdir()} == before
+    calls.clear()
+    handle = model.register_forward_pre_hook(lambda *a, **k: calls.append(1), with_kwargs=True)
+    try:
+        resumed = export_activations(
+            model, tokenizer, records, tmp_path / "s", resume=True, **options
+        )
+    finally:
+        handle.remove()
+    assert len(calls) == 4  # 6 batches, 2 done before the interruption
+    whole = export_activations(model, tokenizer, records, tmp_path / "whole", **options)
+    _same_store(whole, resumed)
+    assert not list(tmp_path.glob(".s.*-*"))  # the old store is gone, nothing hidden left
+    with pytest.raises(StoreError, match="no interrupted --overwrite of it left rows"):
+        export_activations(model, tokenizer, records[1:], tmp_path / "s", resume=True, **options)

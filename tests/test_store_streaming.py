@@ -316,3 +316,52 @@ def test_a_merged_store_merges_again(tmp_path):
     assert np.array_equal(abc.layer(0)[0][6:], a.layer(0)[0])
     with pytest.raises(StoreError, match="already exists"):
         merge_stores([a.path], tmp_path / "ab", show_progress=False)
+
+
+def _snapshot(path):
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+@settings(max_examples=10, deadline=None)
+@given(batches_done=st.integers(0, 3), data=st.data())
+def test_an_interrupted_overwrite_keeps_the_old_store_and_resumes_the_new(
+    tmp_path_factory, batches_done, data
+):
+    """An overwrite written batch by batch that dies after ``batches_done`` batches: the
+    old store stays whole; with rows committed, resume continues the new one beside it and
+    swaps it in; without, nothing of it is left."""
+    tmp = tmp_path_factory.mktemp("s")
+    old_z, old_weights, old_records = _data(4, seed=1)
+    old = _whole(tmp / "s", old_z, old_weights, old_records, np.eye(8))
+    before = _snapshot(old.path)
+    n = 8
+    z, weights, records = _data(n, seed=2)
+    store = ActivationStore.create(tmp / "s", **SHAPES, overwrite=True)
+    writer = RowWriter.start(store, lambda layer: weights[layer], {"batches": 0})
+    for i in range(batches_done):
+        writer.append([zl[2 * i : 2 * i + 2] for zl in z], records[2 * i : 2 * i + 2], {})
+    writer.close()
+    store._abandon()  # what the with block does on an error
+    assert _snapshot(tmp / "s") == before
+    ActivationStore.open(tmp / "s").verify()
+    kept = list(tmp.glob(".s.new-*"))
+    if batches_done == 0:
+        assert kept == []  # nothing worth keeping
+        with pytest.raises(StoreError, match="the store is complete, nothing to resume"):
+            ActivationStore.resume(tmp / "s")
+        return
+    assert len(kept) == 1
+    resumed = ActivationStore.resume(tmp / "s")
+    writer = RowWriter.resume(resumed)
+    assert writer.rows == 2 * batches_done
+    cut = data.draw(st.integers(writer.rows, n))
+    for a, b in ((writer.rows, cut), (cut, n)):
+        writer.append([zl[a:b] for zl in z], records[a:b], {})
+    assert _snapshot(tmp / "s") == before  # the old store stays until the swap
+    writer.finish()
+    resumed.write_unembed(np.eye(8))
+    resumed.close()
+    assert sorted(p.name for p in tmp.iterdir()) == [".s.lock", "s"]  # swapped, nothing left
+    _same_content(
+        _whole(tmp / "whole", z, weights, records, np.eye(8)), ActivationStore.open(tmp / "s")
+    )

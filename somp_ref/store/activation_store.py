@@ -17,7 +17,7 @@ from somp_ref.store.layout import FORMAT, FORMAT_VERSION, META_FILE, StoreError
 from somp_ref.store.locations import real_location, refuse_hidden_sibling, refuse_symlink
 from somp_ref.store.locking import WriterLock
 from somp_ref.store.reading import StoreReading
-from somp_ref.store.replacing import claim, remove_store_dir
+from somp_ref.store.replacing import claim, kept_replacement, remove_store_dir
 from somp_ref.store.schema import MAX_META_BYTES, largest_meta_bytes, load_meta, validate_meta
 from somp_ref.store.writing import StoreWriting
 
@@ -153,12 +153,16 @@ class ActivationStore(StoreReading, StoreWriting):
     def resume(cls, path: str | os.PathLike) -> ActivationStore:
         """Reopen an incomplete store for writing; :meth:`missing` says what is left.
 
+        When the store at ``path`` is complete and an interrupted overwrite kept its
+        unfinished replacement beside it (rows committed batch by batch), that replacement
+        is reopened instead: :meth:`close` swaps it in, and until then the old store stays.
+
         Raises
         ------
         StoreError
-            When ``path`` is not an incomplete store's directory, is a symbolic link, is one
-            of the hidden copies an overwrite makes (``.NAME.new-*``, ``.NAME.old-*``), or
-            another writer holds it.
+            When ``path`` is not an incomplete store's directory (nor a complete one with a
+            kept replacement), is a symbolic link, is one of the hidden copies an overwrite
+            makes (``.NAME.new-*``, ``.NAME.old-*``), or another writer holds it.
         """
         given = Path(path)
         refuse_symlink(given)
@@ -169,9 +173,17 @@ class ActivationStore(StoreReading, StoreWriting):
         lock = WriterLock(target)
         try:
             meta = load_meta(target)
+            directory, replaces = target, None
             if meta["complete"]:
-                raise StoreError(f"{given / META_FILE}: the store is complete, nothing to resume")
-            store = cls(given, meta, lock=lock, directory=target, target=target)
+                directory = kept_replacement(target)
+                if directory is None:
+                    raise StoreError(
+                        f"{given / META_FILE}: the store is complete, nothing to resume"
+                    )
+                replaces, meta = meta["n_layers"], load_meta(directory)
+            store = cls(
+                given, meta, lock=lock, directory=directory, target=target, replaces=replaces
+            )
             store._check_files()
         except BaseException:
             lock.release()

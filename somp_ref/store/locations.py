@@ -74,13 +74,15 @@ def sibling(target: Path, kind: str) -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
 
 
-def siblings(target: Path) -> list[Path]:
-    """The hidden directories that overwrites of ``target`` build in or move the old store
-    to, sorted by name."""
+def siblings(target: Path, kind: str | None = None) -> list[Path]:
+    """The hidden directories that overwrites of ``target`` build in (``kind="new"``) or
+    move the old store to (``"old"``), both by default, sorted by name."""
     with os.scandir(target.parent) as entries:
         found = [
             target.parent / entry.name
             for entry in entries
-            if (match := _HIDDEN_SIBLING.fullmatch(entry.name)) and match[1] == target.name
+            if (match := _HIDDEN_SIBLING.fullmatch(entry.name))
+            and match[1] == target.name
+            and kind in (None, match[2])
         ]
     return sorted(found)

@@ -7,6 +7,11 @@ the old store is renamed to ``PARENT/.NAME.old-*``, the new one renamed into pla
 only then are the old store's own files unlinked (never through a symlink, never
 recursively); anything else found in it is kept, with a warning. A writer killed at any
 point leaves a complete store at the path or, between the two renames, both beside it.
+
+A replacement written batch by batch (:class:`~somp_ref.store.row_appending.RowWriter`)
+that stops with rows committed is kept beside the old store, unfinished
+(:func:`kept_replacement`): ``ActivationStore.resume`` of the path continues it and swaps it
+in when done; the next overwrite of the path deletes it.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 from somp_ref.files import sync_directory
 from somp_ref.store.layout import META_FILE, StoreError, is_part_name
 from somp_ref.store.locations import sibling, siblings
-from somp_ref.store.row_appending import part_of_partial
+from somp_ref.store.row_appending import APPENDING, part_of_partial
 from somp_ref.store.schema import load_meta
 
 # The temporary files of somp_ref.files.write_atomically, which writes every store file:
@@ -165,3 +170,36 @@ def swap_in(built: Path, target: Path, replaces: int) -> None:
     sync_directory(target.parent)  # the swap is durable before the old store goes
     if old is not None:
         remove_store_dir(old, replaces)
+
+
+def holds_committed_rows(meta: dict) -> bool:
+    """Whether a store being written batch by batch has committed rows (worth keeping)."""
+    return APPENDING in meta and meta[APPENDING]["rows"] > 0
+
+
+def kept_replacement(target: Path) -> Path | None:
+    """The unfinished replacement of the store at ``target`` that an interrupted overwrite
+    kept (see the module's notes), or None.
+
+    Raises
+    ------
+    StoreError
+        When several are kept (each overwrite deletes the ones before it, so only writers
+        that ran at once, against the lock, could leave two).
+    """
+    kept = []
+    for candidate in siblings(target, "new"):
+        if candidate.is_symlink() or not candidate.is_dir():
+            continue
+        try:
+            meta = load_meta(candidate)
+        except StoreError:
+            continue
+        if not meta["complete"] and holds_committed_rows(meta):
+            kept.append(candidate)
+    if len(kept) > 1:
+        raise StoreError(
+            f"{target}: several unfinished replacements are kept beside it "
+            f"({', '.join(p.name for p in kept)}); delete all but one to resume"
+        )
+    return kept[0] if kept else None

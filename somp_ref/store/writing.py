@@ -25,7 +25,7 @@ from somp_ref.store.layout import (
     layer_file,
 )
 from somp_ref.store.regular_files import sha256
-from somp_ref.store.replacing import remove_store_dir, swap_in
+from somp_ref.store.replacing import holds_committed_rows, remove_store_dir, swap_in
 from somp_ref.store.safetensors_files import MAX_METADATA_BYTES, write_tensors
 from somp_ref.store.schema import MAX_META_BYTES
 
@@ -226,10 +226,12 @@ class StoreWriting(StoreFacts):
 
     def _abandon(self) -> None:
         """Stop writing after an error and release the lock. A store built beside the one it
-        replaces is deleted (the old store stays); a new store stays incomplete, resumable."""
+        replaces is deleted (the old store stays), unless it has rows committed batch by
+        batch: then it is kept, unfinished, for :meth:`resume`; a new store stays
+        incomplete, resumable."""
         if not self._writable:
             return
-        if self._replaces is not None:
+        if self._replaces is not None and not holds_committed_rows(self._meta):
             remove_store_dir(self._dir, self.n_layers)
         self._writable = False
         self._lock.release()
