@@ -63,11 +63,11 @@ def finished_export(out: str | Path, facts: dict[str, Any], dtype: str) -> Activ
         store = ActivationStore.open(out)
     except StoreError:
         return None
+    if kept_replacement(real_location(out)) is not None:
+        return None  # an interrupted overwrite of it: continue that one
     try:
         check_same_export(out, store.meta, {**facts, "dtype": dtype})
     except StoreError as err:
-        if kept_replacement(real_location(out)) is not None:
-            return None  # the overwrite that replaces it, interrupted: continue that one
         raise StoreError(
             f"{out} is a complete store of another export ({err}), and no interrupted "
             "--overwrite of it left rows to continue: export again"

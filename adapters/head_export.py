@@ -111,9 +111,10 @@ def export_activations(
     -------
     ActivationStore or None
         Opened for reading. If anything fails midway the directory is left marked
-        incomplete: it will not open as a store, and ``resume=True`` finishes it (not an
-        ``overwrite``: the old store stays, and the new one is gone). None in a
-        data-parallel launch whose shards lie on machines this one cannot see.
+        incomplete: it will not open as a store, and ``resume=True`` finishes it (after an
+        ``overwrite``, the old store stays until the new one, kept beside it once a batch
+        is in, is finished). None in a data-parallel launch whose shards lie on machines
+        this one cannot see.
     """
     if positions not in POSITIONS:
         raise ValueError(f"positions must be one of {POSITIONS}, got {positions!r}")
@@ -330,6 +331,7 @@ def export_batches(
             d_model=heads.d_model,
             dtype=dtype,
             overwrite=overwrite,
+            resumable=True,
             meta=facts,
         )
         try:

@@ -59,7 +59,10 @@ def export_in_shards(
 
     import torch.distributed as dist
 
-    if options.get("resume") and _is_complete(Path(out)):  # merged before: every process
+    shards_left = any(shard_path(out, r, world).exists() for r in range(world))
+    if options.get("resume") and _is_complete(Path(out)) and not shards_left:
+        # Merged before (the merge removes the shards); with shards left, the store at
+        # out is an older one that an interrupted --overwrite is replacing.
         print(f"{out}: already complete, nothing to resume", file=sys.stderr)
         return ActivationStore.open(out)
     started = False

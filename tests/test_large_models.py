@@ -323,11 +323,14 @@ def test_prompt_files_break_lines_at_line_feeds_only(tmp_path):
     assert [r["prompt"] for r in read_prompts(str(lines))] == ["a\u2028b", "c"]
 
 
-def test_an_interrupted_overwrite_resumes_and_keeps_the_old_store_until_done(loaded, tmp_path):
+@pytest.mark.parametrize("old_prompts", [3, len(PROMPTS)])  # another export, or this one
+def test_an_interrupted_overwrite_resumes_and_keeps_the_old_store_until_done(
+    loaded, tmp_path, old_prompts
+):
     model, tokenizer = loaded
     options = {"positions": "all", "batch_size": 2, "show_progress": False}
     old = export_activations(
-        model, tokenizer, [{"prompt": p} for p in PROMPTS[:3]], tmp_path / "s", **options
+        model, tokenizer, [{"prompt": p} for p in PROMPTS[:old_prompts]], tmp_path / "s", **options
     )
     before = {p.name: p.read_bytes() for p in old.path.iterdir()}
     records = [{"prompt": p} for p in PROMPTS]

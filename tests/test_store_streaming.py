@@ -336,7 +336,7 @@ def test_an_interrupted_overwrite_keeps_the_old_store_and_resumes_the_new(
     before = _snapshot(old.path)
     n = 8
     z, weights, records = _data(n, seed=2)
-    store = ActivationStore.create(tmp / "s", **SHAPES, overwrite=True)
+    store = ActivationStore.create(tmp / "s", **SHAPES, overwrite=True, resumable=True)
     writer = RowWriter.start(store, lambda layer: weights[layer], {"batches": 0})
     for i in range(batches_done):
         writer.append([zl[2 * i : 2 * i + 2] for zl in z], records[2 * i : 2 * i + 2], {})
@@ -365,3 +365,111 @@ def test_an_interrupted_overwrite_keeps_the_old_store_and_resumes_the_new(
     _same_content(
         _whole(tmp / "whole", z, weights, records, np.eye(8)), ActivationStore.open(tmp / "s")
     )
+
+
+def _interrupted_overwrite(path, z, weights, records, rows, *, resumable=True):
+    """Start a resumable overwrite of the store at ``path`` and stop it after ``rows`` rows."""
+    store = ActivationStore.create(path, **SHAPES, overwrite=True, resumable=resumable)
+    writer = RowWriter.start(store, lambda layer: weights[layer])
+    writer.append([zl[:rows] for zl in z], records[:rows], {})
+    writer.close()
+    store._abandon()
+    return store
+
+
+def test_an_overwrite_not_made_resumable_leaves_nothing_behind(tmp_path):
+    """Merges and library callers that did not ask for it: the old behaviour."""
+    _whole(tmp_path / "s", *_data(3, seed=1), np.eye(8))
+    _interrupted_overwrite(tmp_path / "s", *_data(6), rows=4, resumable=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.lock", "s"]
+
+
+@pytest.mark.parametrize("stop", ["after-finish", "before-swap"])
+def test_a_finished_replacement_stopped_before_its_swap_is_swapped_in_by_resume(
+    tmp_path, monkeypatch, stop
+):
+    from somp_ref.store import writing
+
+    old = _whole(tmp_path / "s", *_data(3, seed=1), np.eye(8))
+    before = _snapshot(old.path)
+    z, weights, records = _data(6)
+    with pytest.raises(KeyboardInterrupt):
+        with ActivationStore.create(
+            tmp_path / "s", **SHAPES, overwrite=True, resumable=True
+        ) as store:
+            writer = RowWriter.start(store, lambda layer: weights[layer])
+            writer.append(z, records, {})
+            writer.finish()
+            store.write_unembed(np.eye(8))
+            if stop == "after-finish":
+                raise KeyboardInterrupt
+            monkeypatch.setattr(
+                writing, "swap_in", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt)
+            )
+    monkeypatch.undo()
+    assert _snapshot(tmp_path / "s") == before
+    resumed = ActivationStore.resume(tmp_path / "s")
+    assert resumed.missing() == []
+    resumed.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.lock", "s"]
+    swapped = ActivationStore.open(tmp_path / "s")
+    assert "replacing" not in swapped.meta
+    _same_content(_whole(tmp_path / "whole", z, weights, records, np.eye(8)), swapped)
+
+
+def test_resume_never_replaces_a_store_its_overwrite_did_not_start_on(tmp_path):
+    _whole(tmp_path / "s", *_data(3, seed=1), np.eye(8))
+    _interrupted_overwrite(tmp_path / "s", *_data(6), rows=4)
+    remove_store_dir(tmp_path / "s", SHAPES["n_layers"])  # by hand: another store comes
+    with pytest.warns(UserWarning, match="interrupted overwrite left"):
+        other = _whole(tmp_path / "s", *_data(5, seed=3), np.eye(8))
+    before = _snapshot(other.path)
+    with pytest.raises(StoreError, match="an overwrite of another store than the one now at s"):
+        ActivationStore.resume(tmp_path / "s")
+    assert _snapshot(tmp_path / "s") == before
+
+
+def test_an_overwrite_of_an_incomplete_store_resumes_the_overwrite(tmp_path):
+    z, weights, records = _data(6)
+    _interrupted(tmp_path / "s", *_data(6, seed=1), batches_done=1)  # an old, unfinished one
+    _interrupted_overwrite(tmp_path / "s", z, weights, records, rows=4)
+    resumed = ActivationStore.resume(tmp_path / "s")
+    writer = RowWriter.resume(resumed)
+    assert writer.rows == 4  # the overwrite's rows, not the old store's 2
+    writer.append([zl[4:] for zl in z], records[4:], {})
+    writer.finish()
+    resumed.write_unembed(np.eye(8))
+    resumed.close()
+    _same_content(
+        _whole(tmp_path / "whole", z, weights, records, np.eye(8)),
+        ActivationStore.open(tmp_path / "s"),
+    )
+
+
+def test_the_next_overwrite_says_it_deletes_kept_rows(tmp_path):
+    _whole(tmp_path / "s", *_data(3, seed=1), np.eye(8))
+    _interrupted_overwrite(tmp_path / "s", *_data(6), rows=4)
+    with pytest.warns(UserWarning, match=r"deleted \.s\.new-.*4 rows; a resume would have"):
+        ActivationStore.create(tmp_path / "s", **SHAPES, overwrite=True)._abandon()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".s.lock", "s"]
+
+
+@pytest.mark.parametrize(
+    "state",
+    [{"rows": "3"}, 7, {}, {"rows": 1, "samples_bytes": 0, "weights": [], "progress": {}}],
+)
+def test_a_malformed_append_state_is_a_store_error(tmp_path, state):
+    z, weights, records = _data(4)
+    _interrupted(tmp_path / "s", z, weights, records, batches_done=1, garbage=False)
+    meta = json.loads((tmp_path / "s" / "meta.json").read_text())
+    meta["appending"] = state
+    (tmp_path / "s" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match="appending"):
+        ActivationStore.resume(tmp_path / "s")
+
+
+@pytest.mark.parametrize("key", ["appending", "replacing"])
+def test_the_store_s_own_keys_are_not_facts_a_caller_records(tmp_path, key):
+    with pytest.raises(ValueError, match="the store's own keys"):
+        ActivationStore.create(tmp_path / "s", **SHAPES, meta={key: 1})
+    assert not (tmp_path / "s").exists()

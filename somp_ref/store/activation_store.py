@@ -13,11 +13,13 @@ import numpy as np
 
 from somp_ref.files import make_directories
 from somp_ref.store.json_values import check_json
-from somp_ref.store.layout import FORMAT, FORMAT_VERSION, META_FILE, StoreError
+from somp_ref.store.layout import FORMAT, FORMAT_VERSION, META_FILE, REPLACING, StoreError
 from somp_ref.store.locations import real_location, refuse_hidden_sibling, refuse_symlink
 from somp_ref.store.locking import WriterLock
 from somp_ref.store.reading import StoreReading
+from somp_ref.store.regular_files import sha256
 from somp_ref.store.replacing import claim, kept_replacement, remove_store_dir
+from somp_ref.store.row_appending import APPENDING
 from somp_ref.store.schema import MAX_META_BYTES, largest_meta_bytes, load_meta, validate_meta
 from somp_ref.store.writing import StoreWriting
 
@@ -34,6 +36,9 @@ def _new_record(
     JSON, and small enough that its meta.json stays readable once every part is recorded."""
     if meta is not None and not isinstance(meta, Mapping):
         raise TypeError(f"meta must be a mapping of JSON facts, got {type(meta).__name__}")
+    reserved = sorted({APPENDING, REPLACING} & set(meta or {}))
+    if reserved:
+        raise ValueError(f"meta: {reserved} are the store's own keys, not facts to record")
     shapes = {"n_layers": n_layers, "n_heads": n_heads, "d_head": d_head, "d_model": d_model}
     record = {
         **dict(meta or {}),  # first: the caller cannot override the store's own keys
@@ -90,6 +95,7 @@ class ActivationStore(StoreReading, StoreWriting):
         meta: Mapping[str, Any] | None = None,
         dtype: str = "float32",
         overwrite: bool = False,
+        resumable: bool = False,
     ) -> ActivationStore:
         """Start a new store at ``path`` (a directory that must not exist, unless
         ``overwrite``).
@@ -110,6 +116,10 @@ class ActivationStore(StoreReading, StoreWriting):
             that is not a store or holds files that are not its own, and for a symlink. The
             new store is built beside the old one and swapped in by :meth:`close`; until
             then, and after an error, the old store stays as it was.
+        resumable : bool, default=False
+            With ``overwrite``: when writing stops with rows written, keep the new store
+            beside the old one for :meth:`resume` (as export does: its rows cost hours);
+            otherwise it is deleted.
 
         Raises
         ------
@@ -130,6 +140,8 @@ class ActivationStore(StoreReading, StoreWriting):
         try:
             existed = target.exists() or target.is_symlink()
             directory, replaces = claim(target, overwrite)
+            if resumable and replaces is not None:  # what resume() checks it still replaces
+                record[REPLACING] = sha256(target / META_FILE)
             try:
                 store = cls(
                     given,
@@ -153,9 +165,10 @@ class ActivationStore(StoreReading, StoreWriting):
     def resume(cls, path: str | os.PathLike) -> ActivationStore:
         """Reopen an incomplete store for writing; :meth:`missing` says what is left.
 
-        When the store at ``path`` is complete and an interrupted overwrite kept its
-        unfinished replacement beside it (rows committed batch by batch), that replacement
-        is reopened instead: :meth:`close` swaps it in, and until then the old store stays.
+        When an interrupted resumable overwrite kept its new store beside the one at
+        ``path`` (see ``create``'s ``resumable``), that one is reopened instead, provided the
+        store at ``path`` is still the one it replaces: :meth:`close` swaps it in, and until
+        then the old store stays.
 
         Raises
         ------
@@ -174,13 +187,19 @@ class ActivationStore(StoreReading, StoreWriting):
         try:
             meta = load_meta(target)
             directory, replaces = target, None
-            if meta["complete"]:
-                directory = kept_replacement(target)
-                if directory is None:
+            kept = kept_replacement(target)
+            if kept is not None:
+                replacement = load_meta(kept)
+                if replacement[REPLACING] != sha256(target / META_FILE):
                     raise StoreError(
-                        f"{given / META_FILE}: the store is complete, nothing to resume"
+                        f"{path}: {kept.name} beside it is the unfinished new store of an "
+                        f"overwrite of another store than the one now at {given.name}; "
+                        "resume refuses to replace a store it was not started on (delete "
+                        "it, or overwrite again)"
                     )
-                replaces, meta = meta["n_layers"], load_meta(directory)
+                directory, replaces, meta = kept, meta["n_layers"], replacement
+            elif meta["complete"]:
+                raise StoreError(f"{given / META_FILE}: the store is complete, nothing to resume")
             store = cls(
                 given, meta, lock=lock, directory=directory, target=target, replaces=replaces
             )

@@ -13,6 +13,9 @@ META_FILE = "meta.json"
 UNEMBED_FILE = "unembed.safetensors"
 SAMPLES_FILE = "samples.jsonl"
 STORE_DTYPES = ("float16", "float32", "float64")
+#: meta.json's key, in a resumable replacement (``create(overwrite=True, resumable=True)``),
+#: holding the SHA-256 of the meta.json of the store it replaces.
+REPLACING = "replacing"
 
 # Layer indexes are below the schema's bound on n_layers, 4096: 3 or 4 digits.
 _LAYER_NAME = re.compile(r"layer_([0-9]{3,4})\.safetensors")

@@ -8,10 +8,11 @@ only then are the old store's own files unlinked (never through a symlink, never
 recursively); anything else found in it is kept, with a warning. A writer killed at any
 point leaves a complete store at the path or, between the two renames, both beside it.
 
-A replacement written batch by batch (:class:`~somp_ref.store.row_appending.RowWriter`)
-that stops with rows committed is kept beside the old store, unfinished
-(:func:`kept_replacement`): ``ActivationStore.resume`` of the path continues it and swaps it
-in when done; the next overwrite of the path deletes it.
+A replacement made resumable (``create(..., overwrite=True, resumable=True)``, as export
+does) that stops once it holds rows is kept beside the old store (:func:`kept_replacement`),
+with the SHA-256 of the old store's meta.json: ``ActivationStore.resume`` of the path
+continues it, if the store there is still that one, and swaps it in when done; the next
+overwrite of the path deletes it, with a warning.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import warnings
 from pathlib import Path
 
 from somp_ref.files import sync_directory
-from somp_ref.store.layout import META_FILE, StoreError, is_part_name
+from somp_ref.store.layout import META_FILE, REPLACING, StoreError, is_part_name
 from somp_ref.store.locations import sibling, siblings
 from somp_ref.store.row_appending import APPENDING, part_of_partial
 from somp_ref.store.schema import load_meta
@@ -85,8 +86,19 @@ def _remove_stale_siblings(target: Path) -> None:
     for stale in siblings(target):
         if stale.is_symlink() or not stale.is_dir() or _first_foreign(stale, None):
             warnings.warn(f"left {stale} alone: it is not a store directory", stacklevel=3)
-        else:
-            remove_store_dir(stale, None)
+            continue
+        try:
+            meta = load_meta(stale)
+        except StoreError:
+            meta = None
+        if meta is not None and worth_resuming(meta):
+            warnings.warn(
+                f"deleted {stale.name}, the unfinished new store of an interrupted overwrite "
+                f"of {target.name} ({held_rows(meta)} rows; a resume would have continued "
+                "it)",
+                stacklevel=3,
+            )
+        remove_store_dir(stale, None)
 
 
 def _check_replaceable(target: Path) -> int | None:
@@ -172,20 +184,28 @@ def swap_in(built: Path, target: Path, replaces: int) -> None:
         remove_store_dir(old, replaces)
 
 
-def holds_committed_rows(meta: dict) -> bool:
-    """Whether a store being written batch by batch has committed rows (worth keeping)."""
-    return APPENDING in meta and meta[APPENDING]["rows"] > 0
+def held_rows(meta: dict) -> int:
+    """Rows a store holds: written whole (``n_samples``) or committed batch by batch."""
+    if meta["n_samples"] is not None:
+        return meta["n_samples"]
+    return meta[APPENDING]["rows"] if APPENDING in meta else 0
+
+
+def worth_resuming(meta: dict) -> bool:
+    """Whether a replacement stopped midway is kept for a resume: it was made resumable and
+    holds rows."""
+    return REPLACING in meta and held_rows(meta) > 0
 
 
 def kept_replacement(target: Path) -> Path | None:
-    """The unfinished replacement of the store at ``target`` that an interrupted overwrite
-    kept (see the module's notes), or None.
+    """The replacement of the store at ``target`` that an interrupted overwrite kept (see
+    the module's notes; finished or not), or None.
 
     Raises
     ------
     StoreError
-        When several are kept (each overwrite deletes the ones before it, so only writers
-        that ran at once, against the lock, could leave two).
+        When several are kept (each overwrite deletes those before it, unless one holds a
+        file that is not a store's: delete all but one then).
     """
     kept = []
     for candidate in siblings(target, "new"):
@@ -195,7 +215,7 @@ def kept_replacement(target: Path) -> Path | None:
             meta = load_meta(candidate)
         except StoreError:
             continue
-        if not meta["complete"] and holds_committed_rows(meta):
+        if worth_resuming(meta):
             kept.append(candidate)
     if len(kept) > 1:
         raise StoreError(

@@ -17,6 +17,7 @@ from somp_ref.store.layout import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
+    REPLACING,
     SAMPLES_FILE,
     STORE_DTYPES,
     UNEMBED_FILE,
@@ -25,6 +26,7 @@ from somp_ref.store.layout import (
     layer_file,
 )
 from somp_ref.store.regular_files import open_regular
+from somp_ref.store.row_appending import APPENDING
 
 # Bounds on meta.json's shapes. They are far above any released model (the largest have
 # ~128 layers, ~128 query heads, d_head <= 256 and d_model ~ 25k) and small enough that the
@@ -80,7 +82,50 @@ _OPTIONAL_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
         f"an integer in [0, {_MAX_SAMPLES}]",
         lambda v: is_int(v) and 0 <= v <= _MAX_SAMPLES,
     ),
+    REPLACING: ("64 lowercase hex digits", _is_sha256),
+    APPENDING: (
+        "{rows, samples_bytes, weights, progress} as a row writer records them",
+        lambda v: _valid_appending(v),
+    ),
 }
+_WEIGHT_DTYPES = ("F16", "F32", "F64")
+
+
+def _valid_appending(state: Any) -> bool:
+    """The row writer's state (:mod:`somp_ref.store.row_appending`): committed rows and
+    sample bytes, each layer's weight tensors as [[name, {dtype, shape, bytes}], ...], and
+    the caller's progress facts."""
+    if not isinstance(state, dict) or set(state) != {
+        "rows",
+        "samples_bytes",
+        "weights",
+        "progress",
+    }:
+        return False
+    counts_ok = all(
+        is_int(state[key]) and 0 <= state[key] <= high
+        for key, high in (("rows", _MAX_SAMPLES), ("samples_bytes", _MAX_FILE_BYTES))
+    )
+    if not counts_ok or not isinstance(state["progress"], dict):
+        return False
+    weights = state["weights"]
+    return isinstance(weights, list) and all(
+        isinstance(layer, list)
+        and all(
+            isinstance(pair, list)
+            and len(pair) == 2
+            and isinstance(pair[0], str)
+            and isinstance(entry := pair[1], dict)
+            and set(entry) == {"dtype", "shape", "bytes"}
+            and entry["dtype"] in _WEIGHT_DTYPES
+            and isinstance(entry["shape"], list)
+            and all(is_int(d) and 0 <= d <= _MAX_FILE_BYTES for d in entry["shape"])
+            and is_int(entry["bytes"])
+            and 0 <= entry["bytes"] <= _MAX_FILE_BYTES
+            for pair in layer
+        )
+        for layer in weights
+    )
 
 
 def _check_int(meta: Mapping[str, Any], key: str, low: int, high: int) -> None:
@@ -144,6 +189,11 @@ def validate_meta(meta: Mapping[str, Any]) -> None:
     for key, (kind, is_valid) in _OPTIONAL_KEYS.items():
         if key in meta and not is_valid(meta[key]):
             raise ValueError(f"{key} must be {kind}, got {short(meta[key])}")
+    if APPENDING in meta and len(meta[APPENDING]["weights"]) != meta["n_layers"]:
+        raise ValueError(
+            f"appending lists the weights of {len(meta[APPENDING]['weights'])} layers, "
+            f"not {meta['n_layers']}"
+        )
     _validate_files(meta)
 
 

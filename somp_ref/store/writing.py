@@ -19,13 +19,14 @@ from somp_ref.store.layout import (
     FORMAT,
     FORMAT_VERSION,
     META_FILE,
+    REPLACING,
     SAMPLES_FILE,
     UNEMBED_FILE,
     StoreError,
     layer_file,
 )
 from somp_ref.store.regular_files import sha256
-from somp_ref.store.replacing import holds_committed_rows, remove_store_dir, swap_in
+from somp_ref.store.replacing import remove_store_dir, swap_in, worth_resuming
 from somp_ref.store.safetensors_files import MAX_METADATA_BYTES, write_tensors
 from somp_ref.store.schema import MAX_META_BYTES
 
@@ -159,19 +160,23 @@ class StoreWriting(StoreFacts):
         """
         if not self._writable:
             return
-        missing = self.missing()
-        if missing:
-            raise StoreError(f"{self.path}: cannot complete the store, missing {missing}")
-        records = self._meta["n_sample_records"]
-        if records != self.n_samples:
-            raise StoreError(
-                f"{self.path / SAMPLES_FILE}: {records} records for {self.n_samples} samples"
-            )
-        del self._meta["n_sample_records"]
-        self._meta["complete"] = True
-        self._save_meta()
+        if not self._meta["complete"]:  # (a resumed replacement may be complete already)
+            missing = self.missing()
+            if missing:
+                raise StoreError(f"{self.path}: cannot complete the store, missing {missing}")
+            records = self._meta["n_sample_records"]
+            if records != self.n_samples:
+                raise StoreError(
+                    f"{self.path / SAMPLES_FILE}: {records} records for {self.n_samples} samples"
+                )
+            del self._meta["n_sample_records"]
+            self._meta["complete"] = True
+            self._save_meta()
         if self._replaces is not None:
             self._swap_in()
+            if REPLACING in self._meta:  # in place now: what it replaced is gone
+                del self._meta[REPLACING]
+                self._save_meta()
         self._writable = False
         self._lock.release()
 
@@ -226,12 +231,11 @@ class StoreWriting(StoreFacts):
 
     def _abandon(self) -> None:
         """Stop writing after an error and release the lock. A store built beside the one it
-        replaces is deleted (the old store stays), unless it has rows committed batch by
-        batch: then it is kept, unfinished, for :meth:`resume`; a new store stays
-        incomplete, resumable."""
+        replaces is deleted (the old store stays), unless it was made resumable and holds
+        rows: then it is kept for :meth:`resume`; a new store stays incomplete, resumable."""
         if not self._writable:
             return
-        if self._replaces is not None and not holds_committed_rows(self._meta):
+        if self._replaces is not None and not worth_resuming(self._meta):
             remove_store_dir(self._dir, self.n_layers)
         self._writable = False
         self._lock.release()
