@@ -387,14 +387,16 @@ def format_comparison(comparison: list[dict[str, Any]], first: str, second: str)
             how = COMPARED_BY.get(measure, "ratio")
             titles.append((title, how, f"{base} B/A" if how == "ratio" else f"{base} B-A"))
         differs = ", ".join(f"{key} {a} -> {b}" for key, (a, b) in result["differs"].items())
-        prompts = sorted(set(result["n_prompts"].values()))
+        counts = ", ".join(
+            f"{title.removesuffix(' x base')} {result['n_prompts'][measure]}"
+            for title, measure, _ in figures
+        )
         lines = [
             f"{result['experiment']}: B = {second} against A = {first}"
             + (f" ({differs})" if differs else " (no setting differs)"),
-            "paired over the same test prompts ("
-            + "/".join(map(str, prompts))
-            + "); B/A: ratio of the means, B-A: difference; 95 % bootstrap CI, * = excludes "
-            "no change; random: median [IQR] over sets paired by draw; same heads: Jaccard",
+            f"paired over the same prompts ({counts}); B/A: ratio of the means, B-A: "
+            "difference; 95 % bootstrap CI, * = excludes no change; random: median [IQR] over "
+            "sets paired by draw; same heads: Jaccard",
         ]
         width = 21
         lines.append(
