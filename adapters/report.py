@@ -119,7 +119,7 @@ def format_table(result: dict[str, Any]) -> str:
         f"{result['model']}",
         f"test: {data['n_test_target']} target prompts"
         + (f", {data['n_test_other']} other questions" if data["n_test_other"] else "")
-        + (f" ({data['n_generated']} generated)" if data["n_generated"] else "")
+        + _target_subsets(result)
         + f", {data['n_neutral']} neutral prompts; 95 % bootstrap CI over prompts, "
         f"random: median [IQR] over {result['settings']['n_random']} disjoint sets; "
         "* = CI excludes the random median",
@@ -146,6 +146,20 @@ def format_table(result: dict[str, Any]) -> str:
     if short:
         lines.append(f"random sets borrow heads from neighbouring layers (full layers): {short}")
     return "\n".join(lines)
+
+
+def _target_subsets(result: dict[str, Any]) -> str:
+    """The target prompts answered by generation, and, where it is not all of them, those
+    the teacher-forced mass is measured on (whose unmodified answer has a concept token)."""
+    parts = []
+    if result["data"]["n_generated"]:
+        parts.append(f"{result['data']['n_generated']} generated")
+    values = result["baseline"]["values"].get("mass")
+    if result["kind"] == "suppress" and values is not None:
+        measured = int(np.isfinite(np.asarray(values, dtype=float)).sum())
+        if measured < len(values):
+            parts.append(f"mass on the {measured} whose answer has the concept")
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def head_overlap(results: list[dict[str, Any]], ranking: str) -> dict[str, Any]:
