@@ -398,10 +398,10 @@ def format_comparison(comparison: list[dict[str, Any]], first: str, second: str)
             "difference; 95 % bootstrap CI, * = excludes no change; random: median [IQR] over "
             "sets paired by draw; same heads: Jaccard",
         ]
-        width = 21
+        width = 22  # a column is at least one space from the next, however wide
         lines.append(
             f"{'k':>3}  {'heads':<16}{'same heads':>11}"
-            + "".join(f"{t:>{width}}" for *_, t in titles)
+            + "".join(f" {t:>{width}}" for *_, t in titles)
         )
         for row in result["rows"]:
             label = LABELS.get(row["method"], row["method"]).split(" (")[0]
@@ -410,7 +410,7 @@ def format_comparison(comparison: list[dict[str, Any]], first: str, second: str)
             cells = [_cell(row[title], how) for title, how, _ in titles]
             lines.append(
                 f"{row['k']:>3}  {label:<16}{row['heads_jaccard']:>11.2f}"
-                + "".join(f"{c:>{width}}" for c in cells)
+                + "".join(f" {c:>{width}}" for c in cells)
             )
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)

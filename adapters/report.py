@@ -133,7 +133,9 @@ def format_table(result: dict[str, Any]) -> str:
         if row["method"] == "random":
             label = f"random ({row['sets']} sets)"
         cells = [_cell(row[t], _significant(row, rows, t)) for t in titles]
-        lines.append(f"{row['k']:>3}  {label:<28}" + "".join(f"{c:>{width}}" for c in cells))
+        # One space at least between columns, however wide a cell (the same text otherwise).
+        line = "".join(f" {c:>{width - 1}}" for c in cells)
+        lines.append(f"{row['k']:>3}  {label:<28}" + line)
     if result["sweep"]:
         lines.append("alpha sweep on the validation split (the chosen alpha is used on test):")
         for r in result["sweep"]:
