@@ -344,10 +344,8 @@ def _paired(second: dict, first: dict, measure: str, keep: np.ndarray, how: str,
     """The paired statistic with its interval, or None when no prompt is left."""
     if not keep.any():
         return None
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return bootstrap(
-            list(_values(second, first, measure, keep)), _STATISTICS[how], seed=seed
-        ).as_dict()
+    pair = list(_values(second, first, measure, keep))
+    return bootstrap(pair, _STATISTICS[how], seed=seed).as_dict()
 
 
 def finite_or_null(value: Any) -> Any:

@@ -70,7 +70,8 @@ def bootstrap(
         raise ValueError("bootstrap samples must be 1-D arrays over the same prompts")
     if n == 0:
         raise ValueError("bootstrap needs at least one prompt")
-    value = float(statistic(*arrays))
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0: NaN, printed as '-'
+        value = float(statistic(*arrays))
     if n < 2:
         return Estimate(value, float("nan"), float("nan"), n)
     rng = np.random.default_rng(seed)
