@@ -11,6 +11,8 @@ raises (bad or missing files, a bad store, a full disk, a missing extra, a model
 cannot be loaded).
 Two resource limits are reported the same way: Ctrl-C is one line, "interrupted", with exit
 status 130, and running out of memory (a store larger than RAM) one line, "out of memory".
+Output read by a process that stops reading (``| head``) ends the command quietly, with
+the shell's status for SIGPIPE, 141.
 Anything else is a bug and keeps its traceback. A command's own "no" (``demo``'s planted
 heads not found, ``verify``'s failed check) is a result: exit status 1.
 """
@@ -18,6 +20,7 @@ heads not found, ``verify``'s failed check) is a result: exit status 1.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from collections.abc import Sequence
@@ -49,6 +52,8 @@ ENTRY_POINT_GROUP = "somp_ref.commands"
 USAGE_ERROR = 2
 #: The shell's status for a command ended by SIGINT (128 + 2): Ctrl-C.
 INTERRUPTED = 130
+#: ... and by SIGPIPE (128 + 13): the reader of its output went away (``| head``).
+OUTPUT_CLOSED = 141
 
 #: What a command may raise for bad input or a broken environment. OSError covers missing
 #: files, directories where files belong, permissions and a full disk; ValueError covers
@@ -313,6 +318,15 @@ def _never_fail_on_encoding() -> None:
                 pass
 
 
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (AttributeError, OSError, ValueError):  # no real file behind sys.stdout
+        pass
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` and run one subcommand; returns the exit status (2: a usage error or
     an expected failure, reported on one line of stderr; 130: interrupted, Ctrl-C)."""
@@ -329,6 +343,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return INTERRUPTED
+    except BrokenPipeError:
+        # The reader stopped reading (``somp-ref compare A B | head``): nothing is wrong
+        # and nothing more can be said, as any Unix tool. Python would fail again flushing
+        # stdout at exit: point it at /dev/null first.
+        _silence_stdout()
+        return OUTPUT_CLOSED
     except MemoryError as err:  # a resource limit (a store larger than memory), not a bug
         detail = describe(err) if str(err) else ""
         print(f"{prog}: error: out of memory" + (f": {detail}" if detail else ""), file=sys.stderr)

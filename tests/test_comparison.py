@@ -308,3 +308,26 @@ def test_the_json_output_is_standard_json(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "NaN" not in text and "Infinity" not in text
     json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard {name}"))
+
+
+def test_a_reader_that_stops_reading_ends_the_command_quietly(tmp_path):
+    """``somp-ref compare A B --json | head -1``: status 141 (SIGPIPE's), nothing on stderr."""
+    import subprocess
+    import sys
+
+    values, _ = pair()
+    result = run(values)
+    ks = list(range(1, 121))  # ~140 KB of output: twice a Linux pipe buffer (64 KiB)
+    result["settings"]["ks"] = ks
+    result["conditions"] = [dict(c, k=k) for k in ks for c in result["conditions"]]
+    (tmp_path / "results.json").write_text(json.dumps({"experiments": [result]}))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "somp_ref", "compare", str(tmp_path), str(tmp_path), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout.readline().strip() == b"{"
+    process.stdout.close()
+    err = process.stderr.read()
+    assert process.wait(timeout=300) == 141, err
+    assert err == b""
