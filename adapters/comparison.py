@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from somp_ref.adapters.report import FIGURES, LABELS
+from somp_ref.adapters.report import FIGURES, LABELS, format_cell
 from somp_ref.files import read_user_text
 from somp_ref.selection import jaccard
 from somp_ref.statistics import bootstrap, median_iqr
@@ -360,18 +360,14 @@ def finite_or_null(value: Any) -> Any:
 
 
 def _cell(entry: dict | None, how: str) -> str:
+    """``format_cell``, starred when the interval (if there is one) excludes no change."""
     if entry is None:
         return "-"
-    if "median" in entry:
-        if not np.isfinite(entry["median"]):
-            return "-"
-        return f"{entry['median']:.2f} [{entry['q1']:.2f}-{entry['q3']:.2f}]"
-    if not np.isfinite(entry["value"]):
-        return "-"
-    null = 1.0 if how == "ratio" else 0.0
-    bounded = np.isfinite(entry["low"]) and np.isfinite(entry["high"])
-    star = "*" if bounded and not entry["low"] <= null <= entry["high"] else ""
-    return f"{entry['value']:.2f} [{entry['low']:.2f},{entry['high']:.2f}]{star}"
+    star = False
+    if "value" in entry and np.isfinite(entry["low"]) and np.isfinite(entry["high"]):
+        null = 1.0 if how == "ratio" else 0.0
+        star = not entry["low"] <= null <= entry["high"]
+    return format_cell(entry, star)
 
 
 def format_comparison(comparison: list[dict[str, Any]], first: str, second: str) -> str:

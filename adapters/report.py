@@ -97,7 +97,9 @@ def _significant(row: dict, rows: list[dict], title: str) -> bool:
     return not estimate["low"] <= random[title]["median"] <= estimate["high"]
 
 
-def _cell(entry: dict[str, float], star: bool) -> str:
+def format_cell(entry: dict[str, float], star: bool) -> str:
+    """A figure as a table cell: "value [low,high]" (``*`` when ``star``) for an estimate,
+    "median [q1-q3]" for the random control, "-" when it is not a number."""
     if "median" in entry and not np.isfinite(entry["median"]):
         return "-"
     if "median" in entry:
@@ -132,7 +134,7 @@ def format_table(result: dict[str, Any]) -> str:
             label += " (default)"
         if row["method"] == "random":
             label = f"random ({row['sets']} sets)"
-        cells = [_cell(row[t], _significant(row, rows, t)) for t in titles]
+        cells = [format_cell(row[t], _significant(row, rows, t)) for t in titles]
         # One space at least between columns, however wide a cell (the same text otherwise).
         line = "".join(f" {c:>{width - 1}}" for c in cells)
         lines.append(f"{row['k']:>3}  {label:<28}" + line)
