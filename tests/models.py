@@ -176,3 +176,25 @@ def save_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0):
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def heads_and_what_joins(model, heads, forward):
+    """Run ``forward()`` once capturing each layer's head contributions (``capture_z`` with
+    ``contributions=True``, layer -> (batch, position, head, d_head)) and what joins the
+    residual stream after attention (the output of the post-attention norm where the family
+    has one, else of o_proj, layer -> (batch, position, d_model))."""
+    from somp_ref.adapters.capture import capture_z
+
+    targets = heads.attn_out_norms if heads.attn_out_norms is not None else heads.o_proj
+    joined = {}
+    handles = [
+        module.register_forward_hook(lambda mod, a, out, i=i: joined.__setitem__(i, out))
+        for i, module in enumerate(targets)
+    ]
+    try:
+        with capture_z(model, contributions=True) as captured:
+            forward()
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, joined

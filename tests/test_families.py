@@ -13,9 +13,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from models import tiny_causal_lm  # noqa: E402
+from models import heads_and_what_joins, tiny_causal_lm  # noqa: E402
 
-from somp_ref.adapters.capture import capture_z  # noqa: E402
 from somp_ref.adapters.families import UnsupportedModelError, family_of  # noqa: E402
 from somp_ref.adapters.head_export import export_batches  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
@@ -98,20 +97,8 @@ def logits(model, batch):
 def test_head_contributions_sum_to_what_joins_the_residual_stream(family):
     name, model = family
     heads = model_heads(model)
-    norms = heads.attn_out_norms
-    assert (norms is not None) == (name in NORMED)
-    targets = norms if norms is not None else heads.o_proj
-    seen = {}
-    handles = [
-        m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
-        for i, m in enumerate(targets)
-    ]
-    try:
-        with capture_z(model, contributions=True) as captured:
-            logits(model, inputs())
-    finally:
-        for handle in handles:
-            handle.remove()
+    assert (heads.attn_out_norms is not None) == (name in NORMED)
+    captured, seen = heads_and_what_joins(model, heads, lambda: logits(model, inputs()))
     assert sorted(captured) == list(range(heads.n_layers)) == sorted(seen)  # our hooks ran
     for layer in range(heads.n_layers):
         W = heads.effective_o_proj(layer)

@@ -11,9 +11,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from models import IMAGE, tiny_vlm  # noqa: E402
+from models import IMAGE, heads_and_what_joins, tiny_vlm  # noqa: E402
 
-from somp_ref.adapters.capture import capture_z  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
 from somp_ref.adapters.model_heads import model_heads  # noqa: E402
 from somp_ref.adapters.vision import (  # noqa: E402
@@ -60,20 +59,8 @@ def test_head_contributions_sum_to_what_joins_the_residual_stream(vlm, tokenizer
     model, family = vlm
     heads = model_heads(model)
     inputs = inputs_for(model, tokenizer)
-    norms = heads.attn_out_norms
-    targets = norms if norms is not None else heads.o_proj
-    seen = {}
-    handles = [
-        m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
-        for i, m in enumerate(targets)
-    ]
-    try:
-        with capture_z(model, contributions=True) as captured:
-            logits(model, inputs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    assert (norms is not None) == (family == "gemma3")
+    captured, seen = heads_and_what_joins(model, heads, lambda: logits(model, inputs))
+    assert (heads.attn_out_norms is not None) == (family == "gemma3")
     for layer in range(heads.n_layers):
         W = heads.effective_o_proj(layer).reshape(heads.d_model, heads.n_heads, heads.d_head)
         total = torch.einsum("bphd,mhd->bpm", captured[layer].float(), W)
