@@ -87,11 +87,8 @@ def _remove_stale_siblings(target: Path) -> None:
         if stale.is_symlink() or not stale.is_dir() or _first_foreign(stale, None):
             warnings.warn(f"left {stale} alone: it is not a store directory", stacklevel=3)
             continue
-        try:
-            meta = load_meta(stale)
-        except StoreError:
-            meta = None
-        if meta is not None and worth_resuming(meta):
+        meta = _resumable_meta(stale)
+        if meta is not None:
             warnings.warn(
                 f"deleted {stale.name}, the unfinished new store of an interrupted overwrite "
                 f"of {target.name} ({held_rows(meta)} rows; a resume would have continued "
@@ -207,19 +204,23 @@ def kept_replacement(target: Path) -> Path | None:
         When several are kept (each overwrite deletes those before it, unless one holds a
         file that is not a store's: delete all but one then).
     """
-    kept = []
-    for candidate in siblings(target, "new"):
-        if candidate.is_symlink() or not candidate.is_dir():
-            continue
-        try:
-            meta = load_meta(candidate)
-        except StoreError:
-            continue
-        if worth_resuming(meta):
-            kept.append(candidate)
+    kept = [path for path in siblings(target, "new") if _resumable_meta(path) is not None]
     if len(kept) > 1:
         raise StoreError(
             f"{target}: several unfinished replacements are kept beside it "
             f"({', '.join(p.name for p in kept)}); delete all but one to resume"
         )
     return kept[0] if kept else None
+
+
+def _resumable_meta(directory: Path) -> dict | None:
+    """The meta.json of the replacement at ``directory`` if it is kept for a resume
+    (:func:`worth_resuming`); None for anything else (a symlink, not a store, nothing to
+    resume)."""
+    if directory.is_symlink() or not directory.is_dir():
+        return None
+    try:
+        meta = load_meta(directory)
+    except StoreError:
+        return None
+    return meta if worth_resuming(meta) else None
