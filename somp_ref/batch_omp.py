@@ -233,10 +233,11 @@ class _Scorer:
         self._work = np.empty_like(self._rows)
         # The drift bound: the exact score at the last scoring (``base``), an orthonormal
         # basis of the At rows (``basis``) and each atom's change since, in its
-        # coordinates (``drift``, v x steps).
+        # coordinates (``drift``, steps x v: a step's update and the norms then run
+        # along contiguous rows, twice as fast as down the columns of v x steps).
         self.base = self.bound.copy()
         self.basis = np.zeros((capacity, n))
-        self.drift = np.zeros((v, capacity))
+        self.drift = np.zeros((capacity, v))
         self.loose = np.zeros(v)
         self.root_n = float(np.sqrt(n)) if order == 1 else 1.0
 
@@ -247,7 +248,7 @@ class _Scorer:
             self.At = np.concatenate([self.At, np.empty_like(self.At)])
             self.U = np.concatenate([self.U, np.empty_like(self.U)])
             self.basis = np.concatenate([self.basis, np.zeros_like(self.basis)])
-            self.drift = np.concatenate([self.drift, np.zeros_like(self.drift)], axis=1)
+            self.drift = np.concatenate([self.drift, np.zeros_like(self.drift)])
         self.At[t] = a
         self.U[t] = u
         self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
@@ -281,9 +282,9 @@ class _Scorer:
             self.basis[t] = rest / rest_norm
         elif rest_norm > 0.0:
             self.loose += np.abs(u) * rest_norm
-        drift = self.drift[:, : t + 1]
-        drift += np.einsum("i,j->ij", u, coords)
-        reach = np.sqrt(np.einsum("ij,ij->i", drift, drift)) * (1 + _DRIFT_SLACK) + self.loose
+        drift = self.drift[: t + 1]
+        drift += np.einsum("i,j->ij", coords, u)
+        reach = np.sqrt(np.einsum("ij,ij->j", drift, drift)) * (1 + _DRIFT_SLACK) + self.loose
         np.minimum(
             self.bound,
             (self.base + reach * (self.root_n / self.scale)) * (1.0 + _BOUND_SLACK),
@@ -298,12 +299,19 @@ class _Scorer:
         """
         t, stamps, size = self.steps, self.stamp[atoms], atoms.shape[0]
         rows, work = self._rows[:size], self._work[:size]
-        np.take(self.Ct, atoms, axis=0, out=rows)
+        # mode="clip": the indices are valid, and with the default mode numpy copies
+        # through a temporary whenever ``out`` is given (three times slower).
+        np.take(self.Ct, atoms, axis=0, out=rows, mode="clip")
         first = int(stamps.min())
         if first < t:
             coeff = self.U[first:t, atoms]
             coeff = np.where(np.arange(first, t)[:, None] >= stamps, coeff, 0.0)
-            np.matmul(coeff.T, self.At[first:t], out=work)
+            if t - first == 1:
+                # An outer product: OpenBLAS's gemm with one inner dimension is several
+                # times slower than einsum's (both round each product once: same bits).
+                np.einsum("i,j->ij", coeff[0], self.At[first], out=work)
+            else:
+                np.matmul(coeff.T, self.At[first:t], out=work)
             np.subtract(rows, work, out=rows)
             self.Ct[atoms] = rows
         self.stamp[atoms] = t
@@ -313,7 +321,7 @@ class _Scorer:
             scores = np.sqrt(np.einsum("ij,ij->i", rows, rows))
         self.bound[atoms] = scores / self.scale[atoms]
         self.base[atoms] = self.bound[atoms]
-        self.drift[atoms] = 0.0
+        self.drift[: self.steps, atoms] = 0.0
         self.loose[atoms] = 0.0
         self.fresh[atoms] = True
 
