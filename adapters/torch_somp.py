@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from somp_ref.engines import PursuitOptions
+from somp_ref.engines import HeadPursuit, PursuitOptions
 from somp_ref.factored import Dictionary, rescaled
 from somp_ref.pursuit import (
     DEPENDENT_TOL,
@@ -27,7 +27,9 @@ from somp_ref.pursuit import (
     TIE_RTOL,
     ZERO_RESIDUAL,
     SompResult,
+    explained_variance,
     pursuit_result,
+    residual_energies,
 )
 
 
@@ -41,6 +43,7 @@ def somp_batched(
     criterion: str = "l1",
     normalize: bool = True,
     tol: float = 0.0,
+    coefficients: bool = True,
 ) -> dict[str, torch.Tensor]:
     """SOMP for a batch of problems sharing one dictionary.
 
@@ -55,11 +58,14 @@ def somp_batched(
     n_atoms : int
     criterion, normalize, tol
         As in :func:`somp_ref.somp`.
+    coefficients : bool, default=True
+        Solve for the coefficients (a ranking needs none).
 
     Returns
     -------
     dict
-        "support" (batch, k) int64 padded with -1, "coef" (batch, n, k) zero-padded,
+        "support" (batch, k) int64 padded with -1, "coef" (batch, n, k) zero-padded
+        (absent without ``coefficients``),
         "gains" (batch, k) zero-padded, "n_selected" (batch,), "reason" (batch,) codes
         0 n_atoms, 1 tol, 2 converged, 3 exhausted.
     """
@@ -121,19 +127,16 @@ def somp_batched(
         gains[:, t] = torch.where(active, gain, torch.zeros_like(gain))
         remaining = remaining - gains[:, t]
     n_selected = (support >= 0).sum(-1)
-    coef = torch.zeros(batch, n, k, dtype=dtype, device=device)
-    for b in range(batch):
-        t = int(n_selected[b])
-        if t:
-            L = U[b, :t, support[b, :t]].T  # lower Cholesky factor of the support's Gram
-            coef[b, :, :t] = torch.linalg.solve_triangular(L.T, At[b, :t], upper=True).T
-    return {
-        "support": support,
-        "coef": coef,
-        "gains": gains,
-        "n_selected": n_selected,
-        "reason": reason,
-    }
+    out = {"support": support, "gains": gains, "n_selected": n_selected, "reason": reason}
+    if coefficients:
+        coef = torch.zeros(batch, n, k, dtype=dtype, device=device)
+        for b in range(batch):
+            t = int(n_selected[b])
+            if t:
+                L = U[b, :t, support[b, :t]].T  # lower Cholesky factor of the support's Gram
+                coef[b, :, :t] = torch.linalg.solve_triangular(L.T, At[b, :t], upper=True).T
+        out["coef"] = coef
+    return out
 
 
 def somp_torch(
@@ -173,7 +176,7 @@ def somp_torch(
     return pursuit_result(
         out["support"][0, :t].cpu().numpy().astype(np.int64),
         out["coef"][0, :, :t].double().cpu().numpy(),
-        energy - np.concatenate([[0.0], np.cumsum(gains)]),
+        residual_energies(energy, gains),
         STOP_REASONS[int(out["reason"][0])],
         mean.double().cpu().numpy(),
     )
@@ -205,7 +208,7 @@ class TorchEngine:
         dictionary: Dictionary,
         n_atoms: int,
         options: PursuitOptions,
-    ) -> list[SompResult]:
+    ) -> list[HeadPursuit]:
         """SOMP of every head of a layer (see :class:`somp_ref.engines.Engine`)."""
         if not options.normalize and dictionary.atom_exp is not None:
             raise ValueError(
@@ -234,19 +237,16 @@ class TorchEngine:
             criterion="l1" if options.order == 1 else "l2",
             normalize=options.normalize,
             tol=options.tol,
+            coefficients=False,
         )
-        head_means = torch.einsum("hd,hmd->hm", mean[:, 0], W).double().cpu().numpy()
         results = []
         for head in range(n_heads):
             t = int(out["n_selected"][head])
             gains = out["gains"][head, :t].double().cpu().numpy()
             results.append(
-                pursuit_result(
+                HeadPursuit(
                     out["support"][head, :t].cpu().numpy().astype(np.int64),
-                    out["coef"][head, :, :t].double().cpu().numpy(),
-                    float(energy[head]) - np.concatenate([[0.0], np.cumsum(gains)]),
-                    STOP_REASONS[int(out["reason"][head])],
-                    head_means[head],
+                    explained_variance(residual_energies(float(energy[head]), gains)),
                 )
             )
         return results

@@ -8,12 +8,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from importlib.metadata import entry_points
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from somp_ref.factored import Dictionary, factored_somp, rescaled
-from somp_ref.pursuit import SompResult
+from somp_ref.factored import Dictionary, factored_path, rescaled
 
 ENGINE_GROUP = "somp_ref.engines"
 
@@ -28,6 +27,21 @@ class PursuitOptions:
     tol: float
 
 
+class HeadPursuit(NamedTuple):
+    """What a ranking keeps of one head's SOMP (no coefficients: nothing ranks by them).
+
+    Attributes
+    ----------
+    support : ndarray of shape (t,), int64
+        Chosen atoms (indices into the dictionary) in order.
+    explained_variance : ndarray of shape (t + 1,)
+        As :attr:`somp_ref.SompResult.explained_variance`.
+    """
+
+    support: np.ndarray
+    explained_variance: np.ndarray
+
+
 class Engine(Protocol):
     """Pursues every head of one layer; :func:`rank_heads` does everything else."""
 
@@ -40,7 +54,7 @@ class Engine(Protocol):
         dictionary: Dictionary,
         n_atoms: int,
         options: PursuitOptions,
-    ) -> list[SompResult]:
+    ) -> list[HeadPursuit]:
         """SOMP of each head of a layer.
 
         Parameters
@@ -55,16 +69,15 @@ class Engine(Protocol):
 
         Returns
         -------
-        list of SompResult
+        list of HeadPursuit
             One per head; explained variance and support as
-            :func:`somp_ref.factored.head_somp` returns them (coefficients may be in the
-            units of rescaled inputs).
+            :func:`somp_ref.factored.head_somp` returns them.
         """
         ...
 
 
 class NumpyEngine:
-    """The reference engine: :func:`somp_ref.factored.factored_somp`, head by head.
+    """The reference engine: :func:`somp_ref.factored.factored_path`, head by head.
 
     Each head's z is widened to float64 alone, so memory stays at one head's samples.
     "l1" pursues each head's (v, n) correlations with the lazy argmax; "l2" pursues in
@@ -83,19 +96,18 @@ class NumpyEngine:
         for head in range(z.shape[1]):
             cols = slice(head * d_head, (head + 1) * d_head)
             z_head, _ = rescaled(np.asarray(z[:, head], dtype=np.float64))
-            results.append(
-                factored_somp(
-                    z_head,
-                    o_proj[:, cols],
-                    projected[:, cols],
-                    dictionary,
-                    n_atoms,
-                    center=options.center,
-                    normalize=options.normalize,
-                    order=options.order,
-                    tol=options.tol,
-                )
+            head_path = factored_path(
+                z_head,
+                o_proj[:, cols],
+                projected[:, cols],
+                dictionary,
+                n_atoms,
+                center=options.center,
+                normalize=options.normalize,
+                order=options.order,
+                tol=options.tol,
             )
+            results.append(HeadPursuit(head_path.path.support, head_path.explained_variance()))
         return results
 
 

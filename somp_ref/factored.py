@@ -14,12 +14,19 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
 from somp_ref.batch_omp import PursuitPath, pursue, solve_factored_coef
 from somp_ref.decisions import binary_exponent, signal_energy
-from somp_ref.pursuit import NORM_ORDER, SompResult, pursuit_result
+from somp_ref.pursuit import (
+    NORM_ORDER,
+    SompResult,
+    explained_variance,
+    pursuit_result,
+    residual_energies,
+)
 from somp_ref.validation import (
     as_matrix,
     check_choice,
@@ -166,6 +173,81 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     return controller.limit(limits=1, user_api="blas")
 
 
+class HeadPath(NamedTuple):
+    """A head's pursuit before its coefficients: what a ranking needs.
+
+    Attributes
+    ----------
+    path : PursuitPath
+    energy : float
+        ``||zc W^T||_F^2`` of the (centered) head, 0 when zero to rounding.
+    zc : ndarray of shape (n_samples, d_head)
+        The centered ``z``.
+    mean_z : ndarray of shape (d_head,)
+        What was subtracted (zeros without centering).
+    in_sample_space : bool
+        Whether the pursuit ran in the head's sample space (l2, n > d_head).
+    """
+
+    path: PursuitPath
+    energy: float
+    zc: np.ndarray
+    mean_z: np.ndarray
+    in_sample_space: bool
+
+    def explained_variance(self) -> np.ndarray:
+        """``1 - residual / energy`` after 0..t atoms, shape (t + 1,)."""
+        return explained_variance(residual_energies(self.energy, self.path.gains))
+
+
+def factored_path(
+    z: np.ndarray,
+    o_proj_head: np.ndarray,
+    projected: np.ndarray,
+    dictionary: Dictionary,
+    n_atoms: int,
+    *,
+    center: bool,
+    normalize: bool,
+    order: int,
+    tol: float,
+) -> HeadPath:
+    """The pursuit of ``z @ o_proj_head.T`` given ``projected = D @ o_proj_head`` (v, d_head).
+
+    Trusts its inputs as :func:`factored_somp` does. The products over d_model or the n
+    samples (the head's Gram, l1's v x n correlations, l2's sample-space factor) run on
+    every BLAS thread; the pursuit's thousands of small calls on one
+    (:func:`one_blas_thread`).
+    """
+    mean_z = z.mean(axis=0) if center else np.zeros(z.shape[1])
+    zc = z - mean_z
+    in_sample_space = order == 2 and z.shape[0] > z.shape[1]
+    gram_w = o_proj_head.T @ o_proj_head
+    samples = sample_space_factor(zc) if in_sample_space else zc
+    energy = max(float(np.einsum("ij,ij->", samples @ gram_w, samples)), 0.0)
+    if center:
+        # ||z W^T||^2 = ||zc W^T||^2 + n ||W mean||^2 (zc's columns sum to zero): the
+        # reference of the zero-signal rule, which needs no more than a few digits.
+        raw = energy + zc.shape[0] * float(mean_z @ gram_w @ mean_z)
+        energy = signal_energy(energy, raw)
+    correlations = projected @ samples.T  # l1: v x n x d_head, the ranking's floor
+    with one_blas_thread():
+        path = pursue(
+            correlations,
+            dictionary.gram_row,
+            dictionary.sq_norms,
+            energy,
+            min(n_atoms, projected.shape[0]),
+            order=order,
+            normalize=normalize,
+            tol=tol,
+            refit=True,
+            atom_exp=dictionary.atom_exp,
+            scoring="tracked" if in_sample_space else "lazy",
+        )
+    return HeadPath(path, energy, zc, mean_z, in_sample_space)
+
+
 def factored_somp(
     z: np.ndarray,
     o_proj_head: np.ndarray,
@@ -194,43 +276,25 @@ def factored_somp(
     product is formed; the coefficients come from one n x t product at the end
     (:func:`sample_space_coef`).
     """
-    mean_z = z.mean(axis=0) if center else np.zeros(z.shape[1])
-    zc = z - mean_z
-    in_sample_space = order == 2 and z.shape[0] > z.shape[1]
-    if not in_sample_space:
-        # The one large product (v x n x d_head, the floor of the l1 ranking): every
-        # BLAS thread. Everything else runs on one (see one_blas_thread).
-        correlations = projected @ zc.T
+    head = factored_path(
+        z,
+        o_proj_head,
+        projected,
+        dictionary,
+        n_atoms,
+        center=center,
+        normalize=normalize,
+        order=order,
+        tol=tol,
+    )
+    path = head.path
     with one_blas_thread():
-        gram_w = o_proj_head.T @ o_proj_head
-        samples = sample_space_factor(zc) if in_sample_space else zc
-        energy = max(float(np.einsum("ij,ij->", samples @ gram_w, samples)), 0.0)
-        if center:
-            # ||z W^T||^2 = ||zc W^T||^2 + n ||W mean||^2 (zc's columns sum to zero): the
-            # reference of the zero-signal rule, which needs no more than a few digits.
-            raw = energy + zc.shape[0] * float(mean_z @ gram_w @ mean_z)
-            energy = signal_energy(energy, raw)
-        if in_sample_space:
-            correlations = projected @ samples.T
-        path = pursue(
-            correlations,
-            dictionary.gram_row,
-            dictionary.sq_norms,
-            energy,
-            min(n_atoms, projected.shape[0]),
-            order=order,
-            normalize=normalize,
-            tol=tol,
-            refit=True,
-            atom_exp=dictionary.atom_exp,
-            scoring="tracked" if in_sample_space else "lazy",
-        )
-        if in_sample_space:
-            coef = sample_space_coef(zc, projected, path)
+        if head.in_sample_space:
+            coef = sample_space_coef(head.zc, projected, path)
         else:
             coef = solve_factored_coef(path.At, path.U, path.support)
-        mean = mean_z @ o_proj_head.T
-    energies = energy - np.concatenate([[0.0], np.cumsum(path.gains)])
+    energies = residual_energies(head.energy, path.gains)
+    mean = head.mean_z @ o_proj_head.T
     return pursuit_result(path.support, coef, energies, path.stop_reason, mean)
 
 

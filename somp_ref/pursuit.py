@@ -41,8 +41,10 @@ __all__ = [
     "TIE_RTOL",
     "ZERO_RESIDUAL",
     "SompResult",
+    "explained_variance",
     "matching_pursuit",
     "pursuit_result",
+    "residual_energies",
     "somp",
 ]
 
@@ -127,6 +129,22 @@ def _prepare(H, D, n_atoms, center, normalize, criterion, tol, engine) -> _Probl
     return _Problem(H, D, mean, h_exp, d_exp, n_atoms, order, tol, normalize)
 
 
+def residual_energies(energy: float, gains: np.ndarray) -> np.ndarray:
+    """The residual energy after 0..t steps, shape (t + 1,), from the steps' gains (t,)."""
+    return energy - np.concatenate([[0.0], np.cumsum(gains)])
+
+
+def explained_variance(energies: np.ndarray) -> np.ndarray:
+    """``1 - energies[s] / energies[0]`` for s = 0..t, shape (t + 1,); zeros when
+    ``energies[0]`` is 0. ``energies`` (t + 1,): residual energies after 0..t steps,
+    negatives (rounding) read as 0."""
+    energies = np.maximum(np.asarray(energies, dtype=np.float64), 0.0)
+    explained = np.zeros_like(energies)
+    if energies[0] > 0.0:
+        explained[1:] = 1.0 - energies[1:] / energies[0]
+    return explained
+
+
 def pursuit_result(
     support: np.ndarray,
     coef: np.ndarray,
@@ -143,13 +161,10 @@ def pursuit_result(
     squaring huge numbers).
     """
     energies = np.maximum(np.asarray(energies, dtype=np.float64), 0.0)
-    explained = np.zeros_like(energies)
-    if energies[0] > 0.0:
-        explained[1:] = 1.0 - energies[1:] / energies[0]
     return SompResult(
         support=support,
         coef=coef,
-        explained_variance=explained,
+        explained_variance=explained_variance(energies),
         residual_norm=np.ldexp(np.sqrt(energies), energy_exponent),
         stop_reason=reason,
         mean=mean,
@@ -187,7 +202,7 @@ def _run_fast(problem: _Problem, n_atoms: int, *, normalize: bool, refit: bool) 
         atom_exp=problem.d_exp,
     )
     coef = solve_factored_coef(path.At, path.U, path.support) if refit else path.At.T
-    energies = energy - np.concatenate([[0.0], np.cumsum(path.gains)])
+    energies = residual_energies(energy, path.gains)
     return _result(problem, path.support, coef, energies, path.stop_reason)
 
 
