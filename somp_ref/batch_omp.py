@@ -243,6 +243,15 @@ class _Scorer:
 
     def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
         """Record step ``R <- R - a q^T`` (``u = q^T D^T``) and loosen the bounds."""
+        t = self._record(a, u)
+        self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
+        self.bound *= 1.0 + _BOUND_SLACK
+        self._add_drift(t, a, u)
+        self.fresh[:] = False
+        self.steps += 1
+
+    def _record(self, a: np.ndarray, u: np.ndarray) -> int:
+        """Store the step's ``a`` and ``u`` (growing the buffers when full); its index."""
         t = self.steps
         if t == self.At.shape[0]:
             self.At = np.concatenate([self.At, np.empty_like(self.At)])
@@ -251,11 +260,7 @@ class _Scorer:
             self.drift = np.concatenate([self.drift, np.zeros_like(self.drift)])
         self.At[t] = a
         self.U[t] = u
-        self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
-        self.bound *= 1.0 + _BOUND_SLACK
-        self._add_drift(t, a, u)
-        self.fresh[:] = False
-        self.steps += 1
+        return t
 
     def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
         """Add ``u[j] a`` to every atom's drift, and tighten the bounds with it.
@@ -382,6 +387,14 @@ class _TrackedScorer(_Scorer):
         self.reach = np.zeros_like(self.sq)  # sum_i |U[i, j]| ||At[i]||
         self.unit_err = (Ct.shape[1] + 8) * EPS
 
+    def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
+        """Record the step and track every squared score through it: the tracked bound
+        alone covers each score (no triangle bound needed beside it)."""
+        t = self._record(a, u)
+        self._add_drift(t, a, u)
+        self.fresh[:] = False
+        self.steps += 1
+
     def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
         a_norm = float(np.sqrt(a @ a))
         cross = self.C0 @ a
@@ -393,13 +406,22 @@ class _TrackedScorer(_Scorer):
         self.err += 2.0 * np.abs(u) * cross_err + 4.0 * EPS * terms
         self.reach += np.abs(u) * a_norm
         tracked = np.sqrt(np.maximum(self.sq + self.err, 0.0)) / self.scale
-        np.minimum(self.bound, tracked * (1.0 + _BOUND_SLACK), out=self.bound)
+        np.multiply(tracked, 1.0 + _BOUND_SLACK, out=self.bound)
 
     def _refresh(self, atoms: np.ndarray) -> None:
-        super()._refresh(atoms)
-        exact = self.bound[atoms] * self.scale[atoms]
-        self.sq[atoms] = exact * exact
-        self.err[atoms] = self.unit_err * self.sq[atoms]
+        """Score ``atoms`` exactly from the correlations as given: with d_head columns
+        the whole product over the steps is cheaper than the lazy engine's bookkeeping
+        (stamps, masks), and rounds no worse."""
+        t = self.steps
+        rows = self.C0[atoms]
+        if t:
+            rows -= self.U[:t, atoms].T @ self.At[:t]
+        self.Ct[atoms] = rows
+        exact_sq = np.einsum("ij,ij->i", rows, rows)
+        self.bound[atoms] = np.sqrt(exact_sq) / self.scale[atoms]
+        self.sq[atoms] = exact_sq
+        self.err[atoms] = self.unit_err * exact_sq
+        self.fresh[atoms] = True
 
 
 class _DenseScorer(_Scorer):

@@ -119,12 +119,17 @@ def sample_space_factor(zc: np.ndarray) -> np.ndarray:
     """
     n, d = zc.shape
     if n > d:
+        # The n x d products on every BLAS thread, the d x d factorizations on one.
+        gram = zc.T @ zc
         try:
-            r1 = np.linalg.cholesky(zc.T @ zc).T
-            q1 = zc @ np.linalg.inv(r1)  # its error, ~eps * cond, is what the check bounds
+            with one_blas_thread():
+                r1 = np.linalg.cholesky(gram).T
+                inv_r1 = np.linalg.inv(r1)
+            q1 = zc @ inv_r1  # its error, ~eps * cond, is what the check bounds
             c = q1.T @ q1
             if np.abs(c - np.eye(d)).max() <= CHOLESKY_QR_TOL:
-                return np.linalg.cholesky(c).T @ r1
+                with one_blas_thread():
+                    return np.linalg.cholesky(c).T @ r1
         except np.linalg.LinAlgError:  # rank-deficient (to rounding): Householder below
             pass
     return np.linalg.qr(zc, mode="r")
