@@ -8,7 +8,6 @@ alone (MP), repeat. Short, obviously right, slow; the fast engine
 from __future__ import annotations
 
 import numpy as np
-from scipy.linalg import lstsq
 
 from somp_ref.decisions import (
     DEPENDENT_TOL,
@@ -44,6 +43,10 @@ def somp_naive(
 
     Returns ``support``, ``coef`` (n, t), the residual energies (t + 1,) and the reason.
     """
+    # Imported here: scipy takes 0.16 s to load, and the processes that rank heads in
+    # parallel import this package without ever calling the oracle.
+    from scipy.linalg import lstsq
+
     sq_norms = np.einsum("ij,ij->i", D, D)
     scale = score_scale(sq_norms, normalize, atom_exp)
     energy = float(np.sum(H * H))
