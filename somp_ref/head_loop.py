@@ -7,8 +7,9 @@ from its results.
 
 With ``workers > 1`` the numpy engine's layers are pursued by a pool of processes (spawn
 start method: safe with threads and any BLAS). Each worker opens the store by its path,
-limits its BLAS to one thread, builds the dictionary once and pursues the layers it is
-handed; the parent gathers the results in layer order, so the scores are those of
+limits its BLAS to one thread, memory-maps the parent's dictionary (written once to a
+temporary directory, removed afterwards) and pursues the layers it is handed; the
+parent gathers the results in layer order, so the scores are those of
 ``workers=1`` bit for bit (each head's arithmetic is the same; only who runs it changes).
 A script that ranks with workers needs the usual ``if __name__ == "__main__":`` guard.
 """
@@ -18,8 +19,10 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,13 +42,10 @@ LOOP_METHODS = ("somp", "ll")
 #: The command line ranks in one process (its ``--workers`` default) when the ranked
 #: layers hold fewer z values than this (n_samples x n_heads x d_head, summed): about one
 #: layer of a 7B model (32 heads x 128 x 2000 samples, seconds of pursuit). Below it,
-#: starting the processes (spawn: each imports numpy and scipy and builds the dictionary,
-#: ~1 s) costs more than the pursuit saves; the embedded SmolLM2's stores fall below it.
+#: starting the processes (spawn: each imports numpy and the package and maps the
+#: dictionary, about half a second) costs more than the pursuit saves; the embedded
+#: SmolLM2's stores fall below it.
 PARALLEL_MIN_VALUES = 2**23
-
-#: Dictionaries up to this size (its atoms, float64) are sent to the workers with their
-#: Gram matrix; larger ones are rebuilt by each worker from the store.
-SHIPPED_DICTIONARY_BYTES = 2**28
 
 #: Environment variables that size a BLAS thread pool when the library loads: set to 1
 #: while the workers start, so that their BLAS starts with one thread (threadpoolctl,
@@ -236,7 +236,7 @@ def score_heads(
     if method == "somp":
         if workers > 1 and len(chosen) > 1:
             pursued = _pursued_in_workers(
-                store, ids, dictionary, chosen, n_atoms, options, workers, desc, show_progress
+                store, dictionary, chosen, n_atoms, options, workers, desc, show_progress
             )
         else:
             pursued = _pursued(
@@ -307,7 +307,6 @@ def _pursued(
 
 def _pursued_in_workers(
     store: ActivationStore,
-    ids: np.ndarray,
     dictionary: Dictionary,
     chosen: list[int],
     n_atoms: int,
@@ -318,12 +317,14 @@ def _pursued_in_workers(
 ) -> Iterator[tuple[int, LayerResults]]:
     """(layer, results) for each chosen layer in order, pursued by a pool of processes."""
     context = multiprocessing.get_context("spawn")
-    # The parent's dictionary travels to the workers when it is small (its products are
-    # then the parent's, bit for bit, and no worker recomputes the Gram matrix); a large
-    # one (a whole vocabulary) is rebuilt by each worker from the store.
-    shipped = dictionary if dictionary.atoms.nbytes <= SHIPPED_DICTIONARY_BYTES else None
-    setup = (os.fspath(store.path), ids, shipped, n_atoms, options)
     with contextlib.ExitStack() as stack:
+        # The parent's dictionary reaches the workers as files they memory-map: its
+        # products are the parent's, bit for bit, no worker recomputes the Gram matrix,
+        # and the pages are shared (pickled, a 1000-atom dictionary of d_model 4096 took
+        # 0.25 s to reach two workers; a whole vocabulary would be copied into each).
+        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="somp-ref-"))
+        _write_dictionary(dictionary, Path(directory))
+        setup = (os.fspath(store.path), directory, n_atoms, options)
         pool = stack.enter_context(
             ProcessPoolExecutor(
                 min(workers, len(chosen)),
@@ -361,26 +362,39 @@ def _one_blas_thread_for_children() -> Iterator[None]:
 _WORKER: dict[str, Any] = {}
 
 
-def _start_worker(
-    path: str,
-    ids: np.ndarray,
-    dictionary: Dictionary | None,
-    n_atoms: int,
-    options: PursuitOptions,
-) -> None:
-    """Limit BLAS to 1 thread, open the store, take the parent's dictionary or build it
-    as the parent does."""
+#: The arrays of a :class:`Dictionary`, as the workers receive them.
+_DICTIONARY_ARRAYS = ("atoms", "sq_norms", "gram", "atom_exp")
+
+
+def _write_dictionary(dictionary: Dictionary, directory: Path) -> None:
+    """One ``.npy`` file per array of ``dictionary`` (those it has) in ``directory``."""
+    for name in _DICTIONARY_ARRAYS:
+        value = getattr(dictionary, name)
+        if value is not None:
+            np.save(directory / f"{name}.npy", value)
+
+
+def _mapped_dictionary(directory: Path) -> Dictionary:
+    """The dictionary :func:`_write_dictionary` wrote, its arrays memory-mapped (read-only)."""
+    arrays = {
+        name: np.load(path, mmap_mode="r") if (path := directory / f"{name}.npy").exists() else None
+        for name in _DICTIONARY_ARRAYS
+    }
+    return Dictionary(**arrays)
+
+
+def _start_worker(path: str, directory: str, n_atoms: int, options: PursuitOptions) -> None:
+    """Limit BLAS to 1 thread, open the store, map the parent's dictionary."""
     with contextlib.suppress(ImportError):  # the environment already asked for 1 thread
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
-    store = ActivationStore.open(path)
-    if dictionary is None:
-        atoms = check_finite(
-            np.asarray(store.unembed()[ids], dtype=np.float64), store, "unembed (token, d_model)"
-        )
-        dictionary = Dictionary.build(atoms)
-    _WORKER.update(store=store, dictionary=dictionary, n_atoms=n_atoms, options=options)
+    _WORKER.update(
+        store=ActivationStore.open(path),
+        dictionary=_mapped_dictionary(Path(directory)),
+        n_atoms=n_atoms,
+        options=options,
+    )
 
 
 def _pursue_in_worker(layer: int) -> LayerResults:

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import tempfile
 
 import numpy as np
 import pytest
 from numpy.testing import assert_allclose
 from stores import write_planted_store
 
-from somp_ref import head_loop
 from somp_ref.cli import main
 from somp_ref.cli_options import available_cpus, rank_engine_options
 from somp_ref.head_loop import PARALLEL_MIN_VALUES, score_heads
@@ -70,12 +70,35 @@ def word_store(tmp_path_factory):
     return ActivationStore.open(path)
 
 
-def test_workers_that_build_their_own_dictionary_give_the_same_scores(store, monkeypatch):
-    # A dictionary over SHIPPED_DICTIONARY_BYTES is rebuilt from the store by each worker.
-    monkeypatch.setattr(head_loop, "SHIPPED_DICTIONARY_BYTES", 0)
-    one = score_heads(store, CONCEPT, 4, show_progress=False)
-    two = score_heads(store, CONCEPT, 4, workers=2, show_progress=False)
-    assert_identical(one, two)
+def test_the_dictionary_files_of_the_workers_are_removed(store, tmp_path, monkeypatch):
+    # The workers memory-map the parent's dictionary from a temporary directory: gone
+    # afterwards, whether the ranking ends or a worker fails.
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    score_heads(store, CONCEPT, 4, workers=2, show_progress=False)
+    assert list(tmp_path.iterdir()) == []  # made there, then removed
+    broken = write_planted_store(tmp_path / "broken", n_layers=3)
+    path = broken.path / "layer_001.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-8:] = b"\xff" * 8  # the last o_proj values: NaN
+    path.write_bytes(bytes(data))
+    with pytest.raises(Exception, match=r"layer_001|layer 1|corrupt|hash|changed"):
+        score_heads(broken, CONCEPT, 4, workers=2, show_progress=False)
+    assert list(tmp_path.glob("somp-ref-*")) == []
+
+
+def test_the_workers_map_the_dictionary_from_the_temporary_directory(tmp_path, monkeypatch):
+    seen = []
+    original = tempfile.TemporaryDirectory
+
+    def watched(*args, **kwargs):
+        made = original(*args, **kwargs)
+        seen.append(made.name)
+        return made
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", watched)
+    store = write_planted_store(tmp_path / "s", n_layers=2)
+    score_heads(store, CONCEPT, 4, workers=2, show_progress=False)
+    assert len(seen) == 1 and "somp-ref-" in seen[0]
 
 
 @pytest.mark.parametrize("method", ["specificity", "excess", "share"])
