@@ -162,8 +162,9 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     holds a core, OpenBLAS threads waiting for each other make a pursuit up to ten times
     slower (measured on 2 cores: 120 ms a 7B head on one thread, 0.7-1.7 s on two), and
     so do small LAPACK calls (a 128 x 128 Cholesky: 0.1 ms, or 60 ms). The large products
-    (``D W_O``, ``E_h Z_h^T``) run outside it, on every thread. The limit is process-wide
-    while it lasts (threadpoolctl's own caveat for threaded callers).
+    (``D W_O``, ``E_h Z_h^T``, a head's ``W^T W`` and the n x d_head products of its
+    sample-space factor) run outside it, on every thread. The limit is process-wide while
+    it lasts (threadpoolctl's own caveat for threaded callers).
     """
     if "controller" not in _BLAS:
         try:
