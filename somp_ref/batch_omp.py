@@ -108,7 +108,7 @@ def pursue(
     scoring : {"lazy", "tracked", "dense"}, default="lazy"
         How the argmax finds the best atom; the same choices either way. "lazy": exact
         scores only where upper bounds require them (below). "tracked" (l2 only): the
-        same, with every atom's squared score also tracked by a recurrence (one (v, n)
+        same, with every atom's squared score tracked by a recurrence instead (one (v, n)
         matrix-vector product a step), a bound within rounding of the score, so that a
         step scores exactly a few atoms; for small n (the sample space of
         :func:`somp_ref.factored.factored_somp`), as it copies ``Ct``. "dense": every row
@@ -124,7 +124,7 @@ def pursue(
     are brought up to date lazily, row by row, only for the atoms the argmax must score
     (``_Scorer``): each atom keeps an upper bound on its score, and only atoms whose bound
     could reach the best exact score (or its tie window) are scored, so a step rarely
-    touches all v x n correlations. Two bounds, the smaller is kept: the triangle
+    touches all v x n correlations. Two bounds ("lazy"), the smaller is kept: the triangle
     inequality step by step (``score_t+1 <= score_t + |U[t, j]| ||At[t]||_p``), and the
     exact score at the atom's last scoring s plus the norm of everything since,
     ``||sum_{s<=i<t} U[i, j] At[i]||_p <= sqrt(n)^(p==1) ||sum U[i, j] At[i]||_2``, kept
@@ -231,36 +231,43 @@ class _Scorer:
         self.batch = min(self.batch, v)
         self._rows = np.empty((self.batch, n))
         self._work = np.empty_like(self._rows)
-        # The drift bound: the exact score at the last scoring (``base``), an orthonormal
-        # basis of the At rows (``basis``) and each atom's change since, in its
-        # coordinates (``drift``, steps x v: a step's update and the norms then run
-        # along contiguous rows, twice as fast as down the columns of v x steps).
+        self._start_bounds(Ct, capacity)
+
+    def _start_bounds(self, Ct: np.ndarray, capacity: int) -> None:
+        """The drift bound's state: the exact score at the last scoring (``base``), an
+        orthonormal basis of the At rows (``basis``) and each atom's change since, in its
+        coordinates (``drift``, steps x v: a step's update and the norms then run along
+        contiguous rows, twice as fast as down the columns of v x steps)."""
+        v, n = Ct.shape
         self.base = self.bound.copy()
         self.basis = np.zeros((capacity, n))
         self.drift = np.zeros((capacity, v))
         self.loose = np.zeros(v)
-        self.root_n = float(np.sqrt(n)) if order == 1 else 1.0
+        self.root_n = float(np.sqrt(n)) if self.order == 1 else 1.0
 
     def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
         """Record step ``R <- R - a q^T`` (``u = q^T D^T``) and loosen the bounds."""
-        t = self._record(a, u)
-        self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
-        self.bound *= 1.0 + _BOUND_SLACK
-        self._add_drift(t, a, u)
+        t = self.steps
+        if t == self.At.shape[0]:  # full: double the step buffers
+            self.At = np.concatenate([self.At, np.empty_like(self.At)])
+            self.U = np.concatenate([self.U, np.empty_like(self.U)])
+            self._grow_bounds()
+        self.At[t] = a
+        self.U[t] = u
+        self._loosen(t, a, u)
         self.fresh[:] = False
         self.steps += 1
 
-    def _record(self, a: np.ndarray, u: np.ndarray) -> int:
-        """Store the step's ``a`` and ``u`` (growing the buffers when full); its index."""
-        t = self.steps
-        if t == self.At.shape[0]:
-            self.At = np.concatenate([self.At, np.empty_like(self.At)])
-            self.U = np.concatenate([self.U, np.empty_like(self.U)])
-            self.basis = np.concatenate([self.basis, np.zeros_like(self.basis)])
-            self.drift = np.concatenate([self.drift, np.zeros_like(self.drift)])
-        self.At[t] = a
-        self.U[t] = u
-        return t
+    def _grow_bounds(self) -> None:
+        """Double the drift bound's buffers with the step buffers."""
+        self.basis = np.concatenate([self.basis, np.zeros_like(self.basis)])
+        self.drift = np.concatenate([self.drift, np.zeros_like(self.drift)])
+
+    def _loosen(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
+        """Raise every bound to cover step t: the triangle inequality, then the drift."""
+        self.bound += np.abs(u) * (np.linalg.norm(a, ord=self.order) / self.scale)
+        self.bound *= 1.0 + _BOUND_SLACK
+        self._add_drift(t, a, u)
 
     def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
         """Add ``u[j] a`` to every atom's drift, and tighten the bounds with it.
@@ -376,8 +383,9 @@ class _TrackedScorer(_Scorer):
 
     batch = 8
 
-    def __init__(self, Ct: np.ndarray, *args, **kwargs):
-        super().__init__(Ct, *args, **kwargs)
+    def _start_bounds(self, Ct: np.ndarray, capacity: int) -> None:
+        """The recurrence's state (no drift bound: the tracked one alone covers each
+        score, within rounding of it)."""
         if self.order != 2:
             raise ValueError("tracked scoring is for the l2 criterion")
         self.C0 = Ct.copy()
@@ -387,15 +395,11 @@ class _TrackedScorer(_Scorer):
         self.reach = np.zeros_like(self.sq)  # sum_i |U[i, j]| ||At[i]||
         self.unit_err = (Ct.shape[1] + 8) * EPS
 
-    def add_step(self, a: np.ndarray, u: np.ndarray) -> None:
-        """Record the step and track every squared score through it: the tracked bound
-        alone covers each score (no triangle bound needed beside it)."""
-        t = self._record(a, u)
-        self._add_drift(t, a, u)
-        self.fresh[:] = False
-        self.steps += 1
+    def _grow_bounds(self) -> None:
+        """Nothing: the recurrence keeps no per-step buffer."""
 
-    def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
+    def _loosen(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
+        """Track every squared score through step t; the bound is the tracked one."""
         a_norm = float(np.sqrt(a @ a))
         cross = self.C0 @ a
         if t:
@@ -417,6 +421,7 @@ class _TrackedScorer(_Scorer):
         if t:
             rows -= self.U[:t, atoms].T @ self.At[:t]
         self.Ct[atoms] = rows
+        self.stamp[atoms] = t
         exact_sq = np.einsum("ij,ij->i", rows, rows)
         self.bound[atoms] = np.sqrt(exact_sq) / self.scale[atoms]
         self.sq[atoms] = exact_sq
@@ -428,7 +433,7 @@ class _DenseScorer(_Scorer):
     """Every residual correlation kept up to date (a rank-1 update per step) and every
     atom scored exactly each step; the same tie rule (:func:`first_within_window`)."""
 
-    def _add_drift(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
+    def _loosen(self, t: int, a: np.ndarray, u: np.ndarray) -> None:
         """Nothing: every score is exact each step."""
 
     def add_step(self, a: np.ndarray, u: np.ndarray) -> None:

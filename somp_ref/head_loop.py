@@ -9,8 +9,11 @@ With ``workers > 1`` the numpy engine's layers are pursued by a pool of processe
 start method: safe with threads and any BLAS). Each worker opens the store by its path,
 limits its BLAS to one thread, memory-maps the parent's dictionary (written once to a
 temporary directory, removed afterwards) and pursues the layers it is handed; the
-parent gathers the results in layer order, so the scores are those of
-``workers=1`` bit for bit (each head's arithmetic is the same; only who runs it changes).
+parent gathers the results in layer order, so the scores are those of ``workers=1`` bit
+for bit (each head's arithmetic is the same; only who runs it changes, and on how many
+BLAS threads: OpenBLAS's products split their output between threads, never a sum).
+Where the dictionary cannot be written (no room under ``$TMPDIR``), each worker builds it
+from the store as the parent did, with a warning.
 A script that ranks with workers needs the usual ``if __name__ == "__main__":`` guard.
 """
 
@@ -20,6 +23,7 @@ import contextlib
 import multiprocessing
 import os
 import tempfile
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -192,9 +196,10 @@ def score_heads(
     workers : int, default=1
         Processes pursuing layers at once (numpy engine; "ll" and a single layer ignore
         it). 1 runs in this process: a library spawns nothing unasked. The scores do not
-        depend on it. Each call starts its own pool (about a second: every worker imports
-        the package and builds the dictionary), so it pays on stores of seconds a layer
-        (see :data:`PARALLEL_MIN_VALUES`). The torch engine batches heads itself:
+        depend on it. Each call starts its own pool (about half a second: every worker
+        imports the package and maps the dictionary, which the parent writes under
+        ``$TMPDIR``), so it pays on stores of seconds a layer (see
+        :data:`PARALLEL_MIN_VALUES`). The torch engine batches heads itself:
         ``workers > 1`` with it is a ValueError.
     show_progress : bool, default=True
         A progress bar over layers on stderr (on a terminal), advancing per layer.
@@ -236,17 +241,20 @@ def score_heads(
     if method == "somp":
         if workers > 1 and len(chosen) > 1:
             pursued = _pursued_in_workers(
-                store, dictionary, chosen, n_atoms, options, workers, desc, show_progress
+                store, ids, dictionary, chosen, n_atoms, options, workers, desc, show_progress
             )
         else:
             pursued = _pursued(
                 store, chosen, pursuer, dictionary, n_atoms, options, desc, show_progress
             )
-        for layer, results in pursued:
-            for head, (support, explained) in enumerate(results):
-                score[layer, head] = explained[-1]
-                supports[layer, head] = ids[support]
-                increments[layer, head] = np.diff(explained)
+        # closing: an error here (an interrupt) stops the workers and removes their files
+        # at once, not when the traceback is freed.
+        with contextlib.closing(pursued):
+            for layer, results in pursued:
+                for head, (support, explained) in enumerate(results):
+                    score[layer, head] = explained[-1]
+                    supports[layer, head] = ids[support]
+                    increments[layer, head] = np.diff(explained)
     else:
         for layer, z, o_proj, o_exp in _layers(store, chosen, desc, show_progress):
             projected = dictionary.atoms @ o_proj
@@ -307,6 +315,7 @@ def _pursued(
 
 def _pursued_in_workers(
     store: ActivationStore,
+    ids: np.ndarray,
     dictionary: Dictionary,
     chosen: list[int],
     n_atoms: int,
@@ -322,9 +331,20 @@ def _pursued_in_workers(
         # products are the parent's, bit for bit, no worker recomputes the Gram matrix,
         # and the pages are shared (pickled, a 1000-atom dictionary of d_model 4096 took
         # 0.25 s to reach two workers; a whole vocabulary would be copied into each).
-        directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="somp-ref-"))
-        _write_dictionary(dictionary, Path(directory))
-        setup = (os.fspath(store.path), directory, n_atoms, options)
+        # Where there is no room for it (a whole vocabulary is gigabytes), each worker
+        # builds it from the store as the parent did.
+        try:
+            directory = stack.enter_context(tempfile.TemporaryDirectory(prefix="somp-ref-"))
+            _write_dictionary(dictionary, Path(directory))
+        except OSError as err:
+            warnings.warn(
+                f"each ranking worker rebuilds the dictionary: it could not be written under "
+                f"{tempfile.gettempdir()} ({err}); set TMPDIR to a roomier place",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            directory = None
+        setup = (os.fspath(store.path), directory, ids, n_atoms, options)
         pool = stack.enter_context(
             ProcessPoolExecutor(
                 min(workers, len(chosen)),
@@ -383,18 +403,24 @@ def _mapped_dictionary(directory: Path) -> Dictionary:
     return Dictionary(**arrays)
 
 
-def _start_worker(path: str, directory: str, n_atoms: int, options: PursuitOptions) -> None:
-    """Limit BLAS to 1 thread, open the store, map the parent's dictionary."""
+def _start_worker(
+    path: str, directory: str | None, ids: np.ndarray, n_atoms: int, options: PursuitOptions
+) -> None:
+    """Limit BLAS to 1 thread, open the store, map the parent's dictionary (or, without
+    its files, build it from the store as the parent did)."""
     with contextlib.suppress(ImportError):  # the environment already asked for 1 thread
         from threadpoolctl import threadpool_limits
 
         threadpool_limits(1)
-    _WORKER.update(
-        store=ActivationStore.open(path),
-        dictionary=_mapped_dictionary(Path(directory)),
-        n_atoms=n_atoms,
-        options=options,
-    )
+    store = ActivationStore.open(path)
+    if directory is None:
+        atoms = check_finite(
+            np.asarray(store.unembed()[ids], dtype=np.float64), store, "unembed (token, d_model)"
+        )
+        dictionary = Dictionary.build(atoms)
+    else:
+        dictionary = _mapped_dictionary(Path(directory))
+    _WORKER.update(store=store, dictionary=dictionary, n_atoms=n_atoms, options=options)
 
 
 def _pursue_in_worker(layer: int) -> LayerResults:

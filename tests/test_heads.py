@@ -10,7 +10,7 @@ from numpy.testing import assert_allclose
 from problems import assert_same_selection
 from stores import write_planted_store
 
-from somp_ref import ll_head_score, somp
+from somp_ref import head_loop, ll_head_score, somp
 from somp_ref.heads import (
     HeadScores,
     head_signature,
@@ -219,8 +219,11 @@ def test_jaccard_examples():
     assert jaccard([], []) == 1.0
 
 
+@pytest.mark.parametrize("block", [None, 2])
 @pytest.mark.parametrize("bad", [np.nan, np.inf])
-def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(tmp_path, bad):
+def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(
+    tmp_path, monkeypatch, bad, block
+):
     import hashlib
     import json
     import struct
@@ -243,6 +246,8 @@ def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(tmp_path,
     meta["files"][layer_file(1)] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
     meta_path.write_text(json.dumps(meta))
     store = ActivationStore.open(store.path)
+    if block is not None:  # the layer is checked a block of samples at a time
+        monkeypatch.setattr(head_loop, "_FINITE_BLOCK", block)
     where = r"layer 1, head 2: z \(sample, d_head\) holds .* at \(5, 0\)"
     with pytest.raises(StoreError, match=where):
         rank_heads(store, list(CONCEPT), 4, show_progress=False)

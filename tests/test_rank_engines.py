@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import tempfile
 
@@ -12,8 +13,10 @@ import pytest
 from numpy.testing import assert_allclose
 from stores import write_planted_store
 
+from somp_ref import factored, head_loop
 from somp_ref.cli import main
 from somp_ref.cli_options import available_cpus, rank_engine_options
+from somp_ref.factored import Dictionary
 from somp_ref.head_loop import PARALLEL_MIN_VALUES, score_heads
 from somp_ref.ranking import rank_heads
 from somp_ref.store import ActivationStore
@@ -86,19 +89,41 @@ def test_the_dictionary_files_of_the_workers_are_removed(store, tmp_path, monkey
     assert list(tmp_path.glob("somp-ref-*")) == []
 
 
-def test_the_workers_map_the_dictionary_from_the_temporary_directory(tmp_path, monkeypatch):
-    seen = []
-    original = tempfile.TemporaryDirectory
+@pytest.mark.parametrize("with_gram", [True, False])
+def test_the_workers_dictionary_files_map_back_to_the_parents_arrays(tmp_path, with_gram):
+    rng = np.random.default_rng(2)
+    atoms = rng.standard_normal((6, 8))
+    atoms[1] *= 2.0**700  # outside the safe range: rescaled, so atom_exp is kept
+    built = Dictionary.build(atoms)
+    if not with_gram:  # as for a dictionary over MAX_GRAM_ATOMS
+        built = dataclasses.replace(built, gram=None)
+    head_loop._write_dictionary(built, tmp_path)
+    mapped = head_loop._mapped_dictionary(tmp_path)
+    for name in ("atoms", "sq_norms", "gram", "atom_exp"):
+        given, received = getattr(built, name), getattr(mapped, name)
+        if given is None:
+            assert received is None, name
+        else:
+            assert isinstance(received, np.memmap) and not received.flags.writeable, name
+            assert np.array_equal(received, given), name
 
-    def watched(*args, **kwargs):
-        made = original(*args, **kwargs)
-        seen.append(made.name)
-        return made
 
-    monkeypatch.setattr(tempfile, "TemporaryDirectory", watched)
-    store = write_planted_store(tmp_path / "s", n_layers=2)
-    score_heads(store, CONCEPT, 4, workers=2, show_progress=False)
-    assert len(seen) == 1 and "somp-ref-" in seen[0]
+def test_workers_without_a_gram_matrix_give_the_scores_of_one(store, monkeypatch):
+    monkeypatch.setattr(factored, "MAX_GRAM_ATOMS", 2)  # the parent builds none to send
+    one = score_heads(store, CONCEPT, 4, show_progress=False)
+    two = score_heads(store, CONCEPT, 4, workers=2, show_progress=False)
+    assert_identical(one, two)
+
+
+def test_workers_rebuild_the_dictionary_where_it_cannot_be_written(store, monkeypatch):
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(head_loop, "_write_dictionary", full)
+    one = score_heads(store, CONCEPT, 4, show_progress=False)
+    with pytest.warns(RuntimeWarning, match=r"each ranking worker rebuilds the dictionary"):
+        two = score_heads(store, CONCEPT, 4, workers=2, show_progress=False)
+    assert_identical(one, two)
 
 
 @pytest.mark.parametrize("method", ["specificity", "excess", "share"])
@@ -195,6 +220,23 @@ def test_the_torch_engine_on_the_cpu_agrees_with_numpy(store, criterion):
     assert_allclose(torch_scores.score, numpy_scores.score, rtol=0, atol=TORCH_EV_ATOL)
     for head, support in numpy_scores.supports.items():
         assert torch_scores.supports[head].tolist() == support.tolist(), head
+
+
+@needs_torch
+def test_the_batched_torch_pursuit_solves_coefficients_only_when_asked():
+    import torch
+
+    from somp_ref.adapters.torch_somp import somp_batched
+
+    rng = np.random.default_rng(4)
+    H, D = rng.standard_normal((2, 10, 6)), rng.standard_normal((7, 6))
+    Ct = torch.as_tensor(np.einsum("vd,bnd->bvn", D, H))
+    gram, energy = torch.as_tensor(D @ D.T), torch.as_tensor(np.einsum("bnd,bnd->b", H, H))
+    full = somp_batched(Ct, gram, energy, 3)
+    bare = somp_batched(Ct, gram, energy, 3, coefficients=False)
+    assert "coef" in full and "coef" not in bare
+    for key in bare:
+        assert torch.equal(full[key], bare[key]), key
 
 
 @needs_torch
