@@ -193,6 +193,24 @@ def _row_norms(Ct: np.ndarray, order: int) -> np.ndarray:
     return norms
 
 
+#: What one more product call costs in the refresh, in units of one row's update by one
+#: step (n multiply-adds): about 5 us against 0.07 us at n = 2000 (measured on 2 cores).
+_CALL_COST = 64
+
+
+def _split(lags: np.ndarray) -> int:
+    """Where to cut a refresh batch (``lags``: steps each atom is behind, ascending) into
+    two products, each over the steps its most-behind atom needs: the cut that saves the
+    most row-steps, or none (``lags.size``) when no cut saves a product call's cost."""
+    size = lags.shape[0]
+    cuts = np.arange(1, size)
+    costs = cuts * lags[:-1] + (size - cuts) * lags[-1]
+    best = int(np.argmin(costs)) if size > 1 else 0
+    if size < 2 or costs[best] + _CALL_COST >= size * lags[-1]:
+        return size
+    return best + 1
+
+
 class _Scorer:
     """Exact argmax of the pursuit scores with lazily updated residual correlations.
 
@@ -309,21 +327,17 @@ class _Scorer:
         Works in two preallocated buffers: fresh (B, n) temporaries would be new mmap'd
         pages each call, and those page faults cost more than the arithmetic.
         """
-        t, stamps, size = self.steps, self.stamp[atoms], atoms.shape[0]
+        t, size = self.steps, atoms.shape[0]
+        atoms = atoms[np.argsort(-self.stamp[atoms], kind="stable")]  # latest first
+        stamps = self.stamp[atoms]
         rows, work = self._rows[:size], self._work[:size]
         # mode="clip": the indices are valid, and with the default mode numpy copies
         # through a temporary whenever ``out`` is given (three times slower).
         np.take(self.Ct, atoms, axis=0, out=rows, mode="clip")
-        first = int(stamps.min())
-        if first < t:
-            coeff = self.U[first:t, atoms]
-            coeff = np.where(np.arange(first, t)[:, None] >= stamps, coeff, 0.0)
-            if t - first == 1:
-                # An outer product: OpenBLAS's gemm with one inner dimension is several
-                # times slower than einsum's (both round each product once: same bits).
-                np.einsum("i,j->ij", coeff[0], self.At[first], out=work)
-            else:
-                np.matmul(coeff.T, self.At[first:t], out=work)
+        if stamps[-1] < t:
+            split = _split(t - stamps)
+            for group in (slice(0, split), slice(split, size)):
+                self._catch_up(atoms[group], stamps[group], work[group])
             np.subtract(rows, work, out=rows)
             self.Ct[atoms] = rows
         self.stamp[atoms] = t
@@ -336,6 +350,24 @@ class _Scorer:
         self.drift[: self.steps, atoms] = 0.0
         self.loose[atoms] = 0.0
         self.fresh[atoms] = True
+
+    def _catch_up(self, atoms: np.ndarray, stamps: np.ndarray, out: np.ndarray) -> None:
+        """``out[i] = sum_{stamps[i] <= s < t} U[s, atoms[i]] At[s]``: what atom i's
+        correlations lost since it was last brought up to date (stamps: latest first)."""
+        if atoms.size == 0:
+            return
+        t, first = self.steps, int(stamps[-1])
+        if first == t:
+            out[:] = 0.0
+            return
+        coeff = self.U[first:t, atoms]
+        coeff = np.where(np.arange(first, t)[:, None] >= stamps, coeff, 0.0)
+        if t - first == 1:
+            # An outer product: OpenBLAS's gemm with one inner dimension is several
+            # times slower than einsum's (both round each product once: same bits).
+            np.einsum("i,j->ij", coeff[0], self.At[first], out=out)
+        else:
+            np.matmul(coeff.T, self.At[first:t], out=out)
 
     def best_atom(self, unit: float) -> int:
         """The tie rule's choice among unblocked atoms, or -1 when none is left.

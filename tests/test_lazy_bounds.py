@@ -126,3 +126,43 @@ def test_tracked_scoring_is_for_l2_only():
             refit=True,
             scoring="tracked",
         )
+
+
+@given(st.lists(st.integers(1, 80), min_size=1, max_size=32))
+def test_a_refresh_batch_is_cut_where_it_saves_most(lags):
+    lags = np.sort(np.asarray(lags))[::-1].copy()  # latest first: the most-behind last
+    size = lags.size
+    whole = size * lags[-1]  # one product over the steps the most-behind atom needs
+    cut = batch_omp._split(lags)
+    costs = {c: c * lags[c - 1] + (size - c) * lags[-1] for c in range(1, size)}
+    if cut == size:
+        assert all(cost + batch_omp._CALL_COST >= whole for cost in costs.values())
+    else:
+        assert costs[cut] == min(costs.values())
+        assert costs[cut] + batch_omp._CALL_COST < whole
+
+
+@given(
+    st.integers(1, 40),
+    st.integers(1, 12),
+    st.integers(1, 30),
+    st.integers(0, 2**32 - 1),
+)
+def test_a_refresh_brings_every_row_up_to_date_whatever_it_lags(v, n, steps, seed):
+    rng = np.random.default_rng(seed)
+    first_ct = rng.standard_normal((v, n))
+    scorer = _Scorer(first_ct.copy(), steps, np.ones(v), order=1, normalize=False, atom_exp=None)
+    scorer.At[:steps] = rng.standard_normal((steps, n))
+    scorer.U[:steps] = rng.standard_normal((steps, v))
+    scorer.steps = steps
+    # Each row as it stood after a random number of steps.
+    scorer.stamp[:] = rng.integers(0, steps + 1, v)
+    taken = np.arange(steps)[:, None] < scorer.stamp
+    scorer.Ct[:] = first_ct - (scorer.U[:steps] * taken).T @ scorer.At[:steps]
+    atoms = rng.permutation(v)[: min(v, scorer.batch)]
+    scorer._refresh(atoms)
+    exact = first_ct - scorer.U[:steps].T @ scorer.At[:steps]
+    # Rounding of sums of ~steps products of standard normals: far inside 1e-12.
+    np.testing.assert_allclose(scorer.Ct[atoms], exact[atoms], rtol=0, atol=1e-12 * steps * 10)
+    np.testing.assert_array_equal(scorer.stamp[atoms], steps)
+    np.testing.assert_allclose(scorer.bound[atoms], np.abs(exact[atoms]).sum(axis=1), rtol=1e-12)
