@@ -200,6 +200,11 @@ class TorchEngine:
         self.device = torch.device(device)
         self.dtype = dtype
 
+    def pursue_layers(self, layers, dictionary, n_atoms, options):
+        """SOMP of every head of each layer (see :class:`somp_ref.engines.Engine`)."""
+        for layer, z, o_proj in layers:
+            yield layer, self.pursue_layer(z, o_proj, dictionary, n_atoms, options)
+
     @torch.no_grad()
     def pursue_layer(
         self,

@@ -6,15 +6,43 @@ through the ``somp_ref.engines`` entry points, so the core never imports torch.
 
 from __future__ import annotations
 
+import itertools
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import NamedTuple, Protocol
 
 import numpy as np
 
-from somp_ref.factored import Dictionary, factored_path, rescaled
+from somp_ref.factored import (
+    Dictionary,
+    HeadPath,
+    HeadProblem,
+    head_problem,
+    pursue_head,
+    rescaled,
+)
+from somp_ref.prefetch import Slot, Slots, Timing, can_overlap, pursued_in_turn
 
 ENGINE_GROUP = "somp_ref.engines"
+
+#: For l1, the numpy engine makes ``D W_O`` this many columns (whole heads) at a time:
+#: small enough to be made during a few pursuits, and nearly as fast as the whole layer's
+#: product (on 2 cores, 10% slower a 7B layer; a head's 128 columns alone: 50% slower,
+#: each call packing D again). The same in every mode, so that the bits are too; l2
+#: makes the whole layer's at once.
+PRODUCT_COLUMNS = 512
+
+#: Heads prepared ahead of the one pursued, when overlapped: enough to carry the
+#: pursuits over the product of the next :data:`PRODUCT_COLUMNS` (one head in four pays
+#: for it, several times the cost of the other three's products).
+PREFETCHED = 3
+
+#: At most this much memory for the prepared heads' (v, n_samples) l1 correlations (16 MB
+#: each at 7B shape, 1000 atoms and 2000 samples): fewer heads ahead past it, and no
+#: overlap where one alone is more (then memory stays at the pursued head's).
+PREFETCH_BYTES = 2**28
 
 
 @dataclass(frozen=True)
@@ -42,73 +70,148 @@ class HeadPursuit(NamedTuple):
     explained_variance: np.ndarray
 
 
+#: What an engine is handed: (layer, z, o_proj) per layer, in order (see :class:`Engine`).
+Layers = Iterable[tuple[int, np.ndarray, np.ndarray]]
+
+
 class Engine(Protocol):
-    """Pursues every head of one layer; :func:`rank_heads` does everything else."""
+    """Pursues every head of the layers it is handed; :func:`rank_heads` does the rest."""
 
     name: str
 
-    def pursue_layer(
-        self,
-        z: np.ndarray,
-        o_proj: np.ndarray,
-        dictionary: Dictionary,
-        n_atoms: int,
-        options: PursuitOptions,
-    ) -> list[HeadPursuit]:
-        """SOMP of each head of a layer.
+    def pursue_layers(
+        self, layers: Layers, dictionary: Dictionary, n_atoms: int, options: PursuitOptions
+    ) -> Iterator[tuple[int, list[HeadPursuit]]]:
+        """SOMP of each head of each layer, a layer's results as soon as it is done.
 
         Parameters
         ----------
-        z : ndarray of shape (n_samples, n_heads, d_head)
-            As stored (any float dtype, possibly memory-mapped), checked finite.
-        o_proj : ndarray of shape (d_model, n_heads * d_head), float64
-            Rescaled into the safe range (:func:`somp_ref.factored.rescaled`).
+        layers : iterable of (int, ndarray, ndarray)
+            Each layer's index, z of shape (n_samples, n_heads, d_head) as stored (any
+            float dtype, possibly memory-mapped, checked finite) and o_proj of shape
+            (d_model, n_heads * d_head), float64, rescaled into the safe range
+            (:func:`somp_ref.factored.rescaled`). Read lazily: an engine may read the
+            next layer while it pursues one.
         dictionary : Dictionary
         n_atoms : int
         options : PursuitOptions
 
-        Returns
-        -------
-        list of HeadPursuit
-            One per head; explained variance and support as
+        Yields
+        ------
+        (int, list of HeadPursuit)
+            A layer's index and one result per head; explained variance and support as
             :func:`somp_ref.factored.head_somp` returns them.
         """
         ...
 
 
-class NumpyEngine:
-    """The reference engine: :func:`somp_ref.factored.factored_path`, head by head.
+class _Prepared(NamedTuple):
+    """A head ready for its pursuit, and where it belongs."""
 
-    Each head's z is widened to float64 alone, so memory stays at one head's samples.
-    "l1" pursues each head's (v, n) correlations with the lazy argmax; "l2" pursues in
-    the head's d_head-dimensional sample space (no v x n product at all). The large
-    products use every BLAS thread, the pursuits one
-    (:func:`somp_ref.factored.one_blas_thread`); ``score_heads(workers=N)`` runs layers in
-    N processes for the rest of the cores.
+    layer: int
+    head: int
+    n_heads: int
+    ends_product: bool  # the last head of its share of D W_O
+    problem: HeadProblem
+    slot: Slot
+
+
+class NumpyEngine:
+    """The reference engine: :func:`somp_ref.factored.head_problem` and
+    :func:`somp_ref.factored.pursue_head`, head by head.
+
+    Each head's z is widened to float64 alone, so memory stays at one head's samples, and
+    ``E_h = D W_O[:, h]`` is made for a few heads at a time (l1: :data:`PRODUCT_COLUMNS`)
+    or the whole layer (l2). "l1" pursues each head's (v, n) correlations with the lazy
+    argmax; "l2" pursues in the head's d_head-dimensional sample space (no v x n product
+    at all). The pursuits run BLAS on one thread
+    (:func:`somp_ref.factored.one_blas_thread`); with ``overlap`` the next heads' products
+    (and layers' reads) are made meanwhile by a second thread, where that pays
+    (:mod:`somp_ref.prefetch`: l1 only, whose pursuits are the longer, and within
+    :data:`PREFETCH_BYTES`), else on every BLAS thread between pursuits.
+    ``score_heads(workers=N)`` runs layers in N processes, each with ``overlap=False``.
     """
 
     name = "numpy"
 
-    def pursue_layer(self, z, o_proj, dictionary, n_atoms, options):
-        d_head = z.shape[2]
-        projected = dictionary.atoms @ o_proj  # (v, n_heads * d_head): every E_h at once
-        results = []
-        for head in range(z.shape[1]):
-            cols = slice(head * d_head, (head + 1) * d_head)
-            z_head, _ = rescaled(np.asarray(z[:, head], dtype=np.float64))
-            head_path = factored_path(
-                z_head,
-                o_proj[:, cols],
-                projected[:, cols],
+    def __init__(self, *, overlap: bool = True) -> None:
+        self.overlap = overlap
+
+    def pursue_layers(self, layers, dictionary, n_atoms, options):
+        layers = iter(layers)
+        first = next(layers, None)
+        if first is None:
+            return
+        layers = itertools.chain([first], layers)
+        n_samples = first[1].shape[0]
+        ahead = PREFETCH_BYTES // (8 * dictionary.atoms.shape[0] * n_samples)
+        overlap = self.overlap and options.order == 1 and ahead > 0 and can_overlap()
+        slots = Slots(1 + min(ahead, PREFETCHED) if overlap else 1)
+        timing = Timing()
+
+        def pursue(prepared: _Prepared) -> tuple[_Prepared, HeadPursuit]:
+            path = pursue_head(
+                prepared.problem,
                 dictionary,
                 n_atoms,
-                center=options.center,
                 normalize=options.normalize,
                 order=options.order,
                 tol=options.tol,
             )
-            results.append(HeadPursuit(head_path.path.support, head_path.explained_variance()))
-        return results
+            slots.give_back(prepared.slot)
+            explained = HeadPath(path, prepared.problem).explained_variance()
+            return prepared, HeadPursuit(path.support, explained)
+
+        pursued = pursued_in_turn(
+            _problems(layers, dictionary, options, slots, timing),
+            pursue,
+            overlap=overlap,
+            slots=slots,
+            timing=timing,
+            probe_ends=lambda prepared: prepared.ends_product,
+        )
+        results: list[HeadPursuit] = []
+        for prepared, result in pursued:
+            results.append(result)
+            if prepared.head == prepared.n_heads - 1:
+                yield prepared.layer, results
+                results = []
+
+
+def _problems(
+    layers: Layers,
+    dictionary: Dictionary,
+    options: PursuitOptions,
+    slots: Slots,
+    timing: Timing,
+) -> Iterator[_Prepared]:
+    """Each head of each layer made ready for its pursuit, in order."""
+    v = dictionary.atoms.shape[0]
+    for layer, z, o_proj in layers:
+        n_samples, n_heads, d_head = z.shape
+        # l2 pursuits never overlap: its product for the whole layer, the fastest.
+        per_product = max(1, PRODUCT_COLUMNS // d_head) if options.order == 1 else n_heads
+        for first in range(0, n_heads, per_product):
+            last = min(first + per_product, n_heads)
+            start = time.perf_counter()
+            projected = dictionary.atoms @ o_proj[:, first * d_head : last * d_head]
+            timing.prepared += time.perf_counter() - start
+            for head in range(first, last):
+                slot = slots.take()  # waits while the pursuits are behind
+                start = time.perf_counter()
+                z_head, _ = rescaled(np.asarray(z[:, head], dtype=np.float64))
+                own = slice((head - first) * d_head, (head - first + 1) * d_head)
+                out = slot.buffer((v, n_samples)) if options.order == 1 else None
+                problem = head_problem(
+                    z_head,
+                    o_proj[:, head * d_head : (head + 1) * d_head],
+                    projected[:, own],
+                    center=options.center,
+                    order=options.order,
+                    out=out,
+                )
+                timing.prepared += time.perf_counter() - start
+                yield _Prepared(layer, head, n_heads, head == last - 1, problem, slot)
 
 
 def load_engine(name: str, device: str | None = None) -> Engine:

@@ -153,6 +153,23 @@ def sample_space_coef(zc: np.ndarray, projected: np.ndarray, path: PursuitPath) 
 _BLAS: dict[str, object] = {}
 
 
+def _blas_controller():
+    """threadpoolctl's controller of this process's thread pools (None without it)."""
+    if "controller" not in _BLAS:
+        try:
+            from threadpoolctl import ThreadpoolController
+        except ImportError:
+            _BLAS["controller"] = None
+        else:
+            _BLAS["controller"] = ThreadpoolController()
+    return _BLAS["controller"]
+
+
+def blas_threads_limitable() -> bool:
+    """Whether :func:`one_blas_thread` limits anything (threadpoolctl is installed)."""
+    return _blas_controller() is not None
+
+
 def one_blas_thread() -> contextlib.AbstractContextManager:
     """A context in which BLAS runs on one thread, when threadpoolctl is installed (it
     comes with scikit-learn, in the ``hf`` and ``test`` extras); otherwise nothing.
@@ -166,17 +183,34 @@ def one_blas_thread() -> contextlib.AbstractContextManager:
     sample-space factor) run outside it, on every thread. The limit is process-wide while
     it lasts (threadpoolctl's own caveat for threaded callers).
     """
-    if "controller" not in _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _BLAS["controller"] = None
-        else:
-            _BLAS["controller"] = ThreadpoolController()
-    controller = _BLAS["controller"]
+    controller = _blas_controller()
     if controller is None:
         return contextlib.nullcontext()
     return controller.limit(limits=1, user_api="blas")
+
+
+class HeadProblem(NamedTuple):
+    """A head ready for its pursuit: the products :func:`pursue_head` starts from.
+
+    Attributes
+    ----------
+    correlations : ndarray of shape (v, n_samples) or (v, d_head)
+        ``E_h zc^T``, or ``E_h R^T`` in the sample space. The pursuit overwrites it.
+    energy : float
+        ``||zc W^T||_F^2`` of the (centered) head, 0 when zero to rounding.
+    zc : ndarray of shape (n_samples, d_head)
+        The centered ``z``.
+    mean_z : ndarray of shape (d_head,)
+        What was subtracted (zeros without centering).
+    in_sample_space : bool
+        Whether the pursuit runs in the head's sample space (l2, n > d_head).
+    """
+
+    correlations: np.ndarray
+    energy: float
+    zc: np.ndarray
+    mean_z: np.ndarray
+    in_sample_space: bool
 
 
 class HeadPath(NamedTuple):
@@ -185,25 +219,75 @@ class HeadPath(NamedTuple):
     Attributes
     ----------
     path : PursuitPath
-    energy : float
-        ``||zc W^T||_F^2`` of the (centered) head, 0 when zero to rounding.
-    zc : ndarray of shape (n_samples, d_head)
-        The centered ``z``.
-    mean_z : ndarray of shape (d_head,)
-        What was subtracted (zeros without centering).
-    in_sample_space : bool
-        Whether the pursuit ran in the head's sample space (l2, n > d_head).
+    problem : HeadProblem
+        What it started from (its correlations overwritten by the pursuit).
     """
 
     path: PursuitPath
-    energy: float
-    zc: np.ndarray
-    mean_z: np.ndarray
-    in_sample_space: bool
+    problem: HeadProblem
 
     def explained_variance(self) -> np.ndarray:
         """``1 - residual / energy`` after 0..t atoms, shape (t + 1,)."""
-        return explained_variance(residual_energies(self.energy, self.path.gains))
+        return explained_variance(residual_energies(self.problem.energy, self.path.gains))
+
+
+def head_problem(
+    z: np.ndarray,
+    o_proj_head: np.ndarray,
+    projected: np.ndarray,
+    *,
+    center: bool,
+    order: int,
+    out: np.ndarray | None = None,
+) -> HeadProblem:
+    """The products over d_model or the n samples that a head's pursuit starts from.
+
+    ``z`` (n_samples, d_head), ``o_proj_head`` (d_model, d_head) and ``projected = D @
+    o_proj_head`` (v, d_head) as :func:`factored_path` takes them; ``out``, shape (v,
+    n_samples), receives l1's correlations (a buffer reused head after head: a fresh
+    16 MB array for a 7B head costs more in page faults than its product).
+    """
+    mean_z = z.mean(axis=0) if center else np.zeros(z.shape[1])
+    zc = z - mean_z
+    in_sample_space = order == 2 and z.shape[0] > z.shape[1]
+    gram_w = o_proj_head.T @ o_proj_head
+    samples = sample_space_factor(zc) if in_sample_space else zc
+    energy = max(float(np.einsum("ij,ij->", samples @ gram_w, samples)), 0.0)
+    if center:
+        # ||z W^T||^2 = ||zc W^T||^2 + n ||W mean||^2 (zc's columns sum to zero): the
+        # reference of the zero-signal rule, which needs no more than a few digits.
+        raw = energy + zc.shape[0] * float(mean_z @ gram_w @ mean_z)
+        energy = signal_energy(energy, raw)
+    # l1: v x n x d_head, the ranking's floor
+    correlations = np.matmul(projected, samples.T, out=None if in_sample_space else out)
+    return HeadProblem(correlations, energy, zc, mean_z, in_sample_space)
+
+
+def pursue_head(
+    problem: HeadProblem,
+    dictionary: Dictionary,
+    n_atoms: int,
+    *,
+    normalize: bool,
+    order: int,
+    tol: float,
+) -> PursuitPath:
+    """SOMP of a prepared head (its thousands of small BLAS calls: run it inside
+    :func:`one_blas_thread`)."""
+    v = problem.correlations.shape[0]
+    return pursue(
+        problem.correlations,
+        dictionary.gram_row,
+        dictionary.sq_norms,
+        problem.energy,
+        min(n_atoms, v),
+        order=order,
+        normalize=normalize,
+        tol=tol,
+        refit=True,
+        atom_exp=dictionary.atom_exp,
+        scoring="tracked" if problem.in_sample_space else "lazy",
+    )
 
 
 def factored_path(
@@ -221,37 +305,14 @@ def factored_path(
     """The pursuit of ``z @ o_proj_head.T`` given ``projected = D @ o_proj_head`` (v, d_head).
 
     Trusts its inputs as :func:`factored_somp` does. The products over d_model or the n
-    samples (the head's Gram, l1's v x n correlations, l2's sample-space factor) run on
-    every BLAS thread; the pursuit's thousands of small calls on one
-    (:func:`one_blas_thread`).
+    samples (:func:`head_problem`: the head's Gram, l1's v x n correlations, l2's
+    sample-space factor) run on every BLAS thread; the pursuit's thousands of small calls
+    on one (:func:`one_blas_thread`).
     """
-    mean_z = z.mean(axis=0) if center else np.zeros(z.shape[1])
-    zc = z - mean_z
-    in_sample_space = order == 2 and z.shape[0] > z.shape[1]
-    gram_w = o_proj_head.T @ o_proj_head
-    samples = sample_space_factor(zc) if in_sample_space else zc
-    energy = max(float(np.einsum("ij,ij->", samples @ gram_w, samples)), 0.0)
-    if center:
-        # ||z W^T||^2 = ||zc W^T||^2 + n ||W mean||^2 (zc's columns sum to zero): the
-        # reference of the zero-signal rule, which needs no more than a few digits.
-        raw = energy + zc.shape[0] * float(mean_z @ gram_w @ mean_z)
-        energy = signal_energy(energy, raw)
-    correlations = projected @ samples.T  # l1: v x n x d_head, the ranking's floor
+    problem = head_problem(z, o_proj_head, projected, center=center, order=order)
     with one_blas_thread():
-        path = pursue(
-            correlations,
-            dictionary.gram_row,
-            dictionary.sq_norms,
-            energy,
-            min(n_atoms, projected.shape[0]),
-            order=order,
-            normalize=normalize,
-            tol=tol,
-            refit=True,
-            atom_exp=dictionary.atom_exp,
-            scoring="tracked" if in_sample_space else "lazy",
-        )
-    return HeadPath(path, energy, zc, mean_z, in_sample_space)
+        path = pursue_head(problem, dictionary, n_atoms, normalize=normalize, order=order, tol=tol)
+    return HeadPath(path, problem)
 
 
 def factored_somp(
@@ -282,7 +343,7 @@ def factored_somp(
     product is formed; the coefficients come from one n x t product at the end
     (:func:`sample_space_coef`).
     """
-    head = factored_path(
+    path, problem = factored_path(
         z,
         o_proj_head,
         projected,
@@ -293,14 +354,13 @@ def factored_somp(
         order=order,
         tol=tol,
     )
-    path = head.path
     with one_blas_thread():
-        if head.in_sample_space:
-            coef = sample_space_coef(head.zc, projected, path)
+        if problem.in_sample_space:
+            coef = sample_space_coef(problem.zc, projected, path)
         else:
             coef = solve_factored_coef(path.At, path.U, path.support)
-    energies = residual_energies(head.energy, path.gains)
-    mean = head.mean_z @ o_proj_head.T
+    energies = residual_energies(problem.energy, path.gains)
+    mean = problem.mean_z @ o_proj_head.T
     return pursuit_result(path.support, coef, energies, path.stop_reason, mean)
 
 

@@ -125,11 +125,11 @@ def _all_finite(z: np.ndarray) -> bool:
     )
 
 
-def _layers(store: ActivationStore, chosen: list[int], desc: str, show: bool):
+def _layers(store: ActivationStore, chosen: list[int]):
     """Yield (layer, z (n, heads, d_head) as stored, o_proj (d_model, heads * d_head) in
     float64 rescaled into the safe range, o_proj's exponent), every value checked finite.
     """
-    for layer in progress(chosen, desc=desc, enabled=show):
+    for layer in chosen:
         z, o_proj = store.layer(layer)
         if not _all_finite(z):  # name the first head that holds a NaN/Inf
             for head in range(store.n_heads):
@@ -256,7 +256,9 @@ def score_heads(
                     supports[layer, head] = ids[support]
                     increments[layer, head] = np.diff(explained)
     else:
-        for layer, z, o_proj, o_exp in _layers(store, chosen, desc, show_progress):
+        for layer, z, o_proj, o_exp in progress(
+            _layers(store, chosen), desc=desc, enabled=show_progress, total=len(chosen)
+        ):
             projected = dictionary.atoms @ o_proj
             d_head = store.d_head
             for head in range(store.n_heads):
@@ -307,10 +309,13 @@ def _pursued(
     desc: str,
     show: bool,
 ) -> Iterator[tuple[int, LayerResults]]:
-    """(layer, results) for each chosen layer, pursued in this process."""
-    for layer, z, o_proj, _ in _layers(store, chosen, desc, show):
-        results = pursuer.pursue_layer(z, o_proj, dictionary, n_atoms, options)
-        yield layer, [(res.support, res.explained_variance) for res in results]
+    """(layer, results) for each chosen layer, pursued in this process (the bar advances
+    as layers are pursued: an engine may read the next layer sooner)."""
+    layers = ((layer, z, o_proj) for layer, z, o_proj, _ in _layers(store, chosen))
+    pursued = pursuer.pursue_layers(layers, dictionary, n_atoms, options)
+    with contextlib.closing(pursued):
+        for layer, results in progress(pursued, desc=desc, enabled=show, total=len(chosen)):
+            yield layer, [(res.support, res.explained_variance) for res in results]
 
 
 def _pursued_in_workers(
@@ -429,7 +434,7 @@ def _pursue_in_worker(layer: int) -> LayerResults:
     ((_, results),) = _pursued(
         state["store"],
         [layer],
-        NumpyEngine(),
+        NumpyEngine(overlap=False),
         state["dictionary"],
         state["n_atoms"],
         state["options"],
