@@ -9,12 +9,12 @@ pursuits before it, they cost no time. numpy releases the GIL inside its product
 both threads run BLAS on one thread (the limit is process-wide: it is set once around
 the whole overlap, never changed while the other thread is inside a product).
 
-Overlapping pays only where the products take less time on one core than the pursuits
-(not for short pursuits, small ``n_atoms``, or many cores that make the products fast):
-so the first few heads are prepared and pursued in turn and timed, and the rest overlap
-only where their products took less. Who makes a product, and on how many BLAS threads,
-never changes a bit of it (OpenBLAS splits a product's output between threads, never a
-sum): the results are those of the heads taken in turn.
+Overlapping pays only where the products on one core take not much longer than the
+pursuits (not for short pursuits, small ``n_atoms``, or many cores that make the products
+fast): so the first few heads are prepared and pursued in turn and timed, and the rest
+overlap only where that shows it pays (:func:`_pays`). Who makes a product, and on how
+many BLAS threads, never changes a bit of it (OpenBLAS splits a product's output between
+threads, never a sum): the results are those of the heads taken in turn.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ class Slots:
     """
 
     def __init__(self, count: int) -> None:
-        self._free: queue.SimpleQueue[Slot | None] = queue.SimpleQueue()
+        # Last in, first out: problems made in turn reuse one slot's array.
+        self._free: queue.LifoQueue[Slot | None] = queue.LifoQueue()
         for _ in range(count):
             self._free.put(Slot())
         self._stopped = False
@@ -121,7 +122,7 @@ def pursued_in_turn(
         Whether to try (see :func:`can_overlap`); False when the process's cores are busy
         with other work already. The problems up to the first for which ``probe_ends``
         holds are then made and pursued in turn, on one BLAS thread, and the rest overlap
-        only if their products took less time than their pursuits.
+        only where their timing shows it pays (:func:`_pays`).
     slots : Slots
         The slots the problems take: their number bounds the prefetch.
     timing : Timing
@@ -144,7 +145,7 @@ def pursued_in_turn(
             yield result
             if probe_ends(problem):
                 break
-        overlap = timing.prepared < timing.pursued
+        overlap = _pays(timing)
     if not overlap:
         for problem in problems:  # made on every BLAS thread
             with one_blas_thread():
@@ -165,6 +166,17 @@ def pursued_in_turn(
         finally:
             slots.stop()
             thread.join()
+
+
+def _pays(timing: Timing) -> bool:
+    """Whether overlapping the rest beats making the products between the pursuits.
+
+    Overlapped, a head costs the longer of its products on one thread (P, as timed) and
+    its pursuit (S); in turn, the products on every core (at best P / c on c cores) plus
+    S. ``P (1 - 1 / c) < S`` makes the first the shorter, however well the products use
+    the cores (on 2 cores: products up to twice the pursuits still pay).
+    """
+    return timing.prepared * (1.0 - 1.0 / _cores()) < timing.pursued
 
 
 _END = object()

@@ -92,7 +92,7 @@ def test_the_results_come_in_order_overlapped_or_not(count, probe_size, slow, sl
     probed = min(probe_size, count)
     assert set(run.makers[:probed]) <= {"MainThread"}
     rest = set(run.makers[probed:])
-    # Overlapped only where the probe's products took less time than its pursuits.
+    # Overlapped only where the probe's timing shows it pays.
     assert rest <= ({"MainThread"} if slow else {THREAD})
     assert run.most_in_flight <= slots
     assert no_thread_left()
@@ -227,3 +227,22 @@ def test_the_prefetch_stays_within_its_memory(store, monkeypatch, makers, heads_
     score_heads(store, CONCEPT, 4, show_progress=False)
     assert made == [slots]  # the pursued head's and those prepared ahead
     assert (THREAD in makers) == (slots > 1)
+
+
+@given(
+    products=st.floats(0.0, 10.0),
+    pursuits=st.floats(1e-3, 10.0),
+    cores=st.integers(2, 64),
+)
+def test_overlap_is_chosen_only_where_it_beats_any_use_of_the_cores(products, pursuits, cores):
+    timing = Timing()
+    timing.prepared, timing.pursued = products, pursuits
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(prefetch, "_cores", lambda: cores)
+        pays = prefetch._pays(timing)
+    overlapped = max(products, pursuits)  # the two threads side by side
+    in_turn = products / cores + pursuits  # the products on every core, at best
+    if pays:  # never slower (to the rounding of the two sides' few operations)
+        assert overlapped <= in_turn * (1 + 1e-12)
+    if products <= pursuits:  # the products hide entirely behind the pursuits
+        assert pays
