@@ -47,8 +47,13 @@ _INITIAL_STEPS = 64
 #: Stale candidates scored exactly per round of the fast engine's lazy argmax.
 _SCORE_BATCH = 32
 
-#: Samples centered and correlated per block by the fast engine's set-up.
-_SAMPLE_BLOCK = 512
+#: Samples centered and correlated per block by the fast engine's set-up: at n = 2000,
+#: d = 4096, v = 1000, blocks of 1024 take 117 ms against 126 ms for 512 and 91 ms for
+#: the uncentered product (one 32 MB block at a time).
+_SAMPLE_BLOCK = 1024
+
+#: Rows of correlations whose l1 norms are summed at a time (a 2 MB buffer at n = 2000).
+_NORM_ROWS = 128
 
 
 class PursuitPath(NamedTuple):
@@ -184,7 +189,7 @@ def _row_norms(Ct: np.ndarray, order: int) -> np.ndarray:
     if order != 1:
         return np.sqrt(np.einsum("ij,ij->i", Ct, Ct))
     norms = np.empty(Ct.shape[0])
-    block = np.empty((min(_SAMPLE_BLOCK // 4, Ct.shape[0]), Ct.shape[1]))
+    block = np.empty((min(_NORM_ROWS, Ct.shape[0]), Ct.shape[1]))
     for start in range(0, Ct.shape[0], block.shape[0]):
         rows = Ct[start : start + block.shape[0]]
         np.abs(rows, out=block[: rows.shape[0]]).sum(

@@ -10,7 +10,7 @@ from numpy.testing import assert_allclose, assert_array_equal
 from problems import EDGE_FRACTION, EPS, assert_same_selection, gaussian_problems
 from scipy.linalg import lstsq
 
-from somp_ref import logit_lens, matching_pursuit, somp
+from somp_ref import batch_omp, logit_lens, matching_pursuit, somp
 from somp_ref.decisions import tie_unit, window_scale
 from somp_ref.pursuit import STOP_REASONS
 
@@ -452,3 +452,17 @@ def test_mp_one_step_equals_somp_one_step():
     sp = somp(H, D, 1)
     assert_array_equal(mp.support, sp.support)
     assert_allclose(mp.coef, sp.coef, rtol=1e-12, atol=1e-14)
+
+
+@given(gaussian_problems(max_n=30, max_d=12, max_v=10), st.integers(1, 8))
+def test_correlations_centered_block_by_block_are_those_of_the_centered_samples(problem, block):
+    H, D = problem
+    mean = H.mean(axis=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(batch_omp, "_SAMPLE_BLOCK", block)
+        Ct, energy = batch_omp.centered_correlations(H, D, mean)
+    centered = H - mean
+    # The same products, summed over d; rounding ~d eps of |D| |H - mean|.
+    scale = np.abs(D) @ np.abs(centered).T
+    assert np.all(np.abs(Ct - D @ centered.T) <= 4 * H.shape[1] * EPS * scale)
+    assert energy == pytest.approx(float(np.sum(centered * centered)), rel=1e-12, abs=1e-300)
