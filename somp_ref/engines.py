@@ -6,7 +6,7 @@ through the ``somp_ref.engines`` entry points, so the core never imports torch.
 
 from __future__ import annotations
 
-import itertools
+import contextlib
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -30,8 +30,8 @@ ENGINE_GROUP = "somp_ref.engines"
 #: For l1, the numpy engine makes ``D W_O`` this many columns (whole heads) at a time:
 #: small enough to be made during a few pursuits, and nearly as fast as the whole layer's
 #: product (on 2 cores, 10% slower a 7B layer; a head's 128 columns alone: 50% slower,
-#: each call packing D again). The same in every mode, so that the bits are too; l2
-#: makes the whole layer's at once.
+#: each call packing D again). The same calls in every mode; l2 makes the whole layer's
+#: at once.
 PRODUCT_COLUMNS = 512
 
 #: Heads prepared ahead of the one pursued, when overlapped: enough to carry the
@@ -108,9 +108,7 @@ class Engine(Protocol):
 class _Prepared(NamedTuple):
     """A head ready for its pursuit, and where it belongs."""
 
-    layer: int
-    head: int
-    n_heads: int
+    place: tuple[int, int, int]  # layer, head, heads in the layer
     ends_product: bool  # the last head of its share of D W_O
     problem: HeadProblem
     slot: Slot
@@ -142,14 +140,15 @@ class NumpyEngine:
         first = next(layers, None)
         if first is None:
             return
-        layers = itertools.chain([first], layers)
         n_samples = first[1].shape[0]
+        layers = _put_back(first, layers)
+        del first  # the layer's arrays go with the prefetch, not with this frame
         ahead = PREFETCH_BYTES // (8 * dictionary.atoms.shape[0] * n_samples)
         overlap = self.overlap and options.order == 1 and ahead > 0 and can_overlap()
         slots = Slots(1 + min(ahead, PREFETCHED) if overlap else 1)
         timing = Timing()
 
-        def pursue(prepared: _Prepared) -> tuple[_Prepared, HeadPursuit]:
+        def pursue(prepared: _Prepared) -> tuple[tuple[int, int, int], HeadPursuit]:
             path = pursue_head(
                 prepared.problem,
                 dictionary,
@@ -158,9 +157,9 @@ class NumpyEngine:
                 order=options.order,
                 tol=options.tol,
             )
-            slots.give_back(prepared.slot)
             explained = HeadPath(path, prepared.problem).explained_variance()
-            return prepared, HeadPursuit(path.support, explained)
+            slots.give_back(prepared.slot)  # its buffer may now be written again
+            return prepared.place, HeadPursuit(path.support, explained)
 
         pursued = pursued_in_turn(
             _problems(layers, dictionary, options, slots, timing),
@@ -171,11 +170,20 @@ class NumpyEngine:
             probe_ends=lambda prepared: prepared.ends_product,
         )
         results: list[HeadPursuit] = []
-        for prepared, result in pursued:
-            results.append(result)
-            if prepared.head == prepared.n_heads - 1:
-                yield prepared.layer, results
-                results = []
+        with contextlib.closing(pursued):  # an error here stops the prefetch at once
+            for (layer, head, n_heads), result in pursued:
+                results.append(result)
+                if head == n_heads - 1:
+                    yield layer, results
+                    results = []
+
+
+def _put_back(first: tuple, rest: Iterator[tuple]) -> Iterator[tuple]:
+    """``first`` then ``rest``, holding ``first`` no longer than it is in use (unlike
+    ``itertools.chain``, whose arguments live as long as it does: a whole layer)."""
+    yield first
+    del first
+    yield from rest
 
 
 def _problems(
@@ -189,7 +197,8 @@ def _problems(
     v = dictionary.atoms.shape[0]
     for layer, z, o_proj in layers:
         n_samples, n_heads, d_head = z.shape
-        # l2 pursuits never overlap: its product for the whole layer, the fastest.
+        # l2 pursuits never overlap (its sample-space factor changes the BLAS limit: it must
+        # not run beside a pursuit): its product for the whole layer, the fastest.
         per_product = max(1, PRODUCT_COLUMNS // d_head) if options.order == 1 else n_heads
         for first in range(0, n_heads, per_product):
             last = min(first + per_product, n_heads)
@@ -211,7 +220,7 @@ def _problems(
                     out=out,
                 )
                 timing.prepared += time.perf_counter() - start
-                yield _Prepared(layer, head, n_heads, head == last - 1, problem, slot)
+                yield _Prepared((layer, head, n_heads), head == last - 1, problem, slot)
 
 
 def load_engine(name: str, device: str | None = None) -> Engine:

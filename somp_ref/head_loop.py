@@ -9,9 +9,10 @@ With ``workers > 1`` the numpy engine's layers are pursued by a pool of processe
 start method: safe with threads and any BLAS). Each worker opens the store by its path,
 limits its BLAS to one thread, memory-maps the parent's dictionary (written once to a
 temporary directory, removed afterwards) and pursues the layers it is handed; the
-parent gathers the results in layer order, so the scores are those of ``workers=1`` bit
-for bit (each head's arithmetic is the same; only who runs it changes, and on how many
-BLAS threads: OpenBLAS's products split their output between threads, never a sum).
+parent gathers the results in layer order, so the scores are those of ``workers=1``: each
+head's arithmetic is the same calls, only who runs them changes, and on how many BLAS
+threads (bit for bit where the BLAS rounds a product alike on any number of threads; see
+"Ranking" in docs/ARCHITECTURE.md).
 Where the dictionary cannot be written (no room under ``$TMPDIR``), each worker builds it
 from the store as the parent did, with a warning.
 A script that ranks with workers needs the usual ``if __name__ == "__main__":`` guard.

@@ -12,9 +12,10 @@ the whole overlap, never changed while the other thread is inside a product).
 Overlapping pays only where the products on one core take not much longer than the
 pursuits (not for short pursuits, small ``n_atoms``, or many cores that make the products
 fast): so the first few heads are prepared and pursued in turn and timed, and the rest
-overlap only where that shows it pays (:func:`_pays`). Who makes a product, and on how
-many BLAS threads, never changes a bit of it (OpenBLAS splits a product's output between
-threads, never a sum): the results are those of the heads taken in turn.
+overlap only where that shows it pays (:func:`_pays`). The products are the same calls
+either way, only on one BLAS thread instead of all: the results are those of the heads
+taken in turn (bit for bit where the BLAS rounds a product alike on any number of threads;
+see "Ranking" in docs/ARCHITECTURE.md).
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def pursued_in_turn(
 
     Yields
     ------
-    The results, in order.
+    The results, in order. While the problems overlap, BLAS stays on one thread for the
+    whole process, between the results too: consume them promptly, and close the
+    generator (``contextlib.closing``) when stopping early.
     """
     problems = iter(problems)
     if overlap:
@@ -157,15 +160,30 @@ def pursued_in_turn(
         target=_prepare_all, args=(problems, made), name="somp-ref-prefetch", daemon=True
     )
     with one_blas_thread():
-        thread.start()
         try:
+            thread.start()
             while (problem := made.get()) is not _END:
                 if isinstance(problem, _Failure):
-                    raise problem.error
+                    error = problem.error
+                    del problem  # no cycle through the traceback holding a slot
+                    raise error
                 yield pursue(problem)
         finally:
             slots.stop()
+            _join(thread)
+
+
+def _join(thread: threading.Thread) -> None:
+    """Wait for the preparing thread (at most its current product), through interrupts too:
+    the BLAS limit must not be lifted while it is inside a product."""
+    interrupted = None
+    while thread.is_alive():
+        try:
             thread.join()
+        except KeyboardInterrupt as err:
+            interrupted = err
+    if interrupted is not None:
+        raise interrupted
 
 
 def _pays(timing: Timing) -> bool:

@@ -72,7 +72,7 @@ def rank_heads(
     **options
         Passed to :func:`somp_ref.head_loop.score_heads`: center, normalize, criterion,
         tol, layers, exclude_layers, engine ("numpy" or "torch"), device, workers (numpy:
-        layers pursued in that many processes, the same scores bit for bit), show_progress.
+        layers pursued in that many processes, the same scores), show_progress.
 
     Returns
     -------

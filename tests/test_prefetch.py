@@ -3,13 +3,16 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from numpy.testing import assert_allclose
 from stores import write_planted_store
 
 from somp_ref import engines, prefetch
@@ -246,3 +249,57 @@ def test_overlap_is_chosen_only_where_it_beats_any_use_of_the_cores(products, pu
         assert overlapped <= in_turn * (1 + 1e-12)
     if products <= pursuits:  # the products hide entirely behind the pursuits
         assert pays
+
+
+#: At sizes where BLAS threads, a product on one thread may round otherwise than on two
+#: (OpenBLAS's SkylakeX kernels, with 900 samples: ~1e-16 relative): explained variances
+#: then agree to the rounding of the pursuit's sums, far inside this.
+THREADED_EV_ATOL = 1e-12
+
+
+@pytest.fixture(scope="module")
+def threaded_store(tmp_path_factory):
+    """Heads large enough that their products run on several BLAS threads."""
+    return write_planted_store(
+        tmp_path_factory.mktemp("threaded") / "store",
+        n_layers=2,
+        n_heads=8,
+        d_head=64,
+        d_model=256,
+        vocab=300,
+        n_samples=900,
+        concept=tuple(range(0, 300, 3)),
+        planted=((1, 2),),
+    )
+
+
+def test_overlapped_rankings_agree_where_blas_threads(threaded_store, monkeypatch):
+    concept = list(range(0, 300, 3))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engines, "can_overlap", lambda: False)
+        in_turn = score_heads(threaded_store, concept, 8, show_progress=False)
+    monkeypatch.setattr(engines, "Timing", FreeProducts)
+    overlapped = score_heads(threaded_store, concept, 8, show_progress=False)
+    assert_allclose(in_turn.score, overlapped.score, rtol=0, atol=THREADED_EV_ATOL)
+    for head, support in in_turn.supports.items():
+        assert np.array_equal(support, overlapped.supports[head]), head
+
+
+def test_a_layer_is_let_go_once_pursued(store, monkeypatch):
+    monkeypatch.setattr(engines, "Timing", FreeProducts)
+    dictionary = engines.Dictionary.build(np.asarray(store.unembed()[CONCEPT], dtype=np.float64))
+    options = engines.PursuitOptions(center=True, normalize=True, order=1, tol=0.0)
+    handed = []
+
+    def layers():
+        for layer in range(store.n_layers):
+            z, o_proj = store.layer(layer)
+            o_proj = np.array(o_proj, dtype=np.float64)
+            handed.append(weakref.ref(o_proj))
+            yield layer, np.asarray(z), o_proj
+
+    pursued = NumpyEngine().pursue_layers(layers(), dictionary, 4, options)
+    for layer, _ in pursued:
+        gc.collect()
+        # Alive at most: the layer just pursued, and the next one read ahead.
+        assert all(ref() is None for ref in handed[: max(layer, 0)]), layer
