@@ -17,13 +17,13 @@ import numpy as np
 
 from somp_ref.factored import (
     Dictionary,
-    HeadPath,
     HeadProblem,
     head_problem,
     pursue_head,
     rescaled,
 )
 from somp_ref.prefetch import Slot, Slots, Timing, can_overlap, pursued_in_turn
+from somp_ref.pursuit import explained_variance, residual_energies
 
 ENGINE_GROUP = "somp_ref.engines"
 
@@ -157,7 +157,8 @@ class NumpyEngine:
                 order=options.order,
                 tol=options.tol,
             )
-            explained = HeadPath(path, prepared.problem).explained_variance()
+            energies = residual_energies(prepared.problem.energy, path.gains)
+            explained = explained_variance(energies)
             slots.give_back(prepared.slot)  # its buffer may now be written again
             return prepared.place, HeadPursuit(path.support, explained)
 

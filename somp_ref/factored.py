@@ -23,7 +23,6 @@ from somp_ref.decisions import binary_exponent, signal_energy
 from somp_ref.pursuit import (
     NORM_ORDER,
     SompResult,
-    explained_variance,
     pursuit_result,
     residual_energies,
 )
@@ -213,24 +212,6 @@ class HeadProblem(NamedTuple):
     in_sample_space: bool
 
 
-class HeadPath(NamedTuple):
-    """A head's pursuit before its coefficients: what a ranking needs.
-
-    Attributes
-    ----------
-    path : PursuitPath
-    problem : HeadProblem
-        What it started from (its correlations overwritten by the pursuit).
-    """
-
-    path: PursuitPath
-    problem: HeadProblem
-
-    def explained_variance(self) -> np.ndarray:
-        """``1 - residual / energy`` after 0..t atoms, shape (t + 1,)."""
-        return explained_variance(residual_energies(self.problem.energy, self.path.gains))
-
-
 def head_problem(
     z: np.ndarray,
     o_proj_head: np.ndarray,
@@ -243,7 +224,7 @@ def head_problem(
     """The products over d_model or the n samples that a head's pursuit starts from.
 
     ``z`` (n_samples, d_head), ``o_proj_head`` (d_model, d_head) and ``projected = D @
-    o_proj_head`` (v, d_head) as :func:`factored_path` takes them; ``out``, shape (v,
+    o_proj_head`` (v, d_head) as :func:`factored_somp` takes them; ``out``, shape (v,
     n_samples), receives l1's correlations (a buffer reused head after head: a fresh
     16 MB array for a 7B head costs more in page faults than its product).
     """
@@ -290,31 +271,6 @@ def pursue_head(
     )
 
 
-def factored_path(
-    z: np.ndarray,
-    o_proj_head: np.ndarray,
-    projected: np.ndarray,
-    dictionary: Dictionary,
-    n_atoms: int,
-    *,
-    center: bool,
-    normalize: bool,
-    order: int,
-    tol: float,
-) -> HeadPath:
-    """The pursuit of ``z @ o_proj_head.T`` given ``projected = D @ o_proj_head`` (v, d_head).
-
-    Trusts its inputs as :func:`factored_somp` does. The products over d_model or the n
-    samples (:func:`head_problem`: the head's Gram, l1's v x n correlations, l2's
-    sample-space factor) run on every BLAS thread; the pursuit's thousands of small calls
-    on one (:func:`one_blas_thread`).
-    """
-    problem = head_problem(z, o_proj_head, projected, center=center, order=order)
-    with one_blas_thread():
-        path = pursue_head(problem, dictionary, n_atoms, normalize=normalize, order=order, tol=tol)
-    return HeadPath(path, problem)
-
-
 def factored_somp(
     z: np.ndarray,
     o_proj_head: np.ndarray,
@@ -343,18 +299,11 @@ def factored_somp(
     product is formed; the coefficients come from one n x t product at the end
     (:func:`sample_space_coef`).
     """
-    path, problem = factored_path(
-        z,
-        o_proj_head,
-        projected,
-        dictionary,
-        n_atoms,
-        center=center,
-        normalize=normalize,
-        order=order,
-        tol=tol,
-    )
+    # The products over d_model or the n samples on every BLAS thread, the pursuit's
+    # thousands of small calls and the coefficients' solve on one.
+    problem = head_problem(z, o_proj_head, projected, center=center, order=order)
     with one_blas_thread():
+        path = pursue_head(problem, dictionary, n_atoms, normalize=normalize, order=order, tol=tol)
         if problem.in_sample_space:
             coef = sample_space_coef(problem.zc, projected, path)
         else:
