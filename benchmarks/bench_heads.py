@@ -12,11 +12,10 @@ Prints, from one run:
 * ``rank_heads`` (somp) with criterion l1 and l2 on all ``--layers``, and each time over
   the floor (targets: l1 <= 3, l2 <= 1.5); l1 also with ``workers=2`` (what ``somp-ref
   rank`` runs on 2 cores: the floor's products use every core, a pursuit one);
-* the speed-up on 2 cores over one core (l1: this process held to one core and one BLAS
-  thread, against one process on both, which overlaps the next heads' products with a
-  pursuit, and against ``workers=2``), on the first ``--workers-layers`` layers, 8 by
-  default: a pool starts in about a
-  second, which a few layers do not repay; target >= 1.7 on 2 cores);
+* the speed-up on 2 cores over one core (l1, this process held to one core and one BLAS
+  thread): of one process on both (it overlaps the next heads' products with a pursuit)
+  and of ``workers=2`` (target >= 1.7), on the first ``--workers-layers`` layers, 8 by
+  default (a pool starts in about a second, which a few layers do not repay);
 * with a CUDA GPU: the torch engine's time and the same floor on the GPU (float64, as the
   engine computes; target <= 1.5);
 * the peak RSS of this process (target <= 2 GB).

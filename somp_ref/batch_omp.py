@@ -362,10 +362,7 @@ class _Scorer:
         if atoms.size == 0:
             return
         t, first = self.steps, int(stamps[-1])
-        if first == t:
-            out[:] = 0.0
-            return
-        coeff = self.U[first:t, atoms]
+        coeff = self.U[first:t, atoms]  # no steps (all up to date): a product of zeros
         coeff = np.where(np.arange(first, t)[:, None] >= stamps, coeff, 0.0)
         if t - first == 1:
             # An outer product: OpenBLAS's gemm with one inner dimension is several
