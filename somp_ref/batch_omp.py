@@ -208,12 +208,12 @@ def _split(lags: np.ndarray) -> int:
     two products, each over the steps its most-behind atom needs: the cut that saves the
     most row-steps, or none (``lags.size``) when no cut saves a product call's cost."""
     size = lags.shape[0]
+    if size < 2:
+        return size
     cuts = np.arange(1, size)
     costs = cuts * lags[:-1] + (size - cuts) * lags[-1]
-    best = int(np.argmin(costs)) if size > 1 else 0
-    if size < 2 or costs[best] + _CALL_COST >= size * lags[-1]:
-        return size
-    return best + 1
+    best = int(np.argmin(costs))
+    return best + 1 if costs[best] + _CALL_COST < size * lags[-1] else size
 
 
 class _Scorer:
