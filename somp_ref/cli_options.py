@@ -27,7 +27,7 @@ import re
 from collections.abc import Callable, Mapping
 from importlib.metadata import entry_points
 
-from somp_ref.head_loop import PARALLEL_MIN_VALUES
+from somp_ref.layer_pool import PARALLEL_MIN_VALUES
 from somp_ref.ranking import DEFAULT_METHOD, METHODS, SHARE_POOL
 
 #: SOMP atoms per head unless told otherwise: the paper's number.
@@ -426,7 +426,7 @@ def rank_engine_options(args: argparse.Namespace, n_layers: int, layer_values: i
 
     ``n_layers`` layers are ranked, each holding ``layer_values`` z values (n_samples x
     n_heads x d_head): ``--workers``' default is 1 for one layer or fewer than
-    :data:`somp_ref.head_loop.PARALLEL_MIN_VALUES` values in all, else the CPUs available.
+    :data:`somp_ref.layer_pool.PARALLEL_MIN_VALUES` values in all, else the CPUs available.
     """
     device = args.device
     engine = args.engine or ("numpy" if device in (None, "cpu") else "torch")

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 
 from somp_ref.factored import head_somp
-from somp_ref.head_loop import check_finite, check_token_ids, score_heads
+from somp_ref.head_loop import score_heads
 from somp_ref.head_scores import HeadScores
+from somp_ref.layer_reads import check_finite, check_token_ids
 from somp_ref.null_dictionaries import (
     frequent_word_pool,
     matched_draws,

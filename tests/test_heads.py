@@ -10,7 +10,7 @@ from numpy.testing import assert_allclose
 from problems import assert_same_selection
 from stores import write_planted_store
 
-from somp_ref import head_loop, ll_head_score, somp
+from somp_ref import layer_reads, ll_head_score, somp
 from somp_ref.heads import (
     HeadScores,
     head_signature,
@@ -247,7 +247,7 @@ def test_ranking_a_store_altered_to_hold_non_finite_values_is_an_error(
     meta_path.write_text(json.dumps(meta))
     store = ActivationStore.open(store.path)
     if block is not None:  # the layer is checked a block of samples at a time
-        monkeypatch.setattr(head_loop, "_FINITE_BLOCK", block)
+        monkeypatch.setattr(layer_reads, "_FINITE_BLOCK", block)
     where = r"layer 1, head 2: z \(sample, d_head\) holds .* at \(5, 0\)"
     with pytest.raises(StoreError, match=where):
         rank_heads(store, list(CONCEPT), 4, show_progress=False)

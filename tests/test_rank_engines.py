@@ -13,11 +13,12 @@ import pytest
 from numpy.testing import assert_allclose
 from stores import write_planted_store
 
-from somp_ref import factored, head_loop
+from somp_ref import factored, layer_pool
 from somp_ref.cli import main
 from somp_ref.cli_options import available_cpus, rank_engine_options
 from somp_ref.factored import Dictionary
-from somp_ref.head_loop import PARALLEL_MIN_VALUES, score_heads
+from somp_ref.head_loop import score_heads
+from somp_ref.layer_pool import PARALLEL_MIN_VALUES
 from somp_ref.ranking import rank_heads
 from somp_ref.store import ActivationStore
 
@@ -97,8 +98,8 @@ def test_the_workers_dictionary_files_map_back_to_the_parents_arrays(tmp_path, w
     built = Dictionary.build(atoms)
     if not with_gram:  # as for a dictionary over MAX_GRAM_ATOMS
         built = dataclasses.replace(built, gram=None)
-    head_loop._write_dictionary(built, tmp_path)
-    mapped = head_loop._mapped_dictionary(tmp_path)
+    layer_pool._write_dictionary(built, tmp_path)
+    mapped = layer_pool._mapped_dictionary(tmp_path)
     for name in ("atoms", "sq_norms", "gram", "atom_exp"):
         given, received = getattr(built, name), getattr(mapped, name)
         if given is None:
@@ -119,7 +120,7 @@ def test_workers_rebuild_the_dictionary_where_it_cannot_be_written(store, monkey
     def full(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(head_loop, "_write_dictionary", full)
+    monkeypatch.setattr(layer_pool, "_write_dictionary", full)
     one = score_heads(store, CONCEPT, 4, show_progress=False)
     with pytest.warns(RuntimeWarning, match=r"each ranking worker rebuilds the dictionary"):
         two = score_heads(store, CONCEPT, 4, workers=2, show_progress=False)

@@ -1,0 +1,71 @@
+"""A store's data as a ranking reads it: token ids and values checked, layers one at a time.
+
+Stores refuse non-finite values when written; one that holds them was altered or written by
+other code, and no score computed from it would mean anything, so every read here names the
+first NaN/Inf it meets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+
+from somp_ref.factored import rescaled
+from somp_ref.store import ActivationStore, StoreError
+
+#: Samples of a layer's z checked finite at a time (4096 x 32 heads x 128: 16 MB of
+#: booleans).
+_FINITE_BLOCK = 4096
+
+
+def check_token_ids(token_ids: Sequence[int], vocab_size: int) -> np.ndarray:
+    """Validated token ids as int64 (n,), duplicates dropped, order kept."""
+    ids = np.asarray(token_ids)
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"token_ids must be a non-empty 1-D list, got shape {ids.shape}")
+    if ids.dtype.kind not in "iu":
+        raise TypeError(f"token_ids must be integers, got dtype {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= vocab_size)]
+    if bad.size:
+        raise ValueError(
+            f"token_ids must be in [0, {vocab_size}) (the unembedding's rows), got {bad[:5]}"
+        )
+    _, first = np.unique(ids, return_index=True)
+    return ids[np.sort(first)].astype(np.int64)
+
+
+def check_finite(values: np.ndarray, store: ActivationStore, what: str) -> np.ndarray:
+    """``values`` unchanged, or a StoreError naming the first NaN/Inf entry."""
+    bad = ~np.isfinite(values)
+    if bad.any():
+        index = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise StoreError(
+            f"{store.path}: {what} holds {values[index]} at {index}; the store is corrupt"
+        )
+    return values
+
+
+def _all_finite(z: np.ndarray) -> bool:
+    """Whether every value of a layer's z (n, heads, d_head) is finite, read in its stored
+    order a block of samples at a time (head by head, the reads would be strided: seven
+    times slower on a 7B layer, and the temporaries stay at one block)."""
+    return all(
+        np.isfinite(z[start : start + _FINITE_BLOCK]).all()
+        for start in range(0, z.shape[0], _FINITE_BLOCK)
+    )
+
+
+def checked_layers(
+    store: ActivationStore, chosen: list[int]
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+    """Yield (layer, z (n, heads, d_head) as stored, o_proj (d_model, heads * d_head) in
+    float64 rescaled into the safe range, o_proj's exponent), every value checked finite.
+    """
+    for layer in chosen:
+        z, o_proj = store.layer(layer)
+        if not _all_finite(z):  # name the first head that holds a NaN/Inf
+            for head in range(store.n_heads):
+                check_finite(z[:, head], store, f"layer {layer}, head {head}: z (sample, d_head)")
+        o_proj = check_finite(np.asarray(o_proj, dtype=np.float64), store, f"layer {layer}: o_proj")
+        yield (layer, z, *rescaled(o_proj))
