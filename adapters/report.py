@@ -23,6 +23,7 @@ FIGURES = {
     "suppress": [
         ("words x base", "concept_words", "ratio"),
         ("mass", "mass", "mean"),
+        ("mass all", "mass_all", "mean"),
         ("KL", "kl", "mean"),
         ("KL first", "kl_first", "mean"),
         ("degenerate", "degenerate", "mean"),
@@ -146,9 +147,12 @@ def format_table(result: dict[str, Any]) -> str:
                 f"words x base {r['words_gain']:.2f}  KL {r['kl']:.2f}  "
                 f"degenerate {r['degenerate']:.0%}"
             )
-    short = {k: v for k, v in result["shortfall"].items() if v}
-    if short:
-        lines.append(f"random sets borrow heads from neighbouring layers (full layers): {short}")
+    for k, layers in result["shortfall"].items():
+        for layer, missing in sorted(layers.items(), key=lambda item: int(item[0])):
+            lines.append(
+                f"k={k}: layer {layer} has {missing} free head{'s' if missing > 1 else ''} too "
+                "few for a disjoint random set; each set takes them from the nearest layers"
+            )
     return "\n".join(lines)
 
 
@@ -162,7 +166,10 @@ def _target_subsets(result: dict[str, Any]) -> str:
     if result["kind"] == "suppress" and values is not None:
         measured = int(np.isfinite(np.asarray(values, dtype=float)).sum())
         if measured < len(values):
-            parts.append(f"mass on the {measured} whose answer has the concept")
+            parts.append(
+                f"mass on the {measured} whose answer has the concept, "
+                f"mass all on every answer token of all {len(values)}"
+            )
     return f" ({'; '.join(parts)})" if parts else ""
 
 
