@@ -3,6 +3,7 @@ invented by an interruption, and shards merged back into one store."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import warnings
 
@@ -15,8 +16,7 @@ from stores import write_planted_store
 from somp_ref.store import ActivationStore, StoreError
 from somp_ref.store.merging import merge_stores
 from somp_ref.store.replacing import remove_store_dir
-from somp_ref.store.row_appending import PromptsHash, RowWriter, partial_name
-from somp_ref.store.writing import _prompts_hash
+from somp_ref.store.row_appending import RowWriter, partial_name, prompts_hash
 
 SHAPES = {"n_layers": 2, "n_heads": 3, "d_head": 4, "d_model": 8}
 
@@ -93,14 +93,44 @@ def test_a_streamed_layer_file_is_read_by_safetensors_itself(tmp_path):
     )
 
 
+# Prompts a hash must not be thrown by: quotes, a backslash, a newline, non-ASCII (kept as is
+# with ensure_ascii=False), no prompt, a record without one, a nested value.
+_AWKWARD_PROMPTS = [
+    {"prompt": 'say "hi" é ✓ 🎨 \\ \n'},
+    {"prompt": None},
+    {"other": 1},
+    {"prompt": "plain"},
+    {"prompt": {"a": [1, "b"]}},
+]
+# prompts_hash of _AWKWARD_PROMPTS as stores written so far record it: a change of the
+# encoding would make every existing store's hash disagree with its samples.
+_AWKWARD_HASH = "879a2a9c7da9a73067e7622c855c247fa1131aa96d94a718c93913c038428592"
+
+
+def _whole_list_hash(records) -> str:
+    """The definition meta.json's prompts_hash follows, computed on the whole list."""
+    prompts = json.dumps([record.get("prompt") for record in records], ensure_ascii=False)
+    return hashlib.sha256(prompts.encode("utf-8")).hexdigest()
+
+
 @settings(max_examples=20, deadline=None)
 @given(st.lists(st.one_of(st.text(max_size=5), st.none(), st.integers()), max_size=6))
-def test_the_streamed_prompts_hash_is_the_whole_one(prompts):
+def test_the_streamed_prompts_hash_is_the_whole_lists(prompts):
     records = [{"prompt": p} for p in prompts] + [{"other": 1}]
-    hasher = PromptsHash()
-    for record in records:
-        hasher.add(record)
-    assert hasher.hexdigest() == _prompts_hash(records)
+    assert prompts_hash(iter(records)) == _whole_list_hash(records)
+
+
+def test_the_prompts_hash_of_awkward_prompts_is_the_one_stores_record():
+    assert prompts_hash(_AWKWARD_PROMPTS) == _whole_list_hash(_AWKWARD_PROMPTS) == _AWKWARD_HASH
+    assert prompts_hash([]) == _whole_list_hash([])
+
+
+def test_a_store_written_whole_and_one_appended_record_the_same_prompts_hash(tmp_path):
+    n = len(_AWKWARD_PROMPTS)
+    z, weights, _ = _data(n)
+    whole = _whole(tmp_path / "whole", z, weights, _AWKWARD_PROMPTS, np.eye(8))
+    appended = _appended(tmp_path / "appended", z, weights, _AWKWARD_PROMPTS, np.eye(8), [0, 2, n])
+    assert whole.meta["prompts_hash"] == appended.meta["prompts_hash"] == _AWKWARD_HASH
 
 
 def _interrupted(path, z, weights, records, batches_done, garbage=True):

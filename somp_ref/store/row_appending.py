@@ -20,7 +20,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -54,23 +54,20 @@ def part_of_partial(name: str) -> str | None:
     return None if match is None else match[1]
 
 
-class PromptsHash:
-    """The SHA-256 that :meth:`somp_ref.store.ActivationStore.write_samples` records
-    (of ``json.dumps([record["prompt"], ...])``), computed one record at a time."""
-
-    def __init__(self) -> None:
-        self._hash = hashlib.sha256(b"[")
-        self._first = True
-
-    def add(self, record: Mapping[str, Any]) -> None:
-        text = json.dumps(record.get("prompt"), ensure_ascii=False)
-        self._hash.update(((", " if not self._first else "") + text).encode("utf-8"))
-        self._first = False
-
-    def hexdigest(self) -> str:
-        final = self._hash.copy()
-        final.update(b"]")
-        return final.hexdigest()
+def prompts_hash(records: Iterable[Mapping[str, Any]]) -> str:
+    """What meta.json's ``prompts_hash`` holds: the SHA-256 of
+    ``json.dumps([record.get("prompt") for record in records], ensure_ascii=False)`` in
+    UTF-8, computed one record at a time (a streamed store's samples are read line by line,
+    never held whole). Each prompt is encoded, and the items joined, by the encoder
+    ``json.dumps`` itself uses, so the hash is byte for byte that of the whole list."""
+    encoder = json.JSONEncoder(ensure_ascii=False)
+    digest = hashlib.sha256(b"[")
+    separator = b""
+    for record in records:
+        digest.update(separator + encoder.encode(record.get("prompt")).encode("utf-8"))
+        separator = encoder.item_separator.encode("utf-8")
+    digest.update(b"]")
+    return digest.hexdigest()
 
 
 class RowWriter:
@@ -346,15 +343,13 @@ class RowWriter:
         samples = self._files[-1]
         samples.truncate(self._state["samples_bytes"])
         _flush(samples)
-        prompts = PromptsHash()
         samples.seek(0)
-        for line in samples:
-            prompts.add(json.loads(line))
+        hashed = prompts_hash(json.loads(line) for line in samples)
         self._close_files()
         names = [layer_file(layer) for layer in range(store.n_layers)] + [SAMPLES_FILE]
         for name in names:
             os.replace(store._dir / partial_name(name), store._dir / name)
-        store._meta["prompts_hash"] = prompts.hexdigest()
+        store._meta["prompts_hash"] = hashed
         store._meta["n_sample_records"] = rows
         # One write of meta.json makes the parts the store's: until then it still says rows
         # are being appended, and a resume renames the files back and finishes again.

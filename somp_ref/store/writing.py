@@ -4,7 +4,6 @@ part and swapped the store in for the one it replaces."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -27,15 +26,11 @@ from somp_ref.store.layout import (
 )
 from somp_ref.store.regular_files import sha256
 from somp_ref.store.replacing import remove_store_dir, swap_in, worth_resuming
+from somp_ref.store.row_appending import prompts_hash
 from somp_ref.store.safetensors_files import MAX_METADATA_BYTES, write_tensors
 from somp_ref.store.schema import MAX_META_BYTES
 
 _Writer = TypeVar("_Writer", bound="StoreWriting")
-
-
-def _prompts_hash(records: Sequence[Mapping[str, Any]]) -> str:
-    prompts = json.dumps([record.get("prompt") for record in records], ensure_ascii=False)
-    return hashlib.sha256(prompts.encode("utf-8")).hexdigest()
 
 
 class StoreWriting(StoreFacts):
@@ -144,7 +139,7 @@ class StoreWriting(StoreFacts):
             )
         text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
         write_text_atomically(self._dir / SAMPLES_FILE, text)
-        self._meta["prompts_hash"] = _prompts_hash(records)
+        self._meta["prompts_hash"] = prompts_hash(records)
         self._meta["n_sample_records"] = len(records)
         self._record_file(SAMPLES_FILE)
 
