@@ -12,7 +12,8 @@ exists as anything but a regular file (a device, a FIFO, ``/dev/stdout``) is ref
 
 User files (concept lists, prompts, rankings) are read with errors that name the file, and
 only when they are regular files of bounded size: a FIFO or a device would block or never
-end (:func:`read_user_text`).
+end (:func:`read_user_text`). Both it and the store's reader open files with
+:func:`open_checked`, which never blocks on opening and checks the opened file itself.
 """
 
 from __future__ import annotations
@@ -349,14 +350,8 @@ def read_user_text(
     name = os.fspath(path)
     if not name:
         raise FileNotFoundError(errno.ENOENT, f"an empty file name, expected a {what}", name)
-    try:
-        fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise FileNotFoundError(errno.ENOENT, f"{what} does not exist", name) from None
-    except IsADirectoryError:
-        raise IsADirectoryError(errno.EISDIR, f"is a directory, expected a {what}", name) from None
-    try:
-        info = os.fstat(fd)
+
+    def check(info: os.stat_result) -> None:
         if stat.S_ISDIR(info.st_mode):
             raise IsADirectoryError(errno.EISDIR, f"is a directory, expected a {what}", name)
         if not stat.S_ISREG(info.st_mode):
@@ -367,10 +362,14 @@ def read_user_text(
             raise ValueError(
                 f"{name}: {info.st_size} bytes, more than the {max_bytes} a {what} may have"
             )
-    except BaseException:
-        os.close(fd)
-        raise
-    with os.fdopen(fd, "rb") as handle:
+
+    try:
+        opened = open_checked(name, check)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, f"{what} does not exist", name) from None
+    except IsADirectoryError:
+        raise IsADirectoryError(errno.EISDIR, f"is a directory, expected a {what}", name) from None
+    with opened as handle:
         try:
             data = handle.read(max_bytes + 1)  # a file that grew meanwhile stops here
         except OSError as err:  # e.g. EIO from /proc/self/mem: name the file
@@ -383,3 +382,49 @@ def read_user_text(
         raise ValueError(
             f"{name}: not a UTF-8 text {what} (byte {err.start} is {err.object[err.start]:#04x})"
         ) from None
+
+
+def open_checked(
+    path: str | os.PathLike,
+    check: Callable[[os.stat_result], None],
+    *,
+    follow_symlinks: bool = True,
+) -> BinaryIO:
+    """Open a file for reading in binary, once ``check`` has accepted what it is.
+
+    The file is opened without blocking (``O_NONBLOCK``: a FIFO with no writer would wait
+    forever, a regular file reads as usual), then ``check`` is given the opened file's
+    ``os.fstat`` and raises to refuse it (a FIFO, a device, a file too large); the
+    descriptor is closed then. Checking the opened file, not the name, leaves no gap in
+    which the name could be swapped for something else.
+
+    Parameters
+    ----------
+    path : path
+    check : callable
+        ``check(stat_result)``; raises to refuse the file.
+    follow_symlinks : bool, default=True
+        False refuses a symbolic link (``O_NOFOLLOW``): ``os.open`` raises OSError with
+        errno ELOOP (EMLINK on some BSDs).
+
+    Raises
+    ------
+    OSError
+        When the file cannot be opened (missing, unreadable, a link not followed).
+    Exception
+        Whatever ``check`` raises.
+    """
+    flags = (
+        os.O_RDONLY
+        | getattr(os, "O_NONBLOCK", 0)
+        | getattr(os, "O_CLOEXEC", 0)
+        | getattr(os, "O_BINARY", 0)
+        | (0 if follow_symlinks else getattr(os, "O_NOFOLLOW", 0))
+    )
+    fd = os.open(path, flags)
+    try:
+        check(os.fstat(fd))
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")

@@ -171,6 +171,26 @@ def test_read_user_text_refuses_what_is_not_a_regular_file(tmp_path):
         read_user_text("", "list")
 
 
+def test_open_checked_closes_what_it_refuses_and_can_refuse_a_link(tmp_path):
+    """The opened file is what is checked; a refused one leaves no descriptor open, and a
+    symbolic link is refused on request (the store's reader) or followed (user files)."""
+    (tmp_path / "file").write_bytes(b"data")
+    os.symlink(tmp_path / "file", tmp_path / "link")
+    open_before = len(os.listdir("/proc/self/fd"))
+
+    def refuse(info: os.stat_result) -> None:
+        raise ValueError(f"refused a file of {info.st_size} bytes")
+
+    with pytest.raises(ValueError, match="refused a file of 4 bytes"):
+        files.open_checked(tmp_path / "file", refuse)
+    assert len(os.listdir("/proc/self/fd")) == open_before
+    with pytest.raises(OSError, match="link") as caught:
+        files.open_checked(tmp_path / "link", lambda info: None, follow_symlinks=False)
+    assert caught.value.errno in (errno.ELOOP, errno.EMLINK)
+    with files.open_checked(tmp_path / "link", lambda info: None) as handle:
+        assert handle.read() == b"data"
+
+
 def test_read_user_text_caps_the_size(tmp_path):
     big = tmp_path / "big.txt"
     big.write_bytes(b"x" * 101)

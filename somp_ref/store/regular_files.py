@@ -4,20 +4,13 @@ than followed and a FIFO or device is refused rather than read (or waited on for
 from __future__ import annotations
 
 import errno
-import os
 import stat
 from pathlib import Path
 from typing import BinaryIO
 
+from somp_ref.files import open_checked
 from somp_ref.store.content import sha256_of
 from somp_ref.store.layout import StoreError
-
-_READ_FLAGS = (
-    os.O_RDONLY
-    | getattr(os, "O_NOFOLLOW", 0)  # a symlinked store file is refused, not followed
-    | getattr(os, "O_NONBLOCK", 0)  # opening a FIFO returns at once (then it is refused)
-    | getattr(os, "O_BINARY", 0)
-)
 
 
 def require_regular(path: Path, mode: int) -> None:
@@ -39,17 +32,13 @@ def open_regular(path: Path) -> BinaryIO:
         For a missing or unreadable one.
     """
     try:
-        fd = os.open(path, _READ_FLAGS)
+        return open_checked(
+            path, lambda info: require_regular(path, info.st_mode), follow_symlinks=False
+        )
     except OSError as err:
         if err.errno in (errno.ELOOP, errno.EMLINK):  # O_NOFOLLOW met a symlink
             require_regular(path, stat.S_IFLNK)
         raise
-    try:
-        require_regular(path, os.fstat(fd).st_mode)
-    except BaseException:
-        os.close(fd)
-        raise
-    return os.fdopen(fd, "rb")
 
 
 def sha256(path: Path) -> str:
