@@ -33,6 +33,13 @@ from somp_ref.pursuit import (
 )
 
 
+def signal_energy(centered: torch.Tensor, raw: torch.Tensor) -> torch.Tensor:
+    """:func:`somp_ref.decisions.signal_energy` elementwise on tensors: each centered
+    energy, or 0 where it is zero to rounding (at most ``ZERO_RESIDUAL`` times the raw
+    energy), so that rounding noise left by centering is not pursued."""
+    return torch.where(centered <= ZERO_RESIDUAL * raw, torch.zeros_like(centered), centered)
+
+
 @torch.no_grad()
 def somp_batched(
     Ct: torch.Tensor,
@@ -159,8 +166,8 @@ def somp_torch(
     mean = H.mean(dim=0) if center else torch.zeros(H.shape[1], dtype=dtype, device=device)
     Hc = H - mean
     energy = (Hc * Hc).sum()
-    if center and energy <= ZERO_RESIDUAL * (H * H).sum():
-        energy = torch.zeros_like(energy)  # zero to rounding, as somp_ref.pursuit
+    if center:
+        energy = signal_energy(energy, (H * H).sum())
     out = somp_batched(
         (D @ Hc.T)[None],
         D @ D.T,
@@ -231,8 +238,8 @@ class TorchEngine:
         mean = Z.mean(dim=1, keepdim=True) if options.center else torch.zeros_like(Z[:, :1])
         Zc = Z - mean
         energy = torch.einsum("hnd,hde,hne->h", Zc, gram_w, Zc).clamp(min=0)
-        if options.center:  # zero to rounding, as somp_ref.pursuit
-            energy = torch.where(energy <= ZERO_RESIDUAL * raw, 0.0, energy)
+        if options.center:
+            energy = signal_energy(energy, raw)
         Ct = torch.einsum("vm,hmd,hnd->hvn", D, W, Zc)  # (heads, v, n)
         out = somp_batched(
             Ct,
