@@ -18,7 +18,7 @@ from somp_ref.engines import PursuitOptions, load_engine
 from somp_ref.factored import Dictionary, mean_concept_logits, rescaled
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.layer_pool import pursued_here, pursued_in_workers
-from somp_ref.layer_reads import check_finite, check_token_ids, checked_layers
+from somp_ref.layer_reads import checked_atoms, checked_layers
 from somp_ref.progress import progress
 from somp_ref.provenance import ranking_source
 from somp_ref.pursuit import NORM_ORDER
@@ -129,11 +129,7 @@ def score_heads(
         order=NORM_ORDER[check_choice(criterion, "criterion", NORM_ORDER)],
         tol=check_tolerance(tol),
     )
-    unembed = store.unembed()
-    ids = check_token_ids(token_ids, unembed.shape[0])
-    atoms = check_finite(
-        np.asarray(unembed[ids], dtype=np.float64), store, "unembed (token, d_model)"
-    )
+    ids, atoms = checked_atoms(store, token_ids)
     chosen = _chosen_layers(store, layers, exclude_layers)
     pursuer = load_engine(engine, device) if method == "somp" else None
     dictionary = Dictionary.build(atoms)

@@ -29,7 +29,7 @@ import numpy as np
 
 from somp_ref.engines import Engine, NumpyEngine, PursuitOptions
 from somp_ref.factored import Dictionary
-from somp_ref.layer_reads import check_finite, checked_layers
+from somp_ref.layer_reads import checked_atoms, checked_layers
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
 
@@ -177,10 +177,7 @@ def _start_worker(
         threadpool_limits(1)
     store = ActivationStore.open(path)
     if directory is None:
-        atoms = check_finite(
-            np.asarray(store.unembed()[ids], dtype=np.float64), store, "unembed (token, d_model)"
-        )
-        dictionary = Dictionary.build(atoms)
+        dictionary = Dictionary.build(checked_atoms(store, ids)[1])
     else:
         dictionary = _mapped_dictionary(Path(directory))
     _WORKER.update(store=store, dictionary=dictionary, n_atoms=n_atoms, options=options)

@@ -46,6 +46,18 @@ def check_finite(values: np.ndarray, store: ActivationStore, what: str) -> np.nd
     return values
 
 
+def checked_atoms(
+    store: ActivationStore, token_ids: Sequence[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """The dictionary a ranking pursues over: (ids, atoms), the token ids checked as
+    :func:`check_token_ids` checks them, int64 (t,), and the unembedding's rows for them in
+    float64 (t, d_model), checked finite."""
+    unembed = store.unembed()
+    ids = check_token_ids(token_ids, unembed.shape[0])
+    atoms = np.asarray(unembed[ids], dtype=np.float64)
+    return ids, check_finite(atoms, store, "unembed (token, d_model)")
+
+
 def _all_finite(z: np.ndarray) -> bool:
     """Whether every value of a layer's z (n, heads, d_head) is finite, read in its stored
     order a block of samples at a time (head by head, the reads would be strided: seven

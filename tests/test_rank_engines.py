@@ -19,8 +19,9 @@ from somp_ref.cli_options import available_cpus, rank_engine_options
 from somp_ref.factored import Dictionary
 from somp_ref.head_loop import score_heads
 from somp_ref.layer_pool import PARALLEL_MIN_VALUES
+from somp_ref.layer_reads import checked_atoms
 from somp_ref.ranking import rank_heads
-from somp_ref.store import ActivationStore
+from somp_ref.store import ActivationStore, StoreError
 
 CONCEPT = [3, 7, 11, 19, 23]
 #: The torch engine in float64 on the CPU differs from numpy's only in the order of its
@@ -142,6 +143,19 @@ def test_bad_workers_are_an_error(store):
         score_heads(store, CONCEPT, 4, engine="torch", workers=2)
 
 
+def test_the_dictionary_read_from_a_store_is_checked_finite(store, monkeypatch):
+    """The ranking and its workers take their atoms from checked_atoms: the concept's rows
+    in float64, ids deduplicated in order, a NaN an error naming its row."""
+    ids, atoms = checked_atoms(store, [7, 3, 7, 11])
+    assert ids.tolist() == [7, 3, 11] and atoms.dtype == np.float64
+    assert np.array_equal(atoms, store.unembed()[[7, 3, 11]])
+    altered = np.array(store.unembed(), dtype=np.float64)
+    altered[CONCEPT[1], 2] = np.nan
+    monkeypatch.setattr(ActivationStore, "unembed", lambda self: altered)
+    with pytest.raises(StoreError, match=r"unembed \(token, d_model\) holds nan at \(1, 2\)"):
+        score_heads(store, CONCEPT, 4, show_progress=False)
+
+
 def test_a_corrupt_layer_in_a_worker_is_the_store_error(tmp_path):
     store = write_planted_store(tmp_path / "s", n_layers=3)
     path = store.path / "layer_001.safetensors"
@@ -238,6 +252,28 @@ def test_the_batched_torch_pursuit_solves_coefficients_only_when_asked():
     assert "coef" in full and "coef" not in bare
     for key in bare:
         assert torch.equal(full[key], bare[key]), key
+
+
+@needs_torch
+def test_the_torch_zero_signal_rule_is_the_cores():
+    """Equal rows leave only centering's rounding: no atom is pursued, as in numpy's somp,
+    and the tensor rule decides as decisions.signal_energy does around its threshold."""
+    import torch
+
+    from somp_ref import somp
+    from somp_ref.adapters import torch_somp
+    from somp_ref.decisions import ZERO_RESIDUAL, signal_energy
+
+    raw = 3.0
+    centered = [0.0, 0.5 * ZERO_RESIDUAL * raw, ZERO_RESIDUAL * raw, 2 * ZERO_RESIDUAL * raw, 1.0]
+    expected = [signal_energy(value, raw) for value in centered]
+    found = torch_somp.signal_energy(torch.tensor(centered, dtype=torch.float64), torch.tensor(raw))
+    assert found.tolist() == expected
+    H = np.tile(np.random.default_rng(5).standard_normal(6) * 0.1, (8, 1))
+    D = np.random.default_rng(6).standard_normal((7, 6))
+    reference, port = somp(H, D, 3), torch_somp.somp_torch(H, D, 3)
+    assert reference.support.tolist() == port.support.tolist() == []
+    assert reference.stop_reason == port.stop_reason
 
 
 @needs_torch
