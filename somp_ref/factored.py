@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from somp_ref.batch_omp import PursuitPath, pursue, solve_factored_coef
+from somp_ref.batch_omp import SompPath, pursue
 from somp_ref.decisions import binary_exponent, signal_energy
 from somp_ref.pursuit import (
     NORM_ORDER,
@@ -134,7 +134,7 @@ def sample_space_factor(zc: np.ndarray) -> np.ndarray:
     return np.linalg.qr(zc, mode="r")
 
 
-def sample_space_coef(zc: np.ndarray, projected: np.ndarray, path: PursuitPath) -> np.ndarray:
+def sample_space_coef(zc: np.ndarray, projected: np.ndarray, path: SompPath) -> np.ndarray:
     """The least-squares coefficients (n, t) of a pursuit run in the sample space.
 
     ``H q_i`` for the support's orthonormal directions ``Q_S = D_S^T L^{-T}`` is
@@ -145,7 +145,7 @@ def sample_space_coef(zc: np.ndarray, projected: np.ndarray, path: PursuitPath) 
     support = path.support
     if support.size == 0:
         return np.zeros((zc.shape[0], 0))
-    inv_l = np.linalg.inv(path.U[:, support].T)  # L is well conditioned: DEPENDENT_TOL
+    inv_l = np.linalg.inv(path.atom_coords[:, support].T)  # L is well conditioned: DEPENDENT_TOL
     return (zc @ projected[support].T) @ (inv_l.T @ inv_l)
 
 
@@ -252,7 +252,7 @@ def pursue_head(
     normalize: bool,
     order: int,
     tol: float,
-) -> PursuitPath:
+) -> SompPath:
     """SOMP of a prepared head (its thousands of small BLAS calls: run it inside
     :func:`one_blas_thread`)."""
     v = problem.correlations.shape[0]
@@ -307,7 +307,7 @@ def factored_somp(
         if problem.in_sample_space:
             coef = sample_space_coef(problem.zc, projected, path)
         else:
-            coef = solve_factored_coef(path.At, path.U, path.support)
+            coef = path.coef()
     energies = residual_energies(problem.energy, path.gains)
     mean = problem.mean_z @ o_proj_head.T
     return pursuit_result(path.support, coef, energies, path.stop_reason, mean)

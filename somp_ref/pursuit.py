@@ -3,7 +3,8 @@
 Layout (after scikit-learn's ``_omp.py``): one validated public function per algorithm,
 one result dataclass; the kernels behind them trust their inputs:
 
-* :mod:`somp_ref.batch_omp` — the fast engine (Batch-OMP style, lazy bound-pruned argmax);
+* :mod:`somp_ref.batch_omp` — the fast engine (Batch-OMP style), its argmax over the atoms
+  in :mod:`somp_ref.lazy_argmax` (lazy, bound-pruned);
 * :mod:`somp_ref.oracle` — the paper's steps written literally, the auditing oracle;
 * :mod:`somp_ref.decisions` — every threshold and the tie rule both engines apply.
 """
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from somp_ref.batch_omp import centered_correlations, pursue, solve_factored_coef
+from somp_ref.batch_omp import centered_correlations, pursue
 from somp_ref.decisions import (
     DEPENDENT_TOL,
     GAIN_FLOOR,
@@ -201,7 +202,7 @@ def _run_fast(problem: _Problem, n_atoms: int, *, normalize: bool, refit: bool) 
         refit=refit,
         atom_exp=problem.d_exp,
     )
-    coef = solve_factored_coef(path.At, path.U, path.support) if refit else path.At.T
+    coef = path.coef()
     energies = residual_energies(energy, path.gains)
     return _result(problem, path.support, coef, energies, path.stop_reason)
 

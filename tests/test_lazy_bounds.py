@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from problems import assert_same_selection, gaussian_problems
 
-from somp_ref import batch_omp, somp
-from somp_ref.batch_omp import _Scorer
+from somp_ref import batch_omp, lazy_argmax, somp
+from somp_ref.lazy_argmax import LazyScorer
 
 #: A bound may sit below its score by the rounding of the two computations (each ~(n + t)
 #: eps of the largest score at the start: residual correlations are computed by
@@ -22,18 +22,18 @@ BOUND_RTOL = 1e-12
 
 @contextlib.contextmanager
 def checked_bounds():
-    """Run every best_atom of the fast engine after checking each bound against the exact
-    score, from the correlations as they were first given; counts the checks."""
+    """Run every best_atom of the bounded scorers (lazy, tracked) after checking each bound
+    against the exact score, from the correlations as they were first given; counts the
+    checks."""
     seen = {"checks": 0}
-    original_init, original_best = _Scorer.__init__, _Scorer.best_atom
+    original_init, original_best = LazyScorer.__init__, LazyScorer.best_atom
 
     def init(self, Ct, *args, **kwargs):
         original_init(self, Ct, *args, **kwargs)
         self.first_ct = Ct.copy()
 
     def best_atom(self, unit):
-        t = self.steps
-        rows = self.first_ct - self.U[:t].T @ self.At[:t]
+        rows = self.first_ct - self.atom_factors.T @ self.sample_factors
         exact = np.linalg.norm(rows, ord=self.order, axis=1) / self.scale
         open_ = ~self.blocked
         first = np.linalg.norm(self.first_ct, ord=self.order, axis=1) / self.scale
@@ -43,8 +43,8 @@ def checked_bounds():
         return original_best(self, unit)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(batch_omp._Scorer, "__init__", init)
-        patch.setattr(batch_omp._Scorer, "best_atom", best_atom)
+        patch.setattr(lazy_argmax.LazyScorer, "__init__", init)
+        patch.setattr(lazy_argmax.LazyScorer, "best_atom", best_atom)
         yield seen
 
 
@@ -136,13 +136,13 @@ def test_a_refresh_batch_is_cut_where_it_saves_most(lags):
     def cost(cut):  # rows x steps: each product goes as deep as its most-behind row
         return cut * lags[:cut].max(initial=0) + (size - cut) * lags[cut:].max()
 
-    cut = batch_omp._split(lags)
+    cut = lazy_argmax._split(lags)
     best = min(range(1, size), key=cost, default=size)
     if cut == size:
-        assert size == 1 or cost(best) + batch_omp._CALL_COST >= cost(0)
+        assert size == 1 or cost(best) + lazy_argmax._CALL_COST >= cost(0)
     else:
         assert cost(cut) == cost(best)
-        assert cost(cut) + batch_omp._CALL_COST < cost(0)
+        assert cost(cut) + lazy_argmax._CALL_COST < cost(0)
 
 
 @given(
@@ -154,7 +154,7 @@ def test_a_refresh_batch_is_cut_where_it_saves_most(lags):
 def test_a_refresh_brings_every_row_up_to_date_whatever_it_lags(v, n, steps, seed):
     rng = np.random.default_rng(seed)
     first_ct = rng.standard_normal((v, n))
-    scorer = _Scorer(first_ct.copy(), steps, np.ones(v), order=1, normalize=False, atom_exp=None)
+    scorer = LazyScorer(first_ct.copy(), steps, np.ones(v), order=1, normalize=False, atom_exp=None)
     scorer.At[:steps] = rng.standard_normal((steps, n))
     scorer.U[:steps] = rng.standard_normal((steps, v))
     scorer.steps = steps
@@ -169,3 +169,35 @@ def test_a_refresh_brings_every_row_up_to_date_whatever_it_lags(v, n, steps, see
     np.testing.assert_allclose(scorer.Ct[atoms], exact[atoms], rtol=0, atol=1e-12 * steps * 10)
     np.testing.assert_array_equal(scorer.stamp[atoms], steps)
     np.testing.assert_allclose(scorer.bound[atoms], np.abs(exact[atoms]).sum(axis=1), rtol=1e-12)
+
+
+def _lazy_scorer(seed, v=30, n=12):
+    rng = np.random.default_rng(seed)
+    Ct = rng.standard_normal((v, n))
+    return LazyScorer(Ct.copy(), 5, np.ones(v), order=1, normalize=False, atom_exp=None), Ct
+
+
+def test_a_blocked_atom_is_not_chosen():
+    scorer, Ct = _lazy_scorer(1)
+    best = int(np.argmax(np.abs(Ct).sum(axis=1)))
+    mask = np.zeros(Ct.shape[0], dtype=bool)
+    mask[best] = True
+    scorer.block(mask)
+    assert scorer.best_atom(0.0) == int(np.argmax(np.where(mask, -np.inf, np.abs(Ct).sum(axis=1))))
+    scorer.block(~mask)
+    assert scorer.best_atom(0.0) == -1  # every atom blocked
+
+
+def test_the_chosen_atom_has_up_to_date_correlations_and_the_factors_are_the_steps():
+    scorer, Ct = _lazy_scorer(2)
+    rng = np.random.default_rng(3)
+    steps = [(rng.standard_normal(Ct.shape[1]), rng.standard_normal(Ct.shape[0])) for _ in range(3)]
+    for a, u in steps:
+        scorer.add_step(a, u)
+    np.testing.assert_array_equal(scorer.sample_factors, np.stack([a for a, _ in steps]))
+    np.testing.assert_array_equal(scorer.atom_factors, np.stack([u for _, u in steps]))
+    exact = Ct - scorer.atom_factors.T @ scorer.sample_factors
+    j = scorer.best_atom(0.0)
+    assert j == int(np.argmax(np.abs(exact).sum(axis=1)))
+    # Rounding of a few products of standard normals, summed in another order.
+    np.testing.assert_allclose(scorer.correlations(j), exact[j], rtol=0, atol=1e-12)

@@ -11,6 +11,7 @@ from problems import EDGE_FRACTION, EPS, assert_same_selection, gaussian_problem
 from scipy.linalg import lstsq
 
 from somp_ref import batch_omp, logit_lens, matching_pursuit, somp
+from somp_ref.batch_omp import MpPath, SompPath
 from somp_ref.decisions import tie_unit, window_scale
 from somp_ref.pursuit import STOP_REASONS
 
@@ -466,3 +467,52 @@ def test_correlations_centered_block_by_block_are_those_of_the_centered_samples(
     scale = np.abs(D) @ np.abs(centered).T
     assert np.all(np.abs(Ct - D @ centered.T) <= 4 * H.shape[1] * EPS * scale)
     assert energy == pytest.approx(float(np.sum(centered * centered)), rel=1e-12, abs=1e-300)
+
+
+#: The fast engine's factors against dense products of the same problem: rounding of a few
+#: dozen products of standard normals, and of the Cholesky factor's growth (~cond eps).
+FACTOR_ATOL = 1e-9
+
+
+def _path(H, D, n_atoms, *, refit):
+    return batch_omp.pursue(
+        D @ H.T,
+        lambda j: D @ D[j],
+        np.einsum("ij,ij->i", D, D),
+        float(np.sum(H * H)),
+        n_atoms,
+        order=1,
+        normalize=True,
+        tol=0.0,
+        refit=refit,
+    )
+
+
+def test_somp_path_holds_the_cholesky_factor_and_the_samples_coordinates():
+    rng = np.random.default_rng(4)
+    H, D = rng.standard_normal((20, 10)), rng.standard_normal((15, 10))
+    path = _path(H, D, 6, refit=True)
+    assert isinstance(path, SompPath) and path.support.size == 6
+    DS = D[path.support]
+    L = path.atom_coords[:, path.support].T
+    assert_allclose(np.triu(L, 1), 0.0, rtol=0, atol=FACTOR_ATOL)
+    assert_allclose(L @ L.T, DS @ DS.T, rtol=0, atol=FACTOR_ATOL)
+    Q = np.linalg.solve(L, DS).T  # the orthonormal directions q_i, (d, t)
+    assert_allclose(Q.T @ Q, np.eye(6), rtol=0, atol=FACTOR_ATOL)
+    assert_allclose(path.atom_coords, (D @ Q).T, rtol=0, atol=FACTOR_ATOL)
+    assert_allclose(path.sample_coords, (H @ Q).T, rtol=0, atol=FACTOR_ATOL)
+    assert_allclose(path.coef(), lstsq(DS.T, H.T)[0].T, rtol=0, atol=FACTOR_ATOL)
+
+
+def test_mp_path_holds_each_steps_coefficients():
+    rng = np.random.default_rng(5)
+    H, D = rng.standard_normal((20, 10)), rng.standard_normal((15, 10))
+    path = _path(H, D, 8, refit=False)
+    assert isinstance(path, MpPath)
+    assert path.coef().shape == (20, 8)
+    R = H - path.coef() @ D[path.support]
+    energy = float(np.sum(H * H))
+    assert abs(float(np.sum(R * R)) - (energy - path.gains.sum())) <= FACTOR_ATOL * energy
+    mp = matching_pursuit(H, D, 8, center=False)
+    assert_array_equal(path.support, mp.support)
+    assert_allclose(path.coef(), mp.coef, rtol=0, atol=FACTOR_ATOL)
