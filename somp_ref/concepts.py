@@ -28,19 +28,23 @@ def shipped_concepts() -> list[str]:
 def load_concept(name_or_path: str | os.PathLike) -> list[str]:
     """Words of a shipped concept (``"colors"``) or of a list file (one word a line).
 
-    Blank lines and lines starting with ``#`` are ignored; order and case are kept.
+    A bare name of a shipped concept is always the shipped list, whatever the working
+    directory holds (``--out colors`` makes a directory named like the concept); write
+    ``./colors`` for a file of that name. Blank lines and lines starting with ``#`` are
+    ignored; order and case are kept.
     """
-    path = Path(name_or_path)
-    if path.suffix or path.exists() or os.sep in str(name_or_path):
+    path, name = Path(name_or_path), str(name_or_path)
+    written_as_path = bool(path.suffix) or os.sep in name or "/" in name
+    resource = importlib.resources.files("somp_ref.concept_lists") / f"{name}.txt"
+    if not written_as_path and resource.is_file():
+        text = resource.read_text(encoding="utf-8")
+    elif written_as_path or path.exists():
         text = read_user_text(path, "concept list (one word a line)")
     else:
-        resource = importlib.resources.files("somp_ref.concept_lists") / f"{name_or_path}.txt"
-        if not resource.is_file():
-            raise ValueError(
-                f"unknown concept {str(name_or_path)!r}; shipped: {', '.join(shipped_concepts())}"
-                " (or pass the path of a file with one word a line)"
-            )
-        text = resource.read_text(encoding="utf-8")
+        raise ValueError(
+            f"unknown concept {name!r}; shipped: {', '.join(shipped_concepts())}"
+            " (or pass the path of a file with one word a line)"
+        )
     words = [line.strip() for line in text.splitlines()]
     words = [w for w in words if w and not w.startswith("#")]
     if not words:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from somp_ref.concepts import (
@@ -115,3 +117,18 @@ def test_a_concept_with_no_single_token_word_in_the_store_is_a_clear_error(tmp_p
     (tmp_path / "colors.txt").write_text("red\nzebra\n")
     found = store_concept_ids(vocab, tmp_path / "colors.txt")
     assert found.ids == [1, 0] and found.dropped == ["zebra"]
+
+
+@pytest.mark.parametrize("what", ["directory", "file"])
+def test_a_shipped_name_is_the_shipped_list_whatever_the_working_directory_holds(
+    tmp_path, monkeypatch, what
+):
+    shipped = load_concept("colors")
+    monkeypatch.chdir(tmp_path)
+    if what == "directory":  # as `--out colors` leaves behind
+        Path("colors").mkdir()
+    else:
+        Path("colors").write_text("mauve\n")
+    assert load_concept("colors") == shipped
+    if what == "file":  # written as a path, the file is read
+        assert load_concept("./colors") == ["mauve"]
