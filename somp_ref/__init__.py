@@ -1,6 +1,7 @@
 """somp_ref: reference implementation of Head Pursuit (arXiv 2510.21518).
 
-The core depends on numpy and scipy only; docs/ARCHITECTURE.md describes the design.
+The core depends on numpy and scipy, safetensors (the store's files), tqdm (progress bars)
+and threadpoolctl (BLAS threads), never on torch; docs/ARCHITECTURE.md describes the design.
 """
 
 from somp_ref.head_scores import HeadScores

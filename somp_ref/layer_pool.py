@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from somp_ref.blas_threads import one_thread_from_now, one_thread_in_children
 from somp_ref.engines import Engine, NumpyEngine, PursuitOptions
 from somp_ref.factored import Dictionary
 from somp_ref.layer_reads import checked_atoms, checked_layers
@@ -40,18 +41,6 @@ from somp_ref.store import ActivationStore
 #: dictionary, about half a second) costs more than the pursuit saves; the embedded
 #: SmolLM2's stores fall below it.
 PARALLEL_MIN_VALUES = 2**23
-
-#: Environment variables that size a BLAS thread pool when the library loads: set to 1
-#: while the workers start, so that their BLAS starts with one thread (threadpoolctl,
-#: when installed, also limits it once loaded).
-_BLAS_THREAD_VARIABLES = (
-    "OMP_NUM_THREADS",
-    "OPENBLAS_NUM_THREADS",
-    "MKL_NUM_THREADS",
-    "BLIS_NUM_THREADS",
-    "VECLIB_MAXIMUM_THREADS",
-    "NUMEXPR_NUM_THREADS",
-)
 
 #: What a pursued layer hands back: per head, its support and explained variance.
 LayerResults = list[tuple[np.ndarray, np.ndarray]]
@@ -119,26 +108,10 @@ def pursued_in_workers(
         # A worker error (a corrupt layer) must not wait for the other layers: cancel the
         # queue on the way out.
         stack.callback(pool.shutdown, wait=True, cancel_futures=True)
-        with _one_blas_thread_for_children():  # the processes start at submit()
+        with one_thread_in_children():  # the processes start at submit()
             futures = [pool.submit(_pursue_in_worker, layer) for layer in chosen]
         for layer, future in zip(progress(chosen, desc=desc, enabled=show), futures, strict=True):
             yield layer, future.result()
-
-
-@contextlib.contextmanager
-def _one_blas_thread_for_children() -> Iterator[None]:
-    """Set every BLAS thread-count variable to 1 in this process's environment (which
-    the spawned workers inherit), and restore them after."""
-    saved = {name: os.environ.get(name) for name in _BLAS_THREAD_VARIABLES}
-    os.environ.update(dict.fromkeys(_BLAS_THREAD_VARIABLES, "1"))
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 #: A worker's store, dictionary and options (set once by :func:`_start_worker`).
@@ -171,10 +144,7 @@ def _start_worker(
 ) -> None:
     """Limit BLAS to 1 thread, open the store, map the parent's dictionary (or, without
     its files, build it from the store as the parent did)."""
-    with contextlib.suppress(ImportError):  # the environment already asked for 1 thread
-        from threadpoolctl import threadpool_limits
-
-        threadpool_limits(1)
+    one_thread_from_now()
     store = ActivationStore.open(path)
     if directory is None:
         dictionary = Dictionary.build(checked_atoms(store, ids)[1])

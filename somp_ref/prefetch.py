@@ -1,7 +1,7 @@
 """Heads pursued one after another, the next heads' products made while one is pursued.
 
 A head's l1 pursuit runs on one core (thousands of small BLAS calls: see
-:func:`somp_ref.factored.one_blas_thread`), so in one process every other core idles
+:func:`somp_ref.blas_threads.one_blas_thread`), so in one process every other core idles
 through it. At 7B shape (1000 atoms, 2000 samples, k = 50) a pursuit takes about 30 ms,
 and the products it starts from (its share of ``D W_O``, ``E_h zc^T``, its Gram and
 energy, the layer's read) about 25 ms on one core: made by a second thread during the
@@ -29,7 +29,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from somp_ref.factored import blas_threads_limitable, one_blas_thread
+from somp_ref.blas_threads import one_blas_thread
 
 Problem = TypeVar("Problem")
 Result = TypeVar("Result")
@@ -96,9 +96,9 @@ class Timing:
 
 
 def can_overlap() -> bool:
-    """Whether overlapping can pay here: BLAS can be held to one thread while the other
-    makes products (threadpoolctl), and this process may run on more than one core."""
-    return blas_threads_limitable() and _cores() > 1
+    """Whether overlapping can pay here: this process may run on more than one core (one
+    pursues while the other makes products)."""
+    return _cores() > 1
 
 
 def pursued_in_turn(

@@ -24,10 +24,6 @@ from somp_ref.store import StoreError
 CONCEPT = [3, 7, 11, 19, 23]
 THREAD = "somp-ref-prefetch"
 
-pytestmark = pytest.mark.skipif(
-    not prefetch.blas_threads_limitable(), reason="overlap needs threadpoolctl (test extra)"
-)
-
 
 @pytest.fixture(autouse=True)
 def two_cores(monkeypatch):
