@@ -35,10 +35,20 @@ def _export_rows(rows: int, out: str, queue) -> None:
     model, tokenizer = load_model("default")
     loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     words = "red green blue water stone river cloud light".split()
-    # 8 tokens a prompt (8 one-token words, no template) in the SmolLM2 tokenizer.
-    records = [{"prompt": " ".join(words[(i + j) % 8] for j in range(8))} for i in range(rows // 8)]
+    records, total = [], 0
+    while total < rows:  # prompts until their tokens (no template: one row each) reach rows
+        prompt = " ".join(words[(len(records) + j) % 8] for j in range(8))
+        records.append({"prompt": prompt})
+        total += len(tokenizer(prompt)["input_ids"])
     store = export_activations(
-        model, tokenizer, records, out, positions="all", batch_size=32, show_progress=False
+        model,
+        tokenizer,
+        records,
+        out,
+        positions="all",
+        chat_template=False,
+        batch_size=32,
+        show_progress=False,
     )
     size = sum(f.stat().st_size for f in Path(out).iterdir()) / 2**20
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -104,7 +114,7 @@ def main() -> None:
     forward, exported = min(forward_times), min(export_times)
     print(
         f"SmolLM2-135M-Instruct, {args.prompts} prompts, batch {args.batch_size}, chat "
-        f"template, positions=last, float32 CPU, best of {args.repeats}"
+        f"template, positions=prompt-mean (export's default), float32 CPU, best of {args.repeats}"
     )
     print(f"{'plain forward passes':<28}{forward:>8.2f} s")
     print(f"{'export_activations':<28}{exported:>8.2f} s")
