@@ -18,8 +18,9 @@ from pathlib import Path
 
 from somp_ref.adapters.models import first_line
 from somp_ref.cli_options import MAX_LAYERS, check_layer_flags
+from somp_ref.engines import HF_INSTALL
 
-INSTALL_LINE = "this command needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]'"
+INSTALL_LINE = f"this command needs the hf extra: {HF_INSTALL}"
 
 
 def needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:

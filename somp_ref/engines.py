@@ -27,6 +27,10 @@ from somp_ref.pursuit import explained_variance, residual_energies
 
 ENGINE_GROUP = "somp_ref.engines"
 
+#: How to install the ``hf`` extra (torch, transformers, ...), pinned to the torch release
+#: the tests run: the hint of every error that needs it (here and the model commands).
+HF_INSTALL = "pip install torch==2.13.0 'somp-ref[hf]'"
+
 #: For l1, the numpy engine makes ``D W_O`` this many columns (whole heads) at a time:
 #: small enough to be made during a few pursuits, and nearly as fast as the whole layer's
 #: product (on 2 cores, 10% slower a 7B layer; a head's 128 columns alone: 50% slower,
@@ -123,7 +127,7 @@ class NumpyEngine:
     or the whole layer (l2). "l1" pursues each head's (v, n) correlations with the lazy
     argmax; "l2" pursues in the head's d_head-dimensional sample space (no v x n product
     at all). The pursuits run BLAS on one thread
-    (:func:`somp_ref.factored.one_blas_thread`); with ``overlap`` the next heads' products
+    (:func:`somp_ref.blas_threads.one_blas_thread`); with ``overlap`` the next heads' products
     (and layers' reads) are made meanwhile by a second thread, where that pays
     (:mod:`somp_ref.prefetch`: l1 only, whose pursuits are the longer, and within
     :data:`PREFETCH_BYTES`), else on every BLAS thread between pursuits.
@@ -236,7 +240,5 @@ def load_engine(name: str, device: str | None = None) -> Engine:
     try:
         factory = found[name].load()
     except ImportError as err:
-        raise ImportError(
-            f"engine {name!r} needs the hf extra: pip install torch==2.13.0 'somp-ref[hf]' ({err})"
-        ) from err
+        raise ImportError(f"engine {name!r} needs the hf extra: {HF_INSTALL} ({err})") from err
     return factory(device=device or "cpu")

@@ -208,6 +208,23 @@ def engine_args(**flags) -> argparse.Namespace:
     return argparse.Namespace(**({"engine": None, "device": None, "workers": None} | flags))
 
 
+def test_an_engine_that_cannot_import_says_how_to_install_it(monkeypatch):
+    """The engine's hint and the model commands' are one install line."""
+    from somp_ref import engines
+    from somp_ref.adapters.preflight import INSTALL_LINE
+
+    class Broken:
+        name = "gpu"
+
+        def load(self):
+            raise ImportError("No module named 'torch'")
+
+    monkeypatch.setattr(engines, "entry_points", lambda group: [Broken()])
+    with pytest.raises(ImportError, match="needs the hf extra") as caught:
+        engines.load_engine("gpu")
+    assert engines.HF_INSTALL in str(caught.value) and engines.HF_INSTALL in INSTALL_LINE
+
+
 def test_the_engine_flags_defaults():
     small, large = PARALLEL_MIN_VALUES // 16, PARALLEL_MIN_VALUES
     # Only what differs from rank_heads' defaults is passed on.
