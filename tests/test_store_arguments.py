@@ -50,8 +50,6 @@ BAD_META = [
         r"'\\ud800' at character 3",
     ),
     ({"x": {"k\udcff": 1}}, ValueError, r"a key of meta\['x'\] is not valid Unicode"),
-    ({"final_logit_softcapping": float("nan")}, ValueError, r"final_logit_softcapping must be"),
-    ({"final_logit_softcapping": 0}, ValueError, r"final_logit_softcapping must be"),
     ({"notes": "x" * (65 << 20)}, ValueError, r"would make meta.json \d+ bytes, over the 67108864"),
     ([("model_id", "m")], TypeError, r"meta must be a mapping of JSON facts, got list"),
 ]
@@ -70,8 +68,6 @@ BAD_META = [
         "huge-int",
         "surrogate",
         "surrogate-key",
-        "softcap-nan",
-        "softcap-zero",
         "65MiB",
         "not-a-mapping",
     ],
@@ -134,7 +130,7 @@ def test_a_meta_json_grown_past_the_bound_while_resumed_is_refused_unwritten(tmp
     [
         ("model_id", '"bad\\ud800id"', r"meta.json\['model_id'\] is not valid Unicode"),
         ("extra", '{"k\\udcff": 1}', r"a key of meta.json\['extra'\] is not valid Unicode"),
-        ("final_logit_softcapping", "NaN", r"final_logit_softcapping must be a finite number"),
+        ("chat_template", '"yes"', r"chat_template must be true or false, got 'yes'"),
     ],
 )
 def test_a_meta_json_a_reader_could_not_use_is_refused_naming_it(tmp_path, key, raw, match):
@@ -144,6 +140,19 @@ def test_a_meta_json_a_reader_could_not_use_is_refused_naming_it(tmp_path, key, 
     (store.path / META_FILE).write_text(json.dumps(meta).replace('"PLACEHOLDER"', raw))
     with pytest.raises(StoreError, match=r"s/meta.json: corrupt, " + match):
         ActivationStore.open(store.path)
+
+
+@pytest.mark.parametrize("softcap", [30.0, None])
+def test_a_store_recording_the_dropped_logit_softcapping_still_opens(tmp_path, softcap):
+    """Exports once recorded final_logit_softcapping, which nothing read: the key is no
+    longer checked, and stores that carry it open and verify as before, the fact kept."""
+    store = write_planted_store(tmp_path / "s")
+    meta = json.loads((store.path / META_FILE).read_text())
+    meta["final_logit_softcapping"] = softcap
+    (store.path / META_FILE).write_text(json.dumps(meta))
+    reopened = ActivationStore.open(store.path)
+    reopened.verify()
+    assert reopened.meta["final_logit_softcapping"] == softcap
 
 
 def test_unicode_that_cannot_be_written_is_refused_naming_its_place(tmp_path):

@@ -4,7 +4,6 @@ of it is used, and the reading of meta.json itself."""
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -70,13 +69,6 @@ _STRING_FACTS = ("model_id", "family", "positions", "hook", "contribution", "mod
 _OPTIONAL_KEYS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     **{key: ("a string", lambda v: isinstance(v, str)) for key in _STRING_FACTS},
     "chat_template": ("true or false", lambda v: isinstance(v, bool)),
-    "final_logit_softcapping": (
-        "a finite number > 0, or null",
-        lambda v: (
-            v is None
-            or (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < math.inf)
-        ),
-    ),
     "prompts_hash": ("64 lowercase hex digits", _is_sha256),
     "n_sample_records": (
         f"an integer in [0, {_MAX_SAMPLES}]",
