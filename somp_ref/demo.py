@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from somp_ref.head import Head
 from somp_ref.pursuit import somp
 
 
@@ -19,7 +20,7 @@ from somp_ref.pursuit import somp
 class DemoRow:
     """One head of the demo: where it is, what was planted, what SOMP found."""
 
-    head: tuple[int, int]
+    head: Head
     planted: bool
     explained_variance: float
     recovered: int

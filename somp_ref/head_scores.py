@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from somp_ref.files import write_text_atomically
+from somp_ref.head import Head
 from somp_ref.score_files import (
     CSV_COLUMNS,
     JSON_FORMAT,
@@ -20,9 +21,6 @@ from somp_ref.score_files import (
     read_scores_csv,
     read_scores_json,
 )
-
-#: An attention head: (layer, head), both 0-based; heads are query heads.
-Head = tuple[int, int]
 
 
 @dataclass

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from somp_ref.files import read_user_text
+from somp_ref.head import Head
 
 JSON_FORMAT = "somp_ref.head_scores"
 #: Version 2 names the per-head table "score" (version 1 called it "explained_variance"
@@ -80,9 +81,9 @@ def read_scores_csv(path: str | os.PathLike) -> dict[str, Any]:
             f"{path}: {problem}; expected a ranking CSV from 'somp-ref rank' with columns "
             + ", ".join(CSV_COLUMNS)
         )
-    scores: dict[tuple[int, int], float] = {}
-    supports: dict[tuple[int, int], np.ndarray] = {}
-    first_row: dict[tuple[int, int], int] = {}
+    scores: dict[Head, float] = {}
+    supports: dict[Head, np.ndarray] = {}
+    first_row: dict[Head, int] = {}
     methods = set()
     sources: set[tuple[str, ...]] = set()
     for line, row in enumerate(rows, start=2):  # line 1 is the header
@@ -189,8 +190,8 @@ def read_scores_json(path: str | os.PathLike) -> dict[str, Any]:
             raise ValueError(
                 f"{path}: details.{name} has shape {details[name].shape}, {key} {score.shape}"
             )
-    supports: dict[tuple[int, int], np.ndarray] = {}
-    increments: dict[tuple[int, int], np.ndarray] = {}
+    supports: dict[Head, np.ndarray] = {}
+    increments: dict[Head, np.ndarray] = {}
     for number, entry in enumerate(fields.get("heads", list)):
         where = f"heads[{number}]"
         if not isinstance(entry, dict):

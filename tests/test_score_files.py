@@ -180,3 +180,9 @@ def test_deeply_nested_json_is_a_value_error(tmp_path, deep):
     path.write_text('{"format": "somp_ref.head_scores", "version": 1, "x": ' + deep + "}")
     with pytest.raises(ValueError, match=r"nested.json: JSON too deeply nested"):
         HeadScores.from_json(path)
+
+
+def test_one_head_type_wherever_it_is_imported_from():
+    from somp_ref import demo, head, head_scores, heads, score_files
+
+    assert head_scores.Head is heads.Head is score_files.Head is demo.Head is head.Head
