@@ -168,3 +168,29 @@ def test_digits_classification_helper(vlm, tokenizer):
     assert set(result["predictions"]) <= {str(d) for d in range(10)}
     truth = [p == item["label"] for p, item in zip(result["predictions"], items, strict=True)]
     assert result["accuracy"] == np.mean(truth)
+
+
+def test_image_mean_rows_average_each_items_image_token_rows(vlm, tokenizer, tmp_path):
+    """The paper's VLM rows: one row per item, the mean of the head's output over that
+    item's image-token positions (the rows ``positions="image"`` stores one by one)."""
+    model, _ = vlm
+    items = [
+        {"prompt": f"Describe picture number {i}.", "image": item["image"], "id": i}
+        for i, item in enumerate(digits_dataset(3, size=24))
+    ]
+    rows, means = (
+        export_vision(model, tokenizer, items, tmp_path / rule, positions=rule, show_progress=False)
+        for rule in ("image", "image-mean")
+    )
+    assert means.n_samples == 3 and [s["id"] for s in means.samples()] == [0, 1, 2]
+    per_item = rows.n_samples // 3
+    differs = []  # from each item's first image row somewhere: a mean, not one row
+    for layer in range(rows.n_layers):
+        z = np.asarray(rows.layer(layer)[0], dtype=np.float64)
+        expected = z.reshape(3, per_item, *z.shape[1:]).mean(axis=1)
+        got = np.asarray(means.layer(layer)[0], dtype=np.float64)
+        # Both are stored in the store's dtype: each side is off by half its ulp at most.
+        ulp = np.finfo(means.layer(layer)[0].dtype).eps * np.abs(z).max()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2 * ulp)
+        differs.append(not np.allclose(got, z[::per_item], rtol=0, atol=2 * ulp))
+    assert any(differs)
