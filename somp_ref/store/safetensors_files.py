@@ -1,5 +1,24 @@
-"""A store's safetensors files: written atomically, and read only once their header is
-validated (known dtypes, sane shapes, tensors tiling the data exactly), then memory-mapped."""
+"""A store's safetensors files: written by safetensors itself (atomically), read by the
+small reader here, which validates the header and memory-maps the tensors.
+
+Why a reader of our own rather than ``safetensors.safe_open(path, framework="np")``:
+
+- Zero copy. ``safe_open``'s numpy tensors are copies (``get_tensor`` and ``get_slice``
+  copy the bytes out of its map into a fresh array), and a ranking reads a layer's z
+  (gigabytes at 7B shape with many samples) head by head. :func:`map_tensors` returns
+  read-only ``np.memmap`` views of the file: the pages read stay in the page cache
+  (shared, reclaimable), and the only private memory is what the caller converts (a
+  ranking widens one head's samples at a time), whatever the layer's size.
+- The file that was checked is the file that is read. The tensors are mapped from the
+  descriptor the caller opened (a regular file, no symbolic link followed:
+  :func:`somp_ref.store.regular_files.open_regular`) after ``check`` hashed its content
+  through that descriptor; ``safe_open`` would open the file again by its name, which may
+  point elsewhere by then.
+- Strict validation first, in the store's terms: only the store's dtypes (F16, F32, F64),
+  at most 8 axes of positive sizes, byte counts that match dtype and shape, tensors that
+  tile the data exactly (no gap, overlap or trailing bytes) and a bounded header, every
+  failure a StoreError naming the file and the tensor, before anything is mapped.
+"""
 
 from __future__ import annotations
 
