@@ -12,13 +12,13 @@ samples is formed per atom, and none per step.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import numpy as np
 
 from somp_ref.batch_omp import SompPath, pursue
+from somp_ref.blas_threads import one_blas_thread
 from somp_ref.decisions import binary_exponent, signal_energy
 from somp_ref.pursuit import (
     NORM_ORDER,
@@ -149,45 +149,6 @@ def sample_space_coef(zc: np.ndarray, projected: np.ndarray, path: SompPath) -> 
     return (zc @ projected[support].T) @ (inv_l.T @ inv_l)
 
 
-_BLAS: dict[str, object] = {}
-
-
-def _blas_controller():
-    """threadpoolctl's controller of this process's thread pools (None without it)."""
-    if "controller" not in _BLAS:
-        try:
-            from threadpoolctl import ThreadpoolController
-        except ImportError:
-            _BLAS["controller"] = None
-        else:
-            _BLAS["controller"] = ThreadpoolController()
-    return _BLAS["controller"]
-
-
-def blas_threads_limitable() -> bool:
-    """Whether :func:`one_blas_thread` limits anything (threadpoolctl is installed)."""
-    return _blas_controller() is not None
-
-
-def one_blas_thread() -> contextlib.AbstractContextManager:
-    """A context in which BLAS runs on one thread, when threadpoolctl is installed (it
-    comes with scikit-learn, in the ``hf`` and ``test`` extras); otherwise nothing.
-
-    A pursuit calls BLAS on small operands thousands of times (a refresh is a 32 x t by
-    t x n product): threads cost more than they save there, and when another process
-    holds a core, OpenBLAS threads waiting for each other make a pursuit up to ten times
-    slower (measured on 2 cores: 120 ms a 7B head on one thread, 0.7-1.7 s on two), and
-    so do small LAPACK calls (a 128 x 128 Cholesky: 0.1 ms, or 60 ms). The large products
-    (``D W_O``, ``E_h Z_h^T``, a head's ``W^T W`` and the n x d_head products of its
-    sample-space factor) run outside it, on every thread. The limit is process-wide while
-    it lasts (threadpoolctl's own caveat for threaded callers).
-    """
-    controller = _blas_controller()
-    if controller is None:
-        return contextlib.nullcontext()
-    return controller.limit(limits=1, user_api="blas")
-
-
 class HeadProblem(NamedTuple):
     """A head ready for its pursuit: the products :func:`pursue_head` starts from.
 
@@ -254,7 +215,7 @@ def pursue_head(
     tol: float,
 ) -> SompPath:
     """SOMP of a prepared head (its thousands of small BLAS calls: run it inside
-    :func:`one_blas_thread`)."""
+    :func:`somp_ref.blas_threads.one_blas_thread`)."""
     v = problem.correlations.shape[0]
     return pursue(
         problem.correlations,
