@@ -70,6 +70,19 @@ def test_image_and_text_together_are_all(vlm):
     assert torch.equal(split, everywhere)
 
 
+@pytest.mark.parametrize("rule", ["all", "image", "text", "prompt", "generated"])
+def test_alpha_one_is_bit_identical_under_every_rule_on_an_image_prompt(vlm, rule):
+    inputs = image_prompt(vlm, seed=3)
+    base = logits(vlm, inputs)
+    with scale_heads(vlm, dict.fromkeys(ALPHAS, 1.0), positions=rule) as calls:
+        assert torch.equal(logits(vlm, inputs), base)
+    assert all(n > 0 for n in calls.values())  # the hooks ran
+    options = {"max_new_tokens": 3, "do_sample": False, "pad_token_id": 0}
+    unscaled = vlm.generate(**inputs, **options)
+    with scale_heads(vlm, dict.fromkeys(ALPHAS, 1.0), positions=rule):
+        assert torch.equal(vlm.generate(**inputs, **options), unscaled)
+
+
 @pytest.mark.parametrize("rule", ["image", "text", "prompt", "generated"])
 def test_generation_is_the_same_with_and_without_the_cache(vlm, rule):
     inputs = image_prompt(vlm, seed=2)
