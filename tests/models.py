@@ -159,13 +159,14 @@ def tiny_causal_lm(family: str, vocab_size: int = 256, *, seed: int = 0):
     return model_class(config).eval()
 
 
-def save_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0):
-    """A tiny random model of ``family`` and a word-level tokenizer (``w0 w1 ...``, 256
-    tokens with [PAD], [UNK] and [EOS]) saved as a local checkpoint directory: what
-    ``--model DIR`` loads, without the hub."""
+def save_tiny_checkpoint(path, family: str = "llama", *, seed: int = 0, vocabulary=None):
+    """A tiny random model of ``family`` and a word-level tokenizer (``w0 w1 ...``, or the
+    words of ``vocabulary``, after [PAD], [UNK] and [EOS]) saved as a local checkpoint
+    directory: what ``--model DIR`` loads, without the hub."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    words = ["[PAD]", "[UNK]", "[EOS]", *(f"w{i}" for i in range(253))]
+    chosen = [f"w{i}" for i in range(253)] if vocabulary is None else list(vocabulary)
+    words = ["[PAD]", "[UNK]", "[EOS]", *chosen]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer = transformers.PreTrainedTokenizerFast(

@@ -4,9 +4,14 @@ gloo), and merging shards; the same commands the README's "Large models" section
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
+import re
+import shlex
 import shutil
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +27,7 @@ from somp_ref.adapters.intervene import scale_heads  # noqa: E402
 from somp_ref.adapters.models import load_model  # noqa: E402
 from somp_ref.adapters.parallel_export import shard_bounds  # noqa: E402
 from somp_ref.cli import main  # noqa: E402
+from somp_ref.head_scores import HeadScores  # noqa: E402
 from somp_ref.store import ActivationStore, StoreError  # noqa: E402
 
 PROMPTS = [" ".join(f"w{(7 * i + j) % 250}" for j in range(3 + i % 5)) for i in range(11)]
@@ -282,7 +288,7 @@ def test_generate_refuses_a_ranking_of_another_model_unless_forced(tmp_path, cap
     )
     rank = ["rank", str(tmp_path / "s"), "--concept", str(concept), "--method", "somp"]
     assert main([*rank, "--out", str(tmp_path / "r.csv")]) == 0
-    generate = ["generate", "--heads", str(tmp_path / "r.csv"), "--top", "2", "--raw"]
+    generate = ["generate", "--heads", str(tmp_path / "r.csv"), "--top", "2", "--no-chat-template"]
     generate += ["--max-new-tokens", "2", "w1 w2"]
     assert main([*generate, "--model", str(first)]) == 0  # its own model
     other = save_tiny_checkpoint(tmp_path / "other", seed=1)
@@ -362,3 +368,75 @@ def test_an_interrupted_overwrite_resumes_and_keeps_the_old_store_until_done(
     assert not list(tmp_path.glob(".s.*-*"))  # the old store is gone, nothing hidden left
     with pytest.raises(StoreError, match="no interrupted --overwrite of it left rows"):
         export_activations(model, tokenizer, records[1:], tmp_path / "s", resume=True, **options)
+
+
+def _readme_commands(section: str) -> list[list[str]]:
+    """The ``somp-ref`` commands of a README section's bash blocks, as argument lists
+    (continuation lines joined, comments dropped; placeholders ``...`` kept for the caller)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    text = readme.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            if words and words[0] == "somp-ref":
+                commands.append(words[1:])
+    return commands
+
+
+#: Words the null dictionaries can draw from (3+ letters), and the shipped colors concept's.
+WORDS = [
+    "red", "green", "blue", "yellow", "orange", "purple", "black", "white", "brown", "pink",
+    *("".join(letters) for letters in itertools.product("bdfgklmnpstv", "aeiou", "nrst")),
+][:253]  # fmt: skip
+
+
+def test_the_readme_large_model_commands_run_at_small_scale(tmp_path, monkeypatch):
+    """Every complete ``somp-ref`` command of the README's "Large models" section, with the
+    hub ids replaced by a tiny checkpoint whose vocabulary holds color words, cuda by the CPU
+    and ``--top 16`` by 2 of its 8 heads (the torchrun lines are run by the torchrun test
+    above; lines with ``...`` are placeholders)."""
+    checkpoint = save_tiny_checkpoint(tmp_path / "tiny", vocabulary=WORDS)
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    prompts = [" ".join(rng.choice(WORDS, 3 + i % 5)) for i in range(12)]
+    Path("prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    replace = {
+        "meta-llama/Llama-3.1-8B": str(checkpoint),
+        "meta-llama/Llama-3.1-70B": str(checkpoint),
+        "cuda": "cpu",
+        "/scratch/offload": str(tmp_path / "offload"),
+    }
+    commands = [
+        [replace.get(word, word) for word in command]
+        for command in _readme_commands("Large models")
+        if "..." not in command
+    ]
+    for command in commands:  # the tiny model has 8 heads
+        if "--top" in command:
+            command[command.index("--top") + 1] = "2"
+    # Exports first, then the rankings the generate line reads (the README's order is by topic).
+    commands.sort(key=lambda command: ["export", "rank", "generate"].index(command[0]))
+    assert [command[0] for command in commands] == ["export", "export", "rank", "rank", "generate"]
+    for command in commands:
+        assert main(command) == 0, command
+    assert ActivationStore.open("runs/llama8b").n_samples == sum(len(p.split()) for p in prompts)
+    assert ActivationStore.open("runs/llama70b").n_samples == len(prompts)
+    assert HeadScores.from_csv("colors.csv").method == "specificity"
+
+
+def test_export_applies_the_unembedding_to_one_position_only(loaded, tmp_path):
+    """No full-vocabulary logits: the model's head sees one position of each prompt."""
+    model, tokenizer = loaded
+    seen = []
+    handle = model.lm_head.register_forward_hook(lambda m, args, out: seen.append(args[0].shape))
+    try:
+        records = [{"prompt": p} for p in PROMPTS[:4]]
+        export_activations(
+            model, tokenizer, records, tmp_path / "s", batch_size=2, show_progress=False
+        )
+    finally:
+        handle.remove()
+    assert [shape[:2] for shape in seen] == [(2, 1), (2, 1)]
+    longest = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS[:4])
+    assert longest > 1  # so one position is fewer than the prompts have
