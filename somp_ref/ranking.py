@@ -36,15 +36,22 @@ DEFAULT_METHOD = "specificity"
 #: The competing dictionary of "share": the most frequent word tokens (about as many as
 #: the common words of English a model's vocabulary spells as one token).
 SHARE_POOL = 8192
+#: SOMP atoms per head unless told otherwise (:func:`rank_heads`, :func:`rank`,
+#: :func:`head_signature` and every command's ``--atoms``): the paper's number.
+DEFAULT_ATOMS = 50
+#: Null dictionaries behind "specificity" and "excess" unless told otherwise (the API's
+#: ``n_null`` and the command line's ``--null``): the number the README's selection study
+#: was measured with.
+DEFAULT_NULL = 6
 
 
 def rank_heads(
     store: ActivationStore,
     token_ids: Sequence[int],
-    n_atoms: int = 50,
+    n_atoms: int = DEFAULT_ATOMS,
     method: str = "somp",
     *,
-    n_null: int = 8,
+    n_null: int = DEFAULT_NULL,
     seed: int = 0,
     **options: Any,
 ) -> HeadScores:
@@ -55,7 +62,7 @@ def rank_heads(
     store : ActivationStore
     token_ids : sequence of int
         The concept: rows of the unembedding used as atoms (duplicates dropped).
-    n_atoms : int, default=50
+    n_atoms : int, default=DEFAULT_ATOMS (50)
         SOMP atoms per head (capped by the dictionary's size), as the paper.
     method : {"somp", "ll", "specificity", "excess", "share"}, default="somp"
         - "somp": SOMP's explained variance after ``n_atoms`` (the paper's ranking);
@@ -68,7 +75,7 @@ def rank_heads(
           (:func:`somp_ref.null_dictionaries.matched_draws`);
         - "share": the variance the concept's tokens explain when SOMP chooses among the
           concept and the ``SHARE_POOL`` most frequent word tokens at once.
-    n_null, seed : int
+    n_null, seed : int, default=DEFAULT_NULL (6), 0
         Null dictionaries of "specificity" and "excess" and the seed that draws them.
     **options
         Passed to :func:`somp_ref.head_loop.score_heads`: center, normalize, criterion,
@@ -110,7 +117,10 @@ def rank_heads(
 
 
 def specificity_scores(
-    store: ActivationStore, token_ids: Sequence[int], n_atoms: int = 50, **options: Any
+    store: ActivationStore,
+    token_ids: Sequence[int],
+    n_atoms: int = DEFAULT_ATOMS,
+    **options: Any,
 ) -> HeadScores:
     """:func:`rank_heads` with ``method="specificity"``: the concept's explained variance
     as a z-score against random word-token dictionaries of its size."""
@@ -154,7 +164,7 @@ def rank(
     concept: str | os.PathLike | Sequence[int],
     *,
     method: str = DEFAULT_METHOD,
-    n_atoms: int = 50,
+    n_atoms: int = DEFAULT_ATOMS,
     **options: Any,
 ) -> HeadScores:
     """Rank a store's heads for a concept, in one call.
@@ -166,7 +176,7 @@ def rank(
         A shipped concept ("colors"), a word-list file, or token ids.
     method : str, default=DEFAULT_METHOD
         See :func:`rank_heads`.
-    n_atoms : int, default=50
+    n_atoms : int, default=DEFAULT_ATOMS (50)
     **options
         Passed to :func:`rank_heads`.
 
@@ -192,7 +202,7 @@ def head_signature(
     store: ActivationStore,
     layer: int,
     head: int,
-    n_atoms: int = 20,
+    n_atoms: int = DEFAULT_ATOMS,
     token_ids: Sequence[int] | None = None,
 ) -> list[tuple[int, str, float]]:
     """A head's SOMP signature: the tokens it writes, with the explained variance each adds.
@@ -201,7 +211,8 @@ def head_signature(
     ----------
     store : ActivationStore
     layer, head : int
-    n_atoms : int, default=20
+    n_atoms : int, default=DEFAULT_ATOMS (50)
+        Tokens in the signature, as ``inspect --atoms``.
     token_ids : sequence of int, optional
         Restrict the dictionary (default: the whole vocabulary).
 
