@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -97,6 +98,23 @@ def test_wrong_ports_fail_exactly_the_cases_they_break():
     assert failed == centered - {"constant"} | {"constant"}
     failed = {r.case for r in check_port(highest_index_ties) if not r.passed}
     assert failed == {"ties", "rank_deficient"}
+
+
+@pytest.mark.parametrize("field", ["coef", "explained_variance"])
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_a_port_returning_non_finite_numbers_fails_every_case(field, value):
+    def poisoned(*args, **kwargs):
+        result = somp(*args, **kwargs)  # the right support, then a NaN or Inf
+        values = getattr(result, field).copy()
+        if values.size:  # a case that selects nothing has nothing to poison
+            values.flat[-1] = value
+        return dataclasses.replace(result, **{field: values})
+
+    reports = check_port(poisoned)
+    name = "coef" if field == "coef" else "explained variance"
+    failed = [r for r in reports if not r.passed]
+    assert len(failed) >= len(reports) - 1, reports  # all but the constant case's empty coef
+    assert all(r.detail == f"{name} holds NaN or Inf" for r in failed), failed
 
 
 def test_port_reports_exceptions_and_bad_specs():

@@ -122,6 +122,9 @@ def check_case(
             False,
             f"shapes coef {coef.shape}, ev {ev.shape}; want {want_coef.shape}, {want_ev.shape}",
         )
+    for name, values in (("coef", coef), ("explained variance", ev)):
+        if not np.isfinite(values).all():  # NaN would pass every "error > tol" test
+            return False, f"{name} holds NaN or Inf"
     coef_err = float(np.max(np.abs(coef - want_coef), initial=0.0))
     coef_tol = COEF_RTOL * max(1.0, float(np.max(np.abs(want_coef), initial=0.0)))
     ev_err = float(np.max(np.abs(ev - want_ev), initial=0.0))
