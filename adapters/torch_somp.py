@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from somp_ref.adapters.preflight import check_device
 from somp_ref.engines import HeadPursuit, PursuitOptions
 from somp_ref.factored import Dictionary, rescaled
 from somp_ref.pursuit import (
@@ -204,6 +205,7 @@ class TorchEngine:
     name = "torch"
 
     def __init__(self, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float64):
+        check_device(str(device))  # before any layer is read: not a traceback after them
         self.device = torch.device(device)
         self.dtype = dtype
 

@@ -204,6 +204,15 @@ def test_bad_engine_flags_are_one_line_errors(store, tmp_path, capsys, flags, me
     assert message in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_a_device_torch_cannot_use_is_one_line_before_any_layer_is_read(store, tmp_path, capsys):
+    pytest.importorskip("torch")
+    status, out = rank(store, tmp_path, "bad", "--device", "cuda:99")  # absent on any machine
+    err = capsys.readouterr().err
+    assert status == 2 and not out.exists()
+    assert "--device cuda:99:" in err and len(err.strip().splitlines()) == 1, err
+    assert "rank (somp)" not in err  # refused before the ranking started
+
+
 def engine_args(**flags) -> argparse.Namespace:
     return argparse.Namespace(**({"engine": None, "device": None, "workers": None} | flags))
 
