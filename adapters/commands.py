@@ -1,7 +1,9 @@
-"""The ``export``, ``generate`` and ``experiment`` subcommands, registered through the
-entry-point group ``somp_ref.commands``. Nothing here imports torch until a model loads, so
-``somp-ref --help`` works without the ``hf`` extra, these commands answer with the install
-line, and bad arguments (files, numbers, output paths) are reported before a model loads.
+"""The ``export`` and ``generate`` subcommands, registered through the entry-point group
+``somp_ref.commands`` (``experiment`` and ``compare`` are in
+:mod:`somp_ref.adapters.experiment_commands`). Nothing here imports torch until a model
+loads, so ``somp-ref --help`` works without the ``hf`` extra, these commands answer with the
+install line, and bad arguments (files, numbers, output paths) are reported before a model
+loads.
 Their shared flags come from :mod:`somp_ref.cli_options`, as the core commands' do.
 """
 
@@ -25,20 +27,19 @@ from somp_ref.adapters.preflight import (
 from somp_ref.cli_options import (
     add_alpha,
     add_batch_size,
+    add_chat_template,
     add_heads_selection,
     add_intervene_positions,
     add_max_new_tokens,
     add_model_loading,
     add_out,
+    add_overwrite,
+    add_positions,
     add_ranking,
     check_some_layer_left,
     ranking_options,
     renamed,
 )
-
-#: export's position rules (somp_ref.adapters.head_export.POSITIONS, kept here torch-free so
-#: that --help is instant; a test keeps the two equal). The first is the default.
-EXPORT_POSITIONS = ("prompt-mean", "last", "mean", "all")
 
 
 def _run_export(args: argparse.Namespace) -> int:
@@ -115,6 +116,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     check_device_map(args)
     check_device(args.device)
     from somp_ref.adapters.generation import generate  # imports torch: after the checks
+    from somp_ref.adapters.head_export import resolve_chat_template
     from somp_ref.adapters.intervene import scale_heads
     from somp_ref.adapters.provenance import model_fingerprint
     from somp_ref.provenance import ModelMismatchError, check_same_model
@@ -131,7 +133,10 @@ def _run_generate(args: argparse.Namespace) -> int:
                 f"{args.heads}: {err}; pass --force to apply it anyway"
             ) from None
         print(f"warning: {args.heads}: {err} (applied anyway: --force)", file=sys.stderr)
-    options = {"max_new_tokens": args.max_new_tokens, "chat_template": not args.raw}
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "chat_template": resolve_chat_template(tokenizer, args.chat_template),
+    }
     baseline = generate(model, tokenizer, args.prompts, **options)
     alphas = {head: args.alpha for head in heads}
     with scale_heads(model, alphas, positions=args.intervene_positions):
@@ -154,7 +159,7 @@ def _run_generate(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
-    """Add ``export``, ``generate`` and ``experiment`` to the ``somp-ref`` command."""
+    """Add ``export`` and ``generate`` to the ``somp-ref`` command."""
     export = subparsers.add_parser(
         "export",
         help="run prompts through a model and store what every head writes",
@@ -171,7 +176,7 @@ def register(subparsers) -> None:
             "prompts to a shard OUT.shard-R-of-W and the first merges them into --out."
         ),
         epilog="examples: somp-ref export --model default --prompts builtin:colors "
-        "--chat-template --out runs/colors --rank-concept colors --device cuda; "
+        "--out runs/colors --rank-concept colors --device cuda; "
         "torchrun --nproc-per-node 8 -m somp_ref export --model meta-llama/Llama-3.1-8B "
         "--prompts prompts.jsonl --out runs/big --device cuda (each process on "
         "cuda:LOCAL_RANK)",
@@ -184,31 +189,17 @@ def register(subparsers) -> None:
         "line | a .jsonl file, records with a 'prompt' field | a .json file, an array of "
         "prompts or of such records; the suffix in any case (required)",
     )
-    export.add_argument(
-        "--positions",
-        choices=EXPORT_POSITIONS,
-        default=EXPORT_POSITIONS[0],
-        help="which tokens become rows: prompt-mean = each head's output averaged over the "
-        "prompt's own tokens (the paper's rows; the chat template's tokens left out), last = "
-        "the last token, mean = every token, all = one row per token "
-        f"(default: {EXPORT_POSITIONS[0]})",
-    )
+    add_positions(export)
     add_out(export, "store directory to create (required)")
     add_batch_size(export, 8)
-    export.add_argument(
-        "--chat-template",
-        action="store_true",
-        help="wrap each prompt as a user turn of the chat template (default: raw text)",
-    )
+    add_chat_template(export)
     export.add_argument(
         "--store-dtype",
         choices=("float32", "float16"),
         default="float32",
         help="how the heads' outputs are stored (default: float32)",
     )
-    export.add_argument(
-        "--overwrite", action="store_true", help="replace an existing store (default: refuse)"
-    )
+    add_overwrite(export)
     export.add_argument(
         "--resume",
         action="store_true",
@@ -228,7 +219,11 @@ def register(subparsers) -> None:
         metavar="PATH",
         help="ranking CSV for --rank-concept (default: STORE-CONCEPT.csv beside the store)",
     )
-    add_ranking(export)
+    add_ranking(
+        export,
+        "only with --rank-concept: how its ranking is made, as rank's flags (the store "
+        "keeps every layer; --layers and --exclude-layers choose the layers ranked)",
+    )
     renamed(export, {"--rank": "--rank-concept"})
     export.set_defaults(func=needs_torch(_run_export))
 
@@ -258,9 +253,6 @@ def register(subparsers) -> None:
         help="apply a ranking made on another model (its file records the model id and a "
         "fingerprint of the weights) (default: refuse)",
     )
-    gen.add_argument(
-        "--raw",
-        action="store_true",
-        help="feed prompts as raw text, without the chat template (default: chat template)",
-    )
+    add_chat_template(gen)
+    renamed(gen, {"--raw": "--no-chat-template"})
     gen.set_defaults(func=needs_torch(_run_generate))

@@ -10,7 +10,6 @@ import argparse
 import json
 from pathlib import Path
 
-from somp_ref.adapters.commands import EXPORT_POSITIONS
 from somp_ref.adapters.preflight import (
     check_device,
     check_device_map,
@@ -25,15 +24,16 @@ from somp_ref.cli_options import (
     add_batch_size,
     add_exclude_layers,
     add_intervene_positions,
+    add_json,
     add_method,
     add_model_loading,
     add_null,
     add_out,
+    add_positions,
     add_seed,
-    k_list,
-    positive_int,
     renamed,
 )
+from somp_ref.cli_types import k_list, positive_int
 
 
 def register(subparsers) -> None:
@@ -110,8 +110,9 @@ def register_experiment(subparsers) -> None:
             "The paper's protocol: export each head's output averaged over the train prompts' "
             "tokens, rank the heads (--method, the paper's raw explained variance and the "
             "Logit Lens), choose alpha on the validation split where the experiment does not "
-            "fix it, then for each k scale the top-k heads of each ranking and 10 random head "
-            "sets (same per-layer counts, disjoint), at every position or at those "
+            "fix it, then for each k scale the top-k heads of each ranking and --random N "
+            "(default 10) random head sets (same per-layer counts as --method's, disjoint "
+            "from them), at every position or at those "
             "--intervene-positions selects, and measure every test prompt: the target "
             "effect next to collateral damage (KL along the unmodified model's answers to "
             "neutral prompts, degenerate answers), each with a 95 % bootstrap interval over "
@@ -155,17 +156,16 @@ def register_experiment(subparsers) -> None:
         "from it, reported as median [IQR] (default: 10, as the paper)",
     )
     add_intervene_positions(parser)
-    add_method(parser)
+    add_method(
+        parser,
+        "the primary ranking, the one the alpha sweep scales, the random head sets are shaped "
+        "like and the tables label 'default'; somp and ll are always ranked and measured "
+        "beside it",
+    )
     add_atoms(parser)
     add_null(parser)
     add_exclude_layers(parser)
-    parser.add_argument(
-        "--positions",
-        choices=EXPORT_POSITIONS,
-        default=EXPORT_POSITIONS[0],
-        help="rows of the train store: prompt-mean = each head's output averaged over the "
-        f"prompt's own tokens, the paper's (default: {EXPORT_POSITIONS[0]})",
-    )
+    add_positions(parser)  # of the train store
     parser.add_argument(
         "--generate",
         type=positive_int,
@@ -181,7 +181,11 @@ def register_experiment(subparsers) -> None:
         metavar="N",
         help="neutral prompts whose answers measure collateral damage (KL) (default: 32)",
     )
-    add_seed(parser, "the data split and the random draws")
+    add_seed(
+        parser,
+        "seed of the train/validation/test split, the --null dictionaries and the --random "
+        "head sets",
+    )
     add_batch_size(parser, 32)
     add_out(parser, "output directory (default: runs/experiment)", default="runs/experiment")
     renamed(
@@ -229,11 +233,6 @@ def register_compare(subparsers) -> None:
     )
     parser.add_argument("first", metavar="A", help="a run directory (or its results.json)")
     parser.add_argument("second", metavar="B", help="the run compared with A")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the comparison, every interval, as JSON instead of the tables "
-        "(default: tables)",
-    )
-    add_seed(parser, "the bootstrap's resampling")
+    add_json(parser)
+    add_seed(parser, "seed of the bootstrap's resampling of the prompts")
     parser.set_defaults(func=_run_compare)

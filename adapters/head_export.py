@@ -67,7 +67,7 @@ def export_activations(
     *,
     positions: str = "prompt-mean",
     batch_size: int = 8,
-    chat_template: bool = False,
+    chat_template: bool | None = None,
     dtype: str = "float32",
     padding_side: str = "left",
     overwrite: bool = False,
@@ -95,8 +95,11 @@ def export_activations(
         default is the paper's: each head's output averaged over the prompt's own tokens.
     batch_size : int, default=8
         Prompts per forward pass; results do not depend on it.
-    chat_template : bool, default=False
-        Wrap each prompt as a user turn of the tokenizer's chat template.
+    chat_template : bool, optional
+        Wrap each prompt as a user turn of the tokenizer's chat template (True), or feed its
+        raw text (False). Default (None): the template when the tokenizer has one, as
+        :func:`export`, ``experiment`` and the command line's ``--chat-template`` (this
+        default used to be raw text: pass False for it); the store's meta records which.
     dtype : {"float32", "float16"}, default="float32"
         How z is stored.
     padding_side : {"left", "right"}, default="left"
@@ -126,6 +129,7 @@ def export_activations(
         raise ValueError("resume and overwrite exclude each other")
     # Before the model runs: a record that cannot be stored would stop the export midway.
     check_json([dict(record) for record in records], "records", strict=False)
+    chat_template = resolve_chat_template(tokenizer, chat_template)
     options = {
         "positions": positions,
         "batch_size": batch_size,
@@ -225,7 +229,8 @@ def export(
     positions : str, default="prompt-mean"
         The paper's rows: each head's output averaged over the prompt's own tokens.
     chat_template : bool, optional
-        Default: wrap prompts in the tokenizer's chat template when it has one.
+        As :func:`export_activations`: by default, wrap prompts in the tokenizer's chat
+        template when it has one.
     **options
         Passed to :func:`export_activations` (batch_size, dtype, overwrite, ...).
 
@@ -234,8 +239,6 @@ def export(
     ActivationStore
     """
     records = [p if isinstance(p, dict) else {"prompt": p} for p in prompts]
-    if chat_template is None:
-        chat_template = getattr(tokenizer, "chat_template", None) is not None
     return export_activations(
         model,
         tokenizer,
@@ -245,6 +248,15 @@ def export(
         chat_template=chat_template,
         **options,
     )
+
+
+def resolve_chat_template(tokenizer: Any, chat_template: bool | None) -> bool:
+    """Whether prompts go through ``tokenizer``'s chat template: ``chat_template`` where the
+    caller says (True, False), else (None) when the tokenizer has one. The one default of
+    :func:`export_activations`, :func:`export` and ``--chat-template`` (export, generate)."""
+    if chat_template is None:
+        return getattr(tokenizer, "chat_template", None) is not None
+    return bool(chat_template)
 
 
 def inputs_fingerprint(records: Sequence[dict[str, Any]], **options: Any) -> str:

@@ -26,17 +26,16 @@ from typing import Any
 import torch
 
 from somp_ref.adapters.model_heads import model_heads
+from somp_ref.cli_options import INTERVENE_POSITION_HELP
 from somp_ref.head_scores import Head
 
 #: The named position rules; the first is the default (the paper's: every position).
 POSITION_RULES = ("all", "prompt", "generated", "image", "text")
 
-#: One line per rule, for docstrings and ``--help``.
+#: One line per rule, for docstrings and ``--help``: the text rules' lines are the ones
+#: ``--intervene-positions`` shows (kept in the torch-free core, which cannot import this).
 POSITION_RULE_HELP = {
-    "all": "every position of prompt and answer (the paper's)",
-    "prompt": "the prompt's positions only (prefill); the answer's tokens are left alone",
-    "generated": "only positions whose input token was generated (the prompt's last "
-    "position, which predicts the first answer token, is a prompt position)",
+    **INTERVENE_POSITION_HELP,
     "image": "image-token positions only (vision-language models)",
     "text": "every position but the image tokens (vision-language models)",
 }

@@ -3,10 +3,11 @@
 The core registers its own subcommands here; ``adapters`` and ``verify`` contribute theirs
 through the entry-point group ``somp_ref.commands`` (a callable taking the subparsers
 object), so the core never imports them. Options more than one subcommand takes are
-defined once, in :mod:`somp_ref.cli_options`: a flag name has one meaning everywhere.
+defined once, in :mod:`somp_ref.cli_options`: a flag name has one meaning everywhere; the
+values they take are parsed by the types of :mod:`somp_ref.cli_types`.
 
 Every expected failure is one line on stderr and exit status 2: usage errors (argparse,
-with the types of :mod:`somp_ref.cli_options`), and the :data:`EXPECTED_ERRORS` a command
+with the types of :mod:`somp_ref.cli_types`), and the :data:`EXPECTED_ERRORS` a command
 raises (bad or missing files, a bad store, a full disk, a missing extra, a model that
 cannot be loaded).
 Two resource limits are reported the same way: Ctrl-C is one line, "interrupted", with exit
@@ -28,7 +29,7 @@ from importlib.metadata import entry_points
 from typing import NoReturn
 
 from somp_ref import __version__
-from somp_ref.cli_options import (  # noqa: F401  (the types stay importable from here)
+from somp_ref.cli_options import (
     add_atoms,
     add_out,
     add_rank_engine,
@@ -36,14 +37,16 @@ from somp_ref.cli_options import (  # noqa: F401  (the types stay importable fro
     add_seed,
     check_layer_flags,
     check_some_layer_left,
+    rank_engine_options,
+    ranking_options,
+    renamed,
+)
+from somp_ref.cli_types import (  # noqa: F401  (the types stay importable from here)
     head_spec,
     int_at_least,
     layer_list,
     non_negative_int,
     positive_int,
-    rank_engine_options,
-    ranking_options,
-    renamed,
 )
 from somp_ref.errors import UserError
 from somp_ref.store_commands import register as register_store
@@ -135,8 +138,8 @@ def _add_demo(subparsers) -> None:
         ),
         epilog="example: somp-ref demo --atoms 8 --seed 1",
     )
-    add_atoms(parser, "SOMP atoms per head, capped at the concept's 40 tokens")
-    add_seed(parser, "seed of the synthetic heads")
+    add_atoms(parser)
+    add_seed(parser, "seed drawing the synthetic heads")
     parser.set_defaults(func=_run_demo)
 
 
@@ -276,7 +279,7 @@ def _add_inspect(subparsers) -> None:
         metavar="L.H",
         help="LAYER.HEAD, 0-based, e.g. 12.3 (default: summarise the store)",
     )
-    add_atoms(parser, "tokens in the signature (SOMP atoms)")
+    add_atoms(parser, "tokens in the signature: SOMP atoms over the whole vocabulary")
     renamed(parser, {"--top": "--atoms"})
     parser.set_defaults(func=_run_inspect)
 

@@ -1,39 +1,46 @@
-"""The options the ``somp-ref`` subcommands share, and their argparse types.
+"""The options the ``somp-ref`` subcommands share: every shared flag, defined once.
 
 Every flag that more than one subcommand takes is defined here, once, so that a flag name
-has one meaning (the same dest, type and choices) wherever it appears; each subcommand
-only words the help for what it does with it. The groups:
+has one meaning wherever it appears: the same dest, type, choices, default and help. Where
+what a flag acts on is the command's own (what ``--out`` writes, what ``--seed`` draws), the
+command words its help, and :data:`WORDED_PER_COMMAND` says why (a test holds every other
+flag to one help and one default). The groups:
 
-* model: ``--model``, ``--revision``, ``--device``, ``--dtype``, ``--attn-implementation``
-  (the commands that load a model);
+* model: ``--model``, ``--revision``, ``--device``, ``--dtype``, ``--device-map``,
+  ``--offload-folder``, ``--attn-implementation`` (the commands that load a model);
+* prompts: ``--chat-template/--no-chat-template`` (the commands that tokenize prompts),
+  ``--positions`` (which tokens become a store's rows);
 * ranking: ``--method`` (:data:`somp_ref.ranking.METHODS`, default
   :data:`somp_ref.ranking.DEFAULT_METHOD`), ``--atoms`` (50, the paper's number),
   ``--criterion``, ``--null``, ``--seed``, ``--layers``, ``--exclude-layers``; and, for
   ``rank``, who ranks: ``--engine``, ``--device`` (as the model commands'), ``--workers``;
 * heads selection: ``--heads FILE`` (a ranking), ``--top K``;
 * steering and outputs: ``--alpha``, ``--intervene-positions``, ``--batch-size``,
-  ``--max-new-tokens``, ``--out``.
+  ``--max-new-tokens``, ``--out``, ``--overwrite``, ``--json``.
 
-Only argparse arguments and types live here: the core's commands use this module as the
-adapters' do, so it imports neither torch nor ``somp_ref.adapters``.
+The argparse value types live in :mod:`somp_ref.cli_types`. Only argparse arguments live
+here: the core's commands use this module as the adapters' do, so it imports neither torch
+nor ``somp_ref.adapters``.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import re
-from collections.abc import Callable, Mapping
-from importlib.metadata import entry_points
+from collections.abc import Mapping
 
+from somp_ref.cli_types import (  # noqa: F401  (MAX_LAYERS: read here by the adapters' checks)
+    MAX_LAYERS,
+    at_least_two,
+    device_spec,
+    finite_float,
+    layer_list,
+    non_negative_int,
+    positive_int,
+)
 from somp_ref.layer_pool import PARALLEL_MIN_VALUES
-from somp_ref.ranking import DEFAULT_METHOD, METHODS, SHARE_POOL
+from somp_ref.ranking import DEFAULT_ATOMS, DEFAULT_METHOD, DEFAULT_NULL, METHODS, SHARE_POOL
 
-#: SOMP atoms per head unless told otherwise: the paper's number.
-DEFAULT_ATOMS = 50
-#: Random dictionaries behind the "specificity" ranking (as the measured experiments).
-DEFAULT_NULL = 6
 #: Model weight dtypes ``somp_ref.adapters.models.load_model`` accepts (a test keeps the
 #: two equal; the core cannot import the adapters to read them).
 DTYPES = ("float32", "float16", "bfloat16", "float64")
@@ -41,35 +48,44 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 CRITERIA = ("l1", "l2")
 #: Ranking engines (:mod:`somp_ref.engines`): numpy built in, torch from the hf extra.
 ENGINES = ("numpy", "torch")
-#: Layers a model may have: the activation store's schema bound on n_layers. A layer number
-#: at or past it is refused while parsing (``0-99999999999`` would build a list of 1e11).
-MAX_LAYERS = 4096
-#: Device types torch itself parses (``torch.device``); others come from out-of-tree
-#: backends that torch loads through the entry-point group ``torch.backends``.
-TORCH_DEVICE_TYPES = (
-    "cpu",
-    "cuda",
-    "mps",
-    "xpu",
-    "meta",
-    "hip",
-    "xla",
-    "hpu",
-    "mtia",
-    "maia",
-    "ipu",
-    "ve",
-    "fpga",
-    "lazy",
-    "vulkan",
-    "mkldnn",
-    "opengl",
-    "opencl",
-    "ideep",
-    "privateuseone",
-)
-_DEVICE = re.compile(r"([a-z][a-z0-9_]*)(?::(0|[1-9][0-9]{0,3}))?")
-_LAYER_PART = re.compile(r"([0-9]+)(?:-([0-9]+))?")
+#: Which tokens of a prompt become a store's rows, one line each
+#: (``somp_ref.adapters.head_export.POSITIONS``, kept here torch-free so that ``--help`` is
+#: instant; a test keeps the two equal). The first is the default.
+EXPORT_POSITION_HELP = {
+    "prompt-mean": "one row per prompt, each head's output averaged over the prompt's own "
+    "tokens, the chat template's left out (the paper's rows)",
+    "last": "one row per prompt, its last token (with the chat template: the end of the "
+    "assistant's header, where the answer starts)",
+    "mean": "one row per prompt, averaged over every token, the template's included",
+    "all": "one row per token of every prompt",
+}
+EXPORT_POSITIONS = tuple(EXPORT_POSITION_HELP)
+#: Where the command line can scale heads, one line each: the text-model rules of
+#: ``somp_ref.adapters.intervene.POSITION_RULES``, whose ``POSITION_RULE_HELP`` takes these
+#: lines from here (kept torch-free; a test keeps them in step). The first is the default.
+INTERVENE_POSITION_HELP = {
+    "all": "every position of prompt and answer (the paper's)",
+    "prompt": "the prompt's positions only (prefill), the answer's tokens left alone",
+    "generated": "only positions whose input token was generated (the prompt's last "
+    "position, which predicts the first answer token, is a prompt position)",
+}
+INTERVENE_POSITIONS = tuple(INTERVENE_POSITION_HELP)
+#: Shared flags whose help (and default) each command words for itself, and why: what they
+#: act on is the command's own. Every other flag two subcommands share has one help and one
+#: default everywhere (a test holds them to it).
+WORDED_PER_COMMAND = {
+    "--out": "what the command writes (a store, a ranking, a run directory)",
+    "--seed": "what the command draws at random (null dictionaries, data splits, "
+    "bootstrap resamples, synthetic heads)",
+    "--method": "experiment ranks with somp and ll beside it; there --method picks the "
+    "primary ranking (alpha sweep, random control, the 'default' label)",
+    "--atoms": "inspect's atoms are the tokens of one head's signature over the vocabulary",
+    "--model": "verify also takes 'none' (skip the model checks)",
+    "--device": "rank's runs the torch engine (and implies it); the model commands' holds "
+    "the model",
+    "--alpha": "generate scales by -1 unless told; experiment sweeps it for amplification",
+    "--batch-size": "each command's default fits its memory use (results do not depend on it)",
+}
 #: What each ranking method is, for the help of ``--method``.
 METHOD_HELP = {
     "somp": "SOMP explained variance",
@@ -80,105 +96,6 @@ METHOD_HELP = {
     "share": "the variance the concept explains when SOMP may also pick the "
     f"{SHARE_POOL} most frequent word tokens",
 }
-
-
-# ------------------------------------------------------------------ types
-
-
-def int_at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer >= ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
-        return value
-
-    parse.__name__ = f"int_at_least_{minimum}"
-    return parse
-
-
-positive_int = int_at_least(1)
-non_negative_int = int_at_least(0)
-at_least_two = int_at_least(2)
-
-
-def layer_list(text: str) -> list[int]:
-    """An argparse type: layers as '0,1,5-7' -> [0, 1, 5, 6, 7] (0-based, ranges inclusive,
-    each below :data:`MAX_LAYERS`)."""
-    layers: list[int] = []
-    for part in text.split(","):
-        match = _LAYER_PART.fullmatch(part.strip())
-        if match is None:
-            raise argparse.ArgumentTypeError(
-                f"layers are 0-based numbers or ranges like 0,1,5-7, got {text!r:.80}"
-            )
-        low, high = (_layer_number(digits) for digits in (match[1], match[2] or match[1]))
-        if high < low:
-            raise argparse.ArgumentTypeError(f"the range {part.strip()!r} is empty")
-        layers += range(low, high + 1)
-    return layers
-
-
-def _layer_number(digits: str) -> int:
-    significant = digits.lstrip("0") or "0"
-    if len(significant) > len(str(MAX_LAYERS)) or int(significant) >= MAX_LAYERS:
-        shown = significant if len(significant) <= 12 else significant[:12] + "..."
-        raise argparse.ArgumentTypeError(
-            f"layer {shown} is past any model's: layers are numbered 0-{MAX_LAYERS - 1}"
-        )
-    return int(significant)
-
-
-def finite_float(text: str) -> float:
-    """An argparse type: a finite number (nan and inf are refused)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
-    return value
-
-
-def device_spec(text: str) -> str:
-    """An argparse type: a torch device, ``TYPE`` or ``TYPE:INDEX`` ('cpu', 'cuda:1').
-
-    Checked without importing torch: the form, and a type torch parses (unless an
-    out-of-tree backend is installed, whose types torch alone knows). Whether the device
-    exists is checked later, before a model loads (``somp_ref.adapters.preflight``).
-    """
-    match = _DEVICE.fullmatch(text)
-    if match is None:
-        raise argparse.ArgumentTypeError(
-            f"a device is TYPE or TYPE:INDEX, e.g. cpu, cuda, cuda:1, mps; got {text!r}"
-        )
-    if match[1] not in TORCH_DEVICE_TYPES and not entry_points(group="torch.backends"):
-        raise argparse.ArgumentTypeError(
-            f"unknown device type {match[1]!r} in {text!r}; torch has "
-            + ", ".join(TORCH_DEVICE_TYPES[:8])
-            + ", ..."
-        )
-    return text
-
-
-def k_list(text: str) -> list[int]:
-    """An argparse type: values of k as '3,8,16' -> [3, 8, 16], each >= 1."""
-    parts = text.split(",")
-    if not all(part.strip().isdigit() and int(part) >= 1 for part in parts):
-        raise argparse.ArgumentTypeError(f"expected integers >= 1 like 3,8,16, got {text!r}")
-    return [int(part) for part in parts]
-
-
-def head_spec(text: str) -> tuple[int, int]:
-    """An argparse type: a head as 'LAYER.HEAD' -> (layer, head), both 0-based."""
-    layer, sep, head = text.partition(".")
-    if not (sep and layer.isdigit() and head.isdigit()):
-        raise argparse.ArgumentTypeError(f"a head is LAYER.HEAD, e.g. 12.3, got {text!r}")
-    return int(layer), int(head)
 
 
 # ------------------------------------------------------------------ renamed flags
@@ -218,8 +135,8 @@ def add_model_placement(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--revision",
         metavar="REV",
-        help="for a hub id: the branch, tag or commit to load, pinned to its commit "
-        "(default: main)",
+        help="for a hub id: the branch, tag or commit to load; the model is pinned to the "
+        "commit it names (default: the hub's default branch, main for most models)",
     )
     parser.add_argument(
         "--device",
@@ -258,19 +175,31 @@ def add_model_placement(parser: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------ ranking
 
 
-def add_method(parser: argparse.ArgumentParser) -> None:
-    """``--method``: how heads are ranked."""
+def add_method(
+    parser: argparse.ArgumentParser,
+    role: str = "how heads are ranked",
+    *,
+    default: str | None = DEFAULT_METHOD,
+    default_help: str = DEFAULT_METHOD,
+) -> None:
+    """``--method``: how heads are ranked (``role``: what the command does with the ranking,
+    see :data:`WORDED_PER_COMMAND`; ``default_help``: what the ``default`` means, where it
+    is not a method's name)."""
     described = "; ".join(f"{name}: {METHOD_HELP.get(name, name)}" for name in METHODS)
     parser.add_argument(
         "--method",
         choices=METHODS,
-        default=DEFAULT_METHOD,
-        help=f"how heads are ranked ({described}) (default: {DEFAULT_METHOD})",
+        default=default,
+        help=f"{role} ({described}) (default: {default_help})",
     )
 
 
-def add_atoms(parser: argparse.ArgumentParser, help: str = "SOMP atoms per head") -> None:
-    """``--atoms``: SOMP atoms (default 50, the paper's number)."""
+def add_atoms(
+    parser: argparse.ArgumentParser,
+    help: str = "SOMP atoms per head, at most the concept's tokens",
+) -> None:
+    """``--atoms``: SOMP atoms (default :data:`somp_ref.ranking.DEFAULT_ATOMS`, 50, the
+    paper's number)."""
     parser.add_argument(
         "--atoms",
         type=positive_int,
@@ -361,14 +290,17 @@ def check_some_layer_left(args: argparse.Namespace, n_layers: int | None = None)
         raise ValueError(f"--exclude-layers excludes every one of {what}: no layer left to rank")
 
 
-def add_ranking(parser: argparse.ArgumentParser) -> None:
-    """Every option of a ranking, as ``rank`` and ``export --rank-concept`` take them."""
-    add_method(parser)
-    add_atoms(parser)
-    add_criterion(parser)
-    add_null(parser)
-    add_seed(parser, "seed drawing the --null dictionaries")
-    add_layers(parser)
+def add_ranking(parser: argparse.ArgumentParser, scope: str | None = None) -> None:
+    """Every option of a ranking, as ``rank`` and ``export --rank-concept`` take them; where
+    the command does more than rank, its ``scope`` ("only with --rank-concept: ...") heads
+    them in ``--help`` as a group, so that each flag keeps rank's help."""
+    group = parser if scope is None else parser.add_argument_group("ranking", scope)
+    add_method(group)
+    add_atoms(group)
+    add_criterion(group)
+    add_null(group)
+    add_seed(group, "seed drawing the --null dictionaries")
+    add_layers(group)
 
 
 def ranking_options(args: argparse.Namespace) -> dict:
@@ -464,9 +396,9 @@ def add_alpha(parser: argparse.ArgumentParser, default: float | None, help: str)
     parser.add_argument("--alpha", type=finite_float, default=default, help=help)
 
 
-#: Where the command line can scale heads (somp_ref.adapters.intervene.POSITION_RULES, the
-#: text-model ones, kept here torch-free; a test keeps them in step). The first is the default.
-INTERVENE_POSITIONS = ("all", "prompt", "generated")
+def _one_line_each(explained: Mapping[str, str]) -> str:
+    """``name = what it is`` for each value, one after the other."""
+    return "; ".join(f"{name} = {text}" for name, text in explained.items())
 
 
 def add_intervene_positions(parser: argparse.ArgumentParser) -> None:
@@ -475,11 +407,36 @@ def add_intervene_positions(parser: argparse.ArgumentParser) -> None:
         "--intervene-positions",
         choices=INTERVENE_POSITIONS,
         default=INTERVENE_POSITIONS[0],
-        help="where the selected heads are scaled: all = every position of prompt and answer "
-        "(the paper's); prompt = the prompt's positions only, the answer's left alone; "
-        "generated = only positions whose input token was generated (the prompt's last "
-        "position, which predicts the first answer token, is left alone) "
-        f"(default: {INTERVENE_POSITIONS[0]})",
+        help="where the selected heads are scaled: "
+        f"{_one_line_each(INTERVENE_POSITION_HELP)} (default: {INTERVENE_POSITIONS[0]})",
+    )
+
+
+# ------------------------------------------------------------------ prompts
+
+
+def add_chat_template(parser: argparse.ArgumentParser) -> None:
+    """``--chat-template/--no-chat-template``: whether prompts are wrapped in the model's
+    chat template; None (neither given) means: when the tokenizer has one, as
+    ``experiment`` and ``somp_ref.adapters.export`` do."""
+    parser.add_argument(
+        "--chat-template",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="wrap each prompt as a user turn of the model's chat template (an error if its "
+        "tokenizer has none); --no-chat-template feeds the prompt's raw text "
+        "(default: the template when the tokenizer has one, raw text otherwise)",
+    )
+
+
+def add_positions(parser: argparse.ArgumentParser) -> None:
+    """``--positions``: which tokens of each prompt become a store's rows."""
+    parser.add_argument(
+        "--positions",
+        choices=EXPORT_POSITIONS,
+        default=EXPORT_POSITIONS[0],
+        help="which tokens of each prompt become rows of the store: "
+        f"{_one_line_each(EXPORT_POSITION_HELP)} (default: {EXPORT_POSITIONS[0]})",
     )
 
 
@@ -498,6 +455,25 @@ def add_max_new_tokens(parser: argparse.ArgumentParser, default: int | None, hel
     """``--max-new-tokens``: tokens generated per answer."""
     parser.add_argument(
         "--max-new-tokens", type=positive_int, default=default, metavar="N", help=help
+    )
+
+
+def add_overwrite(parser: argparse.ArgumentParser) -> None:
+    """``--overwrite``: replace what ``--out`` names."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing store at --out (default: refuse)",
+    )
+
+
+def add_json(parser: argparse.ArgumentParser) -> None:
+    """``--json``: print the results as JSON on stdout."""
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the results, every figure, as JSON on stdout instead of tables "
+        "(default: tables)",
     )
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from somp_ref.cli_options import add_out, add_overwrite
+
 
 def _run_merge(args: argparse.Namespace) -> int:
     from somp_ref.files import check_output_dir
@@ -39,8 +41,6 @@ def register(subparsers) -> None:
         "runs/big.shard-001-of-002 --out runs/big",
     )
     merge.add_argument("shards", nargs="+", metavar="STORE", help="complete stores, in order")
-    merge.add_argument("--out", required=True, metavar="PATH", help="the merged store (required)")
-    merge.add_argument(
-        "--overwrite", action="store_true", help="replace an existing --out (default: refuse)"
-    )
+    add_out(merge, "the merged store to create (required)")
+    add_overwrite(merge)
     merge.set_defaults(func=_run_merge)

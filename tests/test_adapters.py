@@ -206,6 +206,7 @@ def test_export_rows_do_not_depend_on_batch_size_or_padding(any_model, tmp_path,
             positions=positions,
             batch_size=bs,
             padding_side=side,
+            chat_template=False,  # raw text: the rows counted below are the prompts' tokens
             show_progress=False,
         )
         for bs, side in [(1, "left"), (7, "left"), (7, "right")]
@@ -241,6 +242,7 @@ def test_export_records_weights_unembedding_and_vocab(smollm, tmp_path):
     assert len(vocab) == store.unembed().shape[0]
     assert vocab[tokenizer.encode(" red", add_special_tokens=False)[0]] == " red"
     assert store.meta["family"] == "llama" and store.meta["positions"] == "prompt-mean"
+    assert store.meta["chat_template"] is True  # the default: SmolLM2's tokenizer has one
 
 
 def test_prompt_mean_rows_average_the_prompts_own_tokens(smollm, tmp_path):
@@ -283,7 +285,13 @@ def test_interrupted_export_never_reads_as_complete(smollm, tmp_path):
     records = [{"prompt": "fine"}, {"prompt": ""}]  # the empty prompt fails mid-export
     with pytest.raises(ValueError, match=r"encodes to no tokens"):
         export_activations(
-            model, tokenizer, records, tmp_path / "s", batch_size=1, show_progress=False
+            model,
+            tokenizer,
+            records,
+            tmp_path / "s",
+            batch_size=1,
+            chat_template=False,  # raw text: the empty prompt is no tokens at all
+            show_progress=False,
         )
     with pytest.raises(Exception, match=r"incomplete store"):
         ActivationStore.open(tmp_path / "s")

@@ -8,7 +8,7 @@ import importlib.util
 import numpy as np
 import pytest
 
-from somp_ref import cli_options
+from somp_ref import cli_options, cli_types
 from somp_ref.cli import build_parser, main
 from somp_ref.ranking import DEFAULT_METHOD, METHODS
 
@@ -128,9 +128,16 @@ MODEL_FLAGS = (
 
 
 def subcommand_parsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
-    """Every subcommand's parser, as the command line builds them."""
+    """Every subcommand's parser, as the command line builds them ("store merge" for the
+    actions of ``store``)."""
     (subparsers,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return dict(subparsers.choices)
+    found = {}
+    for name, command in subparsers.choices.items():
+        found[name] = command
+        for action in command._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found |= {f"{name} {sub}": p for sub, p in action.choices.items()}
+    return found
 
 
 def flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
@@ -158,7 +165,7 @@ def conflicts(parsers: dict[str, argparse.ArgumentParser]) -> list[str]:
     for command, parser in parsers.items():
         for flag, action in flag_actions(parser).items():
             meanings.setdefault(flag, {}).setdefault(meaning(action), []).append(command)
-            names.setdefault(action.dest, set()).add(flag)
+            names.setdefault(action.dest, set()).add(action.option_strings[0])  # not aliases
     found = [
         f"{flag}: " + " | ".join(f"{'/'.join(cmds)} {m}" for m, cmds in seen.items())
         for flag, seen in meanings.items()
@@ -180,8 +187,8 @@ def test_the_one_meaning_check_sees_a_conflict():
     # The check above must be able to fail: two commands where --heads means two things.
     ranking, counts = argparse.ArgumentParser(), argparse.ArgumentParser()
     ranking.add_argument("--heads", help="a ranking file")
-    counts.add_argument("--heads", type=cli_options.k_list, help="values of k")
-    counts.add_argument("--k", dest="heads", type=cli_options.k_list, help="values of k")
+    counts.add_argument("--heads", type=cli_types.k_list, help="values of k")
+    counts.add_argument("--k", dest="heads", type=cli_types.k_list, help="values of k")
     found = conflicts({"generate": ranking, "experiment": counts})
     assert len(found) == 2 and found[0].startswith("--heads: generate (")
     assert found[1] == "heads is set by ['--heads', '--k']"
@@ -192,18 +199,132 @@ def test_shared_flags_have_one_definition_and_the_documented_defaults():
     flags = {command: flag_actions(parser) for command, parser in parsers.items()}
     for command in ("rank", "export", "experiment"):
         method = flags[command]["--method"]
-        assert tuple(method.choices) == METHODS and method.default == DEFAULT_METHOD, command
+        assert tuple(method.choices) == METHODS, command
+        assert f"(default: {DEFAULT_METHOD}" in method.help, command
+    for command in ("rank", "export"):
+        assert flags[command]["--method"].default == DEFAULT_METHOD, command
     # Every ranking is explained in --help, not merely named.
     assert set(cli_options.METHOD_HELP) == set(METHODS)
     for command in ("demo", "rank", "inspect", "export", "experiment"):
         assert flags[command]["--atoms"].default == 50, command
     for command in ("rank", "export", "experiment"):
-        assert flags[command]["--exclude-layers"].type is cli_options.layer_list, command
+        assert flags[command]["--exclude-layers"].type is cli_types.layer_list, command
     for command in MODEL_COMMANDS:
         assert set(MODEL_FLAGS) <= set(flags[command]), command
     assert flags["verify"]["--model"].default == "default"
     assert set(flags["generate"]) >= {"--heads", "--top"}
     assert flags["experiment"]["--k"].default == [3, 8, 16]
+    for command in ("export", "generate"):  # the commands that tokenize prompts
+        chat = flags[command]["--chat-template"]
+        assert flags[command]["--no-chat-template"] is chat and chat.default is None, command
+    assert wordings(subcommand_parsers(build_parser())) == []
+
+
+def wordings(parsers: dict[str, argparse.ArgumentParser]) -> list[str]:
+    """Flag names whose help or default differs between ``parsers``, but for those
+    :data:`somp_ref.cli_options.WORDED_PER_COMMAND` lets each command word for itself."""
+    seen: dict[str, dict[tuple, list[str]]] = {}
+    for command, parser in parsers.items():
+        for flag, action in flag_actions(parser).items():
+            wording = (action.help, repr(action.default))
+            seen.setdefault(flag, {}).setdefault(wording, []).append(command)
+    return [
+        f"{flag}: " + " | ".join(f"{'/'.join(cmds)} {w}" for w, cmds in found.items())
+        for flag, found in seen.items()
+        if len(found) > 1 and flag not in cli_options.WORDED_PER_COMMAND
+    ]
+
+
+def test_the_one_wording_check_sees_a_second_wording():
+    one, other = argparse.ArgumentParser(), argparse.ArgumentParser()
+    one.add_argument("--json", action="store_true", help="print JSON (default: tables)")
+    other.add_argument("--json", action="store_true", help="print JSON (default: a table)")
+    other.add_argument("--out", help="what this one writes (required)")
+    one.add_argument("--out", help="what that one writes (required)")
+    assert [line.partition(":")[0] for line in wordings({"a": one, "b": other})] == ["--json"]
+
+
+def test_flags_worded_per_command_are_shared_and_say_why():
+    parsers = subcommand_parsers(build_parser())
+    commands_of = {}
+    for command, parser in parsers.items():
+        for flag in flag_actions(parser):
+            commands_of.setdefault(flag, set()).add(command)
+    for flag, why in cli_options.WORDED_PER_COMMAND.items():
+        assert len(commands_of.get(flag, ())) > 1 and why, flag
+
+
+def test_the_api_and_the_command_line_default_alike():
+    import inspect
+
+    from somp_ref import ranking
+
+    flags = {command: flag_actions(p) for command, p in subcommand_parsers(build_parser()).items()}
+    functions = (ranking.rank_heads, ranking.rank, ranking.specificity_scores)
+    for function in (*functions, ranking.head_signature):
+        assert inspect.signature(function).parameters["n_atoms"].default == 50, function
+    assert inspect.signature(ranking.rank_heads).parameters["n_null"].default == 6
+    assert ranking.DEFAULT_ATOMS == 50  # the paper's
+    assert ranking.DEFAULT_NULL == 6  # the README's selection study was measured with it
+    assert inspect.signature(ranking.rank).parameters["method"].default == DEFAULT_METHOD
+    for command in ("demo", "rank", "inspect", "export", "experiment"):
+        assert flags[command]["--atoms"].default == ranking.DEFAULT_ATOMS, command
+    for command in ("rank", "export", "experiment"):
+        assert flags[command]["--null"].default == ranking.DEFAULT_NULL, command
+    for command in ("rank", "export"):
+        assert flags[command]["--method"].default == DEFAULT_METHOD, command
+
+
+def test_the_experiments_settings_default_as_the_command_line():
+    pytest.importorskip("torch")
+    import dataclasses
+
+    from somp_ref.adapters.experiment import Settings
+
+    defaults = {field.name: field.default for field in dataclasses.fields(Settings)}
+    flags = flag_actions(subcommand_parsers(build_parser())["experiment"])
+    for field, flag in [
+        ("atoms", "--atoms"),
+        ("n_null", "--null"),
+        ("n_random", "--random"),
+        ("positions", "--positions"),
+        ("intervene_positions", "--intervene-positions"),
+        ("seed", "--seed"),
+        ("batch_size", "--batch-size"),
+    ]:
+        assert defaults[field] == flags[flag].default, field
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        ("experiment", "--intervene-positions"),
+        ("generate", "--intervene-positions"),
+        ("export", "--positions"),
+        ("experiment", "--positions"),
+    ],
+)
+def test_help_explains_each_position_rule_in_a_line_of_its_own(command, flag, capsys):
+    explained = {
+        "--intervene-positions": cli_options.INTERVENE_POSITION_HELP,
+        "--positions": cli_options.EXPORT_POSITION_HELP,
+    }[flag]
+    action = flag_actions(subcommand_parsers(build_parser())[command])[flag]
+    assert tuple(action.choices) == tuple(explained) and action.default == action.choices[0]
+    with pytest.raises(SystemExit, match="0"):
+        main([command, "--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse rewraps the help
+    for rule, text in explained.items():
+        assert f"{rule} = {text}" in action.help, (command, rule)
+        assert f"{rule} = {' '.join(text.split())}" in shown, (command, rule)
+
+
+def test_the_interventions_rule_help_is_the_command_lines():
+    intervene = pytest.importorskip("somp_ref.adapters.intervene")
+    assert cli_options.INTERVENE_POSITIONS == ("all", "prompt", "generated")
+    for rule, text in cli_options.INTERVENE_POSITION_HELP.items():
+        assert intervene.POSITION_RULE_HELP[rule] is text, rule
+    assert set(intervene.POSITION_RULE_HELP) == set(intervene.POSITION_RULES)
 
 
 def test_the_dtype_choices_are_the_ones_the_loader_accepts():
@@ -329,7 +450,109 @@ def test_layers_the_model_lacks_fail_before_any_forward_pass(
 
 def test_the_export_command_offers_the_exports_position_rules():
     pytest.importorskip("torch")
-    from somp_ref.adapters.commands import EXPORT_POSITIONS
     from somp_ref.adapters.head_export import POSITIONS
+    from somp_ref.cli_options import EXPORT_POSITIONS
 
     assert EXPORT_POSITIONS == POSITIONS
+
+
+# ------------------------------------------------------------------ the chat template
+
+#: A chat template a word-level tokenizer can encode: the prompt between two marker words.
+TEMPLATE = "{% for m in messages %}w1 {{ m['content'] }} w2{% endfor %}"
+
+
+def word_tokenizer(template: str | None):
+    """A word-level tokenizer of w0..w49 (and [PAD], [UNK], [EOS]), with ``template`` as its
+    chat template (None: it has none)."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["[PAD]", "[UNK]", "[EOS]", *(f"w{i}" for i in range(50))]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    tokenizer.chat_template = template
+    return tokenizer
+
+
+@needs_hf
+@pytest.mark.parametrize(
+    "template, flags, expected",
+    [
+        (TEMPLATE, [], True),  # the default: the template, the tokenizer having one
+        (None, [], False),  # ... raw text, it having none
+        (TEMPLATE, ["--no-chat-template"], False),
+        (TEMPLATE, ["--chat-template"], True),
+    ],
+    ids=["template-by-default", "raw-without-one", "no-chat-template", "chat-template"],
+)
+def test_export_and_generate_use_the_chat_template_alike(
+    template, flags, expected, tmp_path, monkeypatch, capsys
+):
+    from models import tiny_mistral
+
+    from somp_ref.adapters import commands, generation
+    from somp_ref.heads import HeadScores
+    from somp_ref.store import ActivationStore
+
+    tokenizer = word_tokenizer(template)
+    model = tiny_mistral(len(tokenizer))
+    model.somp_ref_model_id = "tiny"
+    monkeypatch.setattr(commands, "load", lambda args: (model, tokenizer))
+    seen = []
+    monkeypatch.setattr(
+        generation,
+        "generate",
+        lambda *args, chat_template, **kw: seen.append(chat_template) or [""],
+    )
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w3 w4 w5\nw6 w7\n")
+    out = tmp_path / "store"
+    assert main(["export", "--prompts", str(prompts), "--out", str(out), *flags]) == 0
+    store = ActivationStore.open(out)
+    assert store.meta["chat_template"] is expected
+    assert store.n_samples == 2  # prompt-mean: the prompt's own tokens, template or not
+    ranking = tmp_path / "ranking.csv"
+    HeadScores(np.ones((2, 4)), {}, {}, "somp", {}, np.zeros(0, dtype=np.int64)).to_csv(ranking)
+    assert main(["generate", "--heads", str(ranking), "--top", "1", *flags, "w3"]) == 0
+    assert seen == [expected, expected]  # without and with the heads scaled
+
+
+@needs_hf
+def test_a_chat_template_the_tokenizer_lacks_is_an_error(tmp_path, monkeypatch, capsys):
+    from models import tiny_mistral
+
+    from somp_ref.adapters import commands
+
+    tokenizer = word_tokenizer(None)
+    monkeypatch.setattr(commands, "load", lambda args: (tiny_mistral(len(tokenizer)), tokenizer))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w3 w4\n")
+    argv = ["export", "--prompts", str(prompts), "--out", str(tmp_path / "s"), "--chat-template"]
+    assert main(argv) == 2
+    assert "the tokenizer has no chat template" in capsys.readouterr().err
+
+
+def test_generate_says_what_replaced_raw(capsys):
+    with pytest.raises(SystemExit, match="2"):
+        main(["generate", "--heads", "r.csv", "--raw", "hi"])
+    assert "--raw is now --no-chat-template" in capsys.readouterr().err
+
+
+def test_the_help_says_what_the_flags_do_in_each_command(capsys):
+    helps = {}
+    for command in ("experiment", "export", "generate"):
+        with pytest.raises(SystemExit, match="0"):
+            main([command, "--help"])
+        helps[command] = " ".join(capsys.readouterr().out.split())
+    assert "--random N (default 10) random head sets" in helps["experiment"]
+    assert "--method" in helps["experiment"] and "primary ranking" in helps["experiment"]
+    assert "somp and ll are always ranked" in helps["experiment"]
+    assert "only with --rank-concept" in helps["export"]
+    for command in ("export", "generate"):
+        assert "default: main" not in helps[command]
+        assert "--chat-template, --no-chat-template" in helps[command]
+    assert flag_actions(subcommand_parsers(build_parser())["export"])["--revision"].default is None

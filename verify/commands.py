@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from somp_ref.cli_options import add_model, add_model_placement
+from somp_ref.cli_options import add_json, add_model, add_model_placement
 
 
 def _format(rows: list[dict]) -> str:
@@ -101,9 +101,5 @@ def register(subparsers) -> None:
         "them (default: default)",
     )
     add_model_placement(parser)
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        help="print the results as JSON instead of a table (default: table)",
-    )
+    add_json(parser)
     parser.set_defaults(func=_run_verify)
