@@ -167,7 +167,7 @@ def score_heads(
                 cols = slice(head * d_head, (head + 1) * d_head)
                 where = f"layer {layer}, head {head}"
                 logits = _mean_logits(
-                    z[:, head], projected[:, cols], atom_exp + o_exp, store, where
+                    z[:, head], projected[:, cols], atom_exp + o_exp[head], store, where
                 )
                 order = np.argsort(-logits, kind="stable")[:n_atoms]
                 # The mean as a sum of logit / v: no partial sum can overflow.

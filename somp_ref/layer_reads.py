@@ -70,9 +70,14 @@ def _all_finite(z: np.ndarray) -> bool:
 
 def checked_layers(
     store: ActivationStore, chosen: list[int]
-) -> Iterator[tuple[int, np.ndarray, np.ndarray, int]]:
+) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
     """Yield (layer, z (n, heads, d_head) as stored, o_proj (d_model, heads * d_head) in
-    float64 rescaled into the safe range, o_proj's exponent), every value checked finite.
+    float64 with each head's columns rescaled into the safe range, each head's exponent
+    (heads,)), every value checked finite.
+
+    Each head gets its own power of two: with one for the layer, a head whose weights are
+    1e200 times its neighbour's would push the neighbour's products below float64's range
+    (its score 0 and its support empty). Inside the safe range nothing is copied.
     """
     for layer in chosen:
         z, o_proj = store.layer(layer)
@@ -80,4 +85,9 @@ def checked_layers(
             for head in range(store.n_heads):
                 check_finite(z[:, head], store, f"layer {layer}, head {head}: z (sample, d_head)")
         o_proj = check_finite(np.asarray(o_proj, dtype=np.float64), store, f"layer {layer}: o_proj")
-        yield (layer, z, *rescaled(o_proj))
+        n_heads, d_head = z.shape[1:]
+        heads = [rescaled(o_proj[:, h * d_head : (h + 1) * d_head]) for h in range(n_heads)]
+        exponents = np.array([exponent for _, exponent in heads], dtype=np.int64)
+        if exponents.any():
+            o_proj = np.concatenate([block for block, _ in heads], axis=1)
+        yield layer, z, o_proj, exponents

@@ -299,6 +299,42 @@ def test_ranking_a_float64_store_of_extreme_values(tmp_path):
     assert_allclose(ll.score, plain.score * 1e305, rtol=1e-9)
 
 
+@pytest.mark.parametrize("factor", [1e-200, 1e200, 1e300])
+def test_a_heads_score_does_not_depend_on_its_neighbours_scale(tmp_path, factor):
+    """Scaling one head's o_proj columns leaves every other head's ranking as it was (bit
+    for bit: their columns are not touched) and its own explained variance to rounding."""
+    from somp_ref.store import ActivationStore
+
+    base = write_planted_store(tmp_path / "base", dtype="float64")
+    ids = list(CONCEPT)
+    path = tmp_path / "one_head_scaled"
+    d_head = base.d_head
+    with ActivationStore.create(
+        path, n_layers=3, n_heads=4, d_head=d_head, d_model=24, dtype="float64"
+    ) as store:
+        for layer in range(3):
+            z, w = base.layer(layer)
+            w = np.array(w)
+            w[:, d_head : 2 * d_head] *= factor  # head 1 of every layer
+            store.write_layer(layer, z=np.asarray(z), o_proj=w)
+        store.write_unembed(np.asarray(base.unembed()), vocab=base.vocab())
+        store.write_samples(base.samples())
+    scaled = ActivationStore.open(path)
+    for method in ("somp", "ll"):
+        expected = rank_heads(base, ids, 4, method, show_progress=False)
+        got = rank_heads(scaled, ids, 4, method, show_progress=False)
+        others = [0, 2, 3]
+        assert np.array_equal(got.score[:, others], expected.score[:, others]), method
+        for layer in range(3):
+            for head in others:
+                key = (layer, head)
+                assert np.array_equal(got.supports[key], expected.supports[key]), (method, key)
+        if method == "somp":  # scale-free
+            assert_allclose(got.score[:, 1], expected.score[:, 1], rtol=0, atol=EV_ATOL)
+        else:  # the mean logit scales with the weights
+            assert_allclose(got.score[:, 1], expected.score[:, 1] * factor, rtol=1e-9)
+
+
 def test_ranking_with_every_layer_excluded_is_an_error(planted_store):
     with pytest.raises(ValueError, match="no layer left to rank"):
         rank_heads(planted_store, list(CONCEPT), exclude_layers=[0, 1, 2], show_progress=False)
