@@ -295,8 +295,11 @@ def write_all_atomically(
     temporaries: list[Path] = []
     try:
         for (given, write), target in zip(outputs, targets, strict=True):
+            # The target's suffix and no other (a name without one must not get ".tmp" as
+            # its suffix: a plot would be refused as a .tmp image).
+            stem = target.stem.lstrip(".")
             tmp = target.with_name(
-                f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}"
+                f".{stem}-{os.getpid()}-{secrets.token_hex(4)}-tmp{target.suffix}"
             )
             temporaries.append(tmp)
             try:

@@ -6,6 +6,7 @@ import errno
 import os
 import resource
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -414,3 +415,27 @@ def test_a_directory_that_cannot_be_synced_is_no_error_but_a_disk_error_is(tmp_p
     monkeypatch.setattr(os, "fsync", real_fsync)
     with pytest.raises(NotADirectoryError):  # a caller's mistake is not swallowed
         files.sync_directory(tmp_path / "a.txt")
+
+
+@pytest.mark.parametrize("name", ["plot", ".hidden", "heat.png", "runs.v2.png", "a.tar.gz"])
+def test_each_temporary_file_has_its_targets_suffix_and_no_other(tmp_path, name):
+    seen = []
+
+    def write(temporary: Path) -> None:
+        seen.append(temporary)
+        temporary.write_bytes(b"x")
+
+    write_all_atomically([(tmp_path / name, write)])
+    assert seen[0].suffix == Path(name).suffix and seen[0].parent == tmp_path
+    assert sorted(os.listdir(tmp_path)) == [name]
+
+
+def test_a_plot_named_without_an_extension_is_written_as_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    from somp_ref.plots import _pyplot, save_figure
+
+    figure = _pyplot().figure()
+    write_all_atomically(
+        [(tmp_path / "plot", lambda temporary: save_figure(figure, temporary, dpi=20))]
+    )
+    assert (tmp_path / "plot").read_bytes().startswith(b"\x89PNG")
