@@ -116,9 +116,9 @@ def _run_generate(args: argparse.Namespace) -> int:
     check_device_map(args)
     check_device(args.device)
     from somp_ref.adapters.generation import generate  # imports torch: after the checks
-    from somp_ref.adapters.head_export import resolve_chat_template
     from somp_ref.adapters.intervene import scale_heads
     from somp_ref.adapters.provenance import model_fingerprint
+    from somp_ref.adapters.tokenization import resolve_chat_template
     from somp_ref.provenance import ModelMismatchError, check_same_model
 
     model, tokenizer = load(args)

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from somp_ref.adapters.offload import input_device
-from somp_ref.adapters.tokenization import encode
+from somp_ref.adapters.tokenization import encode, resolve_chat_template
 from somp_ref.progress import progress
 
 
@@ -19,7 +19,7 @@ def generate(
     prompts: Sequence[str],
     *,
     max_new_tokens: int = 40,
-    chat_template: bool = True,
+    chat_template: bool | None = None,
     batch_size: int = 8,
     show_progress: bool = False,
     use_cache: bool = True,
@@ -29,8 +29,10 @@ def generate(
     Prompts are left-padded in batches; position ids count real tokens, so the result for a
     prompt does not depend on its batch. ``use_cache=False`` recomputes the whole sequence
     at each step (slow; the same text, which the position rules of
-    :func:`somp_ref.adapters.intervene.scale_heads` are tested against).
+    :func:`somp_ref.adapters.intervene.scale_heads` are tested against). ``chat_template``:
+    True, False, or None for the tokenizer's template where it has one (as ``export``).
     """
+    chat_template = resolve_chat_template(tokenizer, chat_template)
     device = input_device(model)
     texts: list[str] = []
     starts = range(0, len(prompts), batch_size)

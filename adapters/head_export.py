@@ -26,7 +26,12 @@ from somp_ref.adapters.model_heads import ModelHeads, model_heads
 from somp_ref.adapters.offload import input_device, materialized
 from somp_ref.adapters.parallel_export import export_in_shards, process_rank
 from somp_ref.adapters.provenance import model_fingerprint
-from somp_ref.adapters.tokenization import encode, prompt_token_mask, real_positions
+from somp_ref.adapters.tokenization import (
+    encode,
+    prompt_token_mask,
+    real_positions,
+    resolve_chat_template,
+)
 from somp_ref.progress import progress
 from somp_ref.store import ActivationStore
 from somp_ref.store.json_values import check_json
@@ -248,15 +253,6 @@ def export(
         chat_template=chat_template,
         **options,
     )
-
-
-def resolve_chat_template(tokenizer: Any, chat_template: bool | None) -> bool:
-    """Whether prompts go through ``tokenizer``'s chat template: ``chat_template`` where the
-    caller says (True, False), else (None) when the tokenizer has one. The one default of
-    :func:`export_activations`, :func:`export` and ``--chat-template`` (export, generate)."""
-    if chat_template is None:
-        return getattr(tokenizer, "chat_template", None) is not None
-    return bool(chat_template)
 
 
 def inputs_fingerprint(records: Sequence[dict[str, Any]], **options: Any) -> str:

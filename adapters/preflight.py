@@ -17,7 +17,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from somp_ref.adapters.models import first_line
-from somp_ref.cli_options import MAX_LAYERS, check_layer_flags
+from somp_ref.cli_options import check_layer_flags
+from somp_ref.cli_types import MAX_LAYERS
 from somp_ref.engines import HF_INSTALL
 
 INSTALL_LINE = f"this command needs the hf extra: {HF_INSTALL}"

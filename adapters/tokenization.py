@@ -6,6 +6,15 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def resolve_chat_template(tokenizer: Any, chat_template: bool | None) -> bool:
+    """Whether prompts go through ``tokenizer``'s chat template: ``chat_template`` where the
+    caller says (True, False), else (None) when the tokenizer has one. The one default of
+    ``export_activations``, ``export``, ``generate`` and ``--chat-template``."""
+    if chat_template is None:
+        return getattr(tokenizer, "chat_template", None) is not None
+    return bool(chat_template)
+
+
 def render(tokenizer: Any, prompt: str, chat_template: bool) -> str:
     """The text fed to the model: the prompt itself, or a one-turn chat ending where the
     assistant's answer starts."""

@@ -29,8 +29,7 @@ import argparse
 import os
 from collections.abc import Mapping
 
-from somp_ref.cli_types import (  # noqa: F401  (MAX_LAYERS: read here by the adapters' checks)
-    MAX_LAYERS,
+from somp_ref.cli_types import (
     at_least_two,
     device_spec,
     finite_float,

@@ -522,6 +522,24 @@ def test_export_and_generate_use_the_chat_template_alike(
 
 
 @needs_hf
+@pytest.mark.parametrize("template", [TEMPLATE, None])
+def test_python_generate_defaults_to_the_template_as_export_does(template):
+    from models import tiny_mistral
+
+    from somp_ref.adapters.generation import generate
+    from somp_ref.adapters.tokenization import resolve_chat_template
+
+    tokenizer = word_tokenizer(template)
+    model = tiny_mistral(len(tokenizer))
+    options = {"max_new_tokens": 3}
+    said = generate(
+        model, tokenizer, ["w3 w4", "w5"], chat_template=template is not None, **options
+    )
+    assert generate(model, tokenizer, ["w3 w4", "w5"], **options) == said
+    assert resolve_chat_template(tokenizer, None) is (template is not None)
+
+
+@needs_hf
 def test_a_chat_template_the_tokenizer_lacks_is_an_error(tmp_path, monkeypatch, capsys):
     from models import tiny_mistral
 
