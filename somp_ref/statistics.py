@@ -1,5 +1,10 @@
 """The statistics the experiments report: bootstrap confidence intervals over prompts and
-the median and interquartile range of the random control."""
+the median and interquartile range of the random control.
+
+Every estimator of the experiments lives here, once: the figures of the report and of
+``somp-ref compare``, the alpha sweep's and the selection study's point figures all call
+:func:`estimate`, :func:`point` or :func:`nan_mean`.
+"""
 
 from __future__ import annotations
 
@@ -33,11 +38,18 @@ class Estimate:
     n: int
 
     def excludes(self, value: float) -> bool:
-        """Whether ``value`` lies outside the interval."""
-        return not self.low <= value <= self.high
+        """Whether ``value`` lies outside the interval: False when there is no interval
+        (NaN bounds: one prompt, no claim either way) or ``value`` is not a number."""
+        bounds = np.isfinite(self.low) and np.isfinite(self.high)
+        return bool(bounds and np.isfinite(value) and not self.low <= value <= self.high)
 
     def as_dict(self) -> dict[str, float]:
         return {"value": self.value, "low": self.low, "high": self.high, "n": self.n}
+
+    @classmethod
+    def from_dict(cls, entry: dict[str, float]) -> Estimate:
+        """The inverse of :meth:`as_dict` (``n`` 0 where a record has none)."""
+        return cls(entry["value"], entry["low"], entry["high"], int(entry.get("n", 0)))
 
 
 def bootstrap(
@@ -85,14 +97,83 @@ def bootstrap(
     return Estimate(value, float(low), float(high), n)
 
 
+def ratio_of_means(values: np.ndarray, reference: np.ndarray) -> float:
+    """``mean(values) / mean(reference)``: a figure relative to the unmodified model's (or
+    one run's to another's) over the same prompts; inf or NaN over a zero reference."""
+    return values.mean() / reference.mean()
+
+
+def difference_of_means(values: np.ndarray, reference: np.ndarray) -> float:
+    """``mean(values) - mean(reference)``: for proportions that may be 0 in the reference."""
+    return values.mean() - reference.mean()
+
+
+#: The figures of paired per-prompt arrays (values, reference), by name; "mean" is the mean
+#: of the values alone.
+PAIRED: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {
+    "ratio": ratio_of_means,
+    "difference": difference_of_means,
+}
+
+
 def mean_ci(values: np.ndarray, *, seed: int = 0) -> Estimate:
     """The mean of per-prompt values with its 95 % bootstrap interval."""
     return bootstrap([values], np.mean, seed=seed)
 
 
-def ratio_ci(values: np.ndarray, baseline: np.ndarray, *, seed: int = 0) -> Estimate:
-    """``mean(values) / mean(baseline)`` over the same prompts, paired resampling."""
-    return bootstrap([values, baseline], lambda x, b: x.mean() / b.mean(), seed=seed)
+def paired_ci(values: np.ndarray, reference: np.ndarray, how: str, *, seed: int = 0) -> Estimate:
+    """``PAIRED[how]`` of two arrays over the same prompts, paired resampling."""
+    return bootstrap([values, reference], PAIRED[how], seed=seed)
+
+
+def finite_pairs(values: Sequence[float], reference: Sequence[float]) -> tuple[np.ndarray, ...]:
+    """Both per-prompt arrays (float64) on the prompts where both are numbers."""
+    x, b = np.asarray(values, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    keep = np.isfinite(x) & np.isfinite(b)
+    return x[keep], b[keep]
+
+
+def estimate(
+    values: Sequence[float], reference: Sequence[float], how: str, *, seed: int = 0
+) -> Estimate:
+    """One figure of per-prompt values with its 95 % bootstrap interval, on the prompts
+    where both ``values`` and ``reference`` are numbers.
+
+    Parameters
+    ----------
+    values, reference : sequence of float, same length
+        E.g. an intervention's per-prompt figure and the unmodified model's.
+    how : {"mean", "ratio", "difference"}
+        The mean of ``values``, or the ratio or difference of the two means (:data:`PAIRED`).
+    seed : int, default=0
+
+    Returns
+    -------
+    Estimate
+        All NaN and n = 0 when no prompt is left.
+    """
+    x, b = finite_pairs(values, reference)
+    if x.size == 0:
+        return Estimate(float("nan"), float("nan"), float("nan"), 0)
+    if how == "mean":
+        return mean_ci(x, seed=seed)
+    return paired_ci(x, b, how, seed=seed)
+
+
+def point(values: Sequence[float], reference: Sequence[float], how: str) -> float:
+    """The figure of :func:`estimate` without its interval (NaN when no prompt is left)."""
+    x, b = finite_pairs(values, reference)
+    if x.size == 0:
+        return float("nan")
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0/0: NaN, printed as '-'
+        return float(x.mean() if how == "mean" else PAIRED[how](x, b))
+
+
+def nan_mean(values: Sequence[float]) -> float:
+    """The mean of per-prompt values over the prompts measured (NaN: not measured), without
+    an interval; NaN when no value is a finite number."""
+    array = np.asarray(values, dtype=np.float64)
+    return float(np.nanmean(array)) if np.isfinite(array).any() else float("nan")
 
 
 @dataclass(frozen=True)
