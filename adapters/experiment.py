@@ -23,18 +23,18 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from somp_ref.adapters.evaluation import Evaluator, Measurement
 from somp_ref.adapters.head_export import export_activations
 from somp_ref.adapters.intervene import check_positions
-from somp_ref.adapters.tasks import Task
-from somp_ref.concepts import load_concept, store_concept_ids
+from somp_ref.adapters.tasks import Split, Task
+from somp_ref.concepts import ConceptTokens, load_concept, store_concept_ids
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
 from somp_ref.provenance import package_versions
 from somp_ref.ranking import DEFAULT_METHOD, rank_heads
 from somp_ref.selection import layer_shortfall, random_heads_like, top_heads
+from somp_ref.statistics import nan_mean, point
+from somp_ref.store import ActivationStore
 
 #: The paper's amplification sweep (alpha in 2..8).
 ALPHA_GRID = (2.0, 3.0, 5.0, 8.0)
@@ -63,6 +63,9 @@ class Settings:
     model: str = "default"
     alpha_grid: tuple[float, ...] = ALPHA_GRID
     intervene_positions: str = "all"  # where heads are scaled: intervene.POSITION_RULES
+    #: How the command chose ``method``: "flag" (--method), "study" (the selection study's
+    #: verdict), "default" (DEFAULT_METHOD); None when the caller built the Settings.
+    method_chosen_by: str | None = None
 
 
 @dataclass
@@ -88,6 +91,59 @@ class Condition:
             {name: v.tolist() for name, v in measurement.values.items()},
             measurement.outputs,
         )
+
+
+@dataclass(frozen=True)
+class TaskSetup:
+    """One task's train prompts exported and its concept found in the store's vocabulary:
+    what ranking heads and measuring a split of the task need (:func:`set_up`)."""
+
+    model: Any
+    tokenizer: Any
+    task: Task
+    settings: Settings
+    store: ActivationStore
+    concept: ConceptTokens
+    words: list[str]
+
+    def evaluator(self, split: Split) -> Evaluator:
+        """Measures interventions on ``split`` of the task, with the heads scaled at the
+        positions ``settings.intervene_positions`` selects."""
+        settings = self.settings
+        return Evaluator(
+            self.model,
+            self.tokenizer,
+            self.task,
+            split,
+            self.words,
+            self.concept.ids,
+            n_generate=settings.n_generate,
+            n_neutral=settings.n_neutral,
+            batch_size=settings.batch_size,
+            positions=settings.intervene_positions,
+        )
+
+
+def set_up(
+    model: Any, tokenizer: Any, task: Task, settings: Settings, out: Path, *, show: bool = True
+) -> TaskSetup:
+    """Export the task's train prompts to ``out/NAME/train_store`` (rows as
+    ``settings.positions``, after the chat template) and find its concept's tokens."""
+    store = export_activations(
+        model,
+        tokenizer,
+        list(task.train),
+        out / task.name / "train_store",
+        positions=settings.positions,
+        chat_template=True,
+        batch_size=settings.batch_size,
+        overwrite=True,
+        show_progress=show,
+    )
+    concept = store_concept_ids(store.vocab(), task.concept)
+    return TaskSetup(
+        model, tokenizer, task, settings, store, concept, list(load_concept(task.concept))
+    )
 
 
 def rankings(
@@ -158,21 +214,15 @@ def sweep_alpha(
                 {
                     "k": k,
                     "alpha": alpha,
-                    "gain": _ratio(values["mass_all"], base["mass_all"]),
-                    "words_gain": _ratio(values["concept_words"], base["concept_words"]),
-                    "kl": float(np.nanmean(values["kl"])),
-                    "degenerate": float(np.mean(values["degenerate"])),
+                    "gain": point(values["mass_all"], base["mass_all"], "ratio"),
+                    "words_gain": point(values["concept_words"], base["concept_words"], "ratio"),
+                    "kl": nan_mean(values["kl"]),
+                    "degenerate": nan_mean(values["degenerate"]),
                 }
             )
     fine = [r for r in rows if r["kl"] <= SWEEP_MAX_KL and r["degenerate"] <= SWEEP_MAX_DEGENERATE]
     best = max(fine or rows[:1], key=lambda r: r["gain"])
     return best["alpha"], rows
-
-
-def _ratio(values: np.ndarray, baseline: np.ndarray) -> float:
-    keep = np.isfinite(values) & np.isfinite(baseline)
-    denominator = float(np.mean(baseline[keep])) if keep.any() else 0.0
-    return float(np.mean(values[keep])) / denominator if denominator else float("nan")
 
 
 def run_task(
@@ -187,45 +237,23 @@ def run_task(
     """Run one experiment (the store goes to ``out/NAME/train_store``); returns its results."""
     check_positions(settings.intervene_positions)
     started = time.perf_counter()
-    store = export_activations(
-        model,
-        tokenizer,
-        list(task.train),
-        out / task.name / "train_store",
-        positions=settings.positions,
-        chat_template=True,
-        batch_size=settings.batch_size,
-        overwrite=True,
-        show_progress=show_progress,
-    )
-    concept = store_concept_ids(store.vocab(), task.concept)
-    words = load_concept(task.concept)
+    setup = set_up(model, tokenizer, task, settings, out, show=show_progress)
+    store, concept = setup.store, setup.concept
     ranked = rankings(store, concept.ids, (settings.method, "somp", "ll"), settings, show_progress)
     timing = {"export_and_rank": time.perf_counter() - started}
-
-    def evaluator(split):
-        return Evaluator(
-            model,
-            tokenizer,
-            task,
-            split,
-            words,
-            concept.ids,
-            n_generate=settings.n_generate,
-            n_neutral=settings.n_neutral,
-            batch_size=settings.batch_size,
-            positions=settings.intervene_positions,
-        )
 
     alpha, sweep = settings.alpha, []
     if alpha is None and task.alpha is None:
         alpha, sweep = sweep_alpha(
-            evaluator(task.validation), ranked[settings.method], settings.ks, settings.alpha_grid
+            setup.evaluator(task.validation),
+            ranked[settings.method],
+            settings.ks,
+            settings.alpha_grid,
         )
         timing["validation_sweep"] = time.perf_counter() - started - sum(timing.values())
     elif alpha is None:
         alpha = task.alpha
-    test = evaluator(task.test)
+    test = setup.evaluator(task.test)
     conditions = measure_selection(
         test,
         ranked,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from somp_ref.adapters.preflight import (
@@ -59,13 +60,15 @@ def _run_experiment(args: argparse.Namespace) -> int:
     check_device_map(args)
     check_device(args.device)
     from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
-    from somp_ref.adapters.report import write_report
+    from somp_ref.adapters.report import ranking_line, write_report
     from somp_ref.adapters.tasks import build_task
-    from somp_ref.files import write_text_atomically
+    from somp_ref.ranking import DEFAULT_METHOD
 
+    # --method wins when given; else the selection study's verdict where this run makes one.
     settings = Settings(
         ks=tuple(args.k),
-        method=args.method,
+        method=args.method or DEFAULT_METHOD,
+        method_chosen_by="flag" if args.method else "default",
         alpha=args.alpha,
         n_random=args.random,
         atoms=args.atoms,
@@ -85,14 +88,21 @@ def _run_experiment(args: argparse.Namespace) -> int:
     model, tokenizer = load(args)
     check_layers(model, args)
     if study:
-        from somp_ref.adapters.selection_study import format_study, run_study
+        from somp_ref.adapters.report import write_study
+        from somp_ref.adapters.selection_study import run_study, study_verdict
 
         studies = run_study(model, tokenizer, settings, out / "study")
-        text = format_study(studies)
-        write_text_atomically(out / "study.json", json.dumps(studies, indent=1))
-        write_text_atomically(out / "study.md", f"```\n{text}\n```\n")
-        print(text + "\n")
+        verdict = study_verdict(studies)
+        print(write_study(studies, verdict, out) + "\n")
+        if args.method is None and verdict["qualified"]:
+            settings = replace(settings, method=verdict["best"], method_chosen_by="study")
+        elif args.method is None and tasks:
+            print(
+                f"warning: the selection study qualified no ranking; the experiments use the "
+                f"default ranking {settings.method} (--method to choose another)\n"
+            )
     if tasks:
+        print(ranking_line(asdict(settings)) + "\n")
         results = [run_task(model, tokenizer, task, settings, out) for task in tasks]
         print(write_report(results, out))
     print(f"\nwrote {out}: results.json (everything, per prompt), results.md, study.*")
@@ -192,16 +202,14 @@ def register_experiment(subparsers) -> None:
         parser,
         {"--heads": "--k", "--rank": "--method", "--seeds": "--random", "--test": "--generate"},
     )
-    parser.set_defaults(func=needs_torch(_run_experiment))
+    # No --method: None, so that a run with the selection study can take the study's verdict.
+    parser.set_defaults(func=needs_torch(_run_experiment), method=None)
 
 
 def _run_compare(args: argparse.Namespace) -> int:
-    from somp_ref.adapters.comparison import (
-        compare_runs,
-        finite_or_null,
-        format_comparison,
-        load_results,
-    )
+    from somp_ref.adapters.comparison import compare_runs
+    from somp_ref.adapters.report import finite_or_null, format_comparison
+    from somp_ref.adapters.results_files import load_results
 
     first, second = load_results(args.first), load_results(args.second)
     comparison = compare_runs(first, second, seed=args.seed)

@@ -1,9 +1,11 @@
-"""Summaries, tables, markdown and plots of experiment results.
+"""Summaries, tables and markdown of what the experiments return: the experiments' tables,
+the selection study's, and ``somp-ref compare``'s.
 
 Every figure of a selected head set comes with its 95 % bootstrap interval over the
 prompts; the random control is the median [interquartile range] of the figure over its
 head sets. A star marks a figure whose interval excludes the random median (the selection
-differs from random heads at the 5 % level, prompt resampling only).
+differs from random heads at the 5 % level, prompt resampling only). The figures are
+computed by :mod:`somp_ref.statistics`; this module arranges and prints them.
 """
 
 from __future__ import annotations
@@ -14,48 +16,21 @@ from typing import Any
 
 import numpy as np
 
+from somp_ref.adapters.comparison import COMPARED_BY
+from somp_ref.adapters.results_files import FIGURES, by_method
 from somp_ref.files import write_text_atomically
 from somp_ref.selection import jaccard
-from somp_ref.statistics import Estimate, bootstrap, median_iqr
+from somp_ref.statistics import Estimate, estimate, median_iqr, nan_mean, point
 
-#: (column title, measure, "ratio" to the unmodified model or "mean") per task kind.
-FIGURES = {
-    "suppress": [
-        ("words x base", "concept_words", "ratio"),
-        ("mass", "mass", "mean"),
-        ("mass all", "mass_all", "mean"),
-        ("KL", "kl", "mean"),
-        ("KL first", "kl_first", "mean"),
-        ("degenerate", "degenerate", "mean"),
-    ],
-    "amplify": [
-        ("mass x base", "mass_all", "ratio"),
-        ("words x base", "concept_words", "ratio"),
-        ("KL", "kl", "mean"),
-        ("KL first", "kl_first", "mean"),
-        ("degenerate", "degenerate", "mean"),
-    ],
-    "qa": [
-        ("tgt acc x base", "target_acc", "ratio"),
-        ("tgt F1 x base", "target_f1", "ratio"),
-        ("oth acc x base", "other_acc", "ratio"),
-        ("oth F1 x base", "other_f1", "ratio"),
-        ("KL", "kl", "mean"),
-        ("KL first", "kl_first", "mean"),
-    ],
-}
 LABELS = {"somp": "somp (paper: raw EV)", "ll": "ll (paper: Logit Lens)"}
 
 
-def figure(values: list[float], baseline: list[float], how: str, seed: int = 0) -> Estimate:
-    """One figure of one condition with its interval (prompts where either is NaN dropped)."""
-    x, b = np.asarray(values, float), np.asarray(baseline, float)
-    keep = np.isfinite(x) & np.isfinite(b)
-    if not keep.any():
-        return Estimate(float("nan"), float("nan"), float("nan"), 0)
-    if how == "ratio":
-        return bootstrap([x[keep], b[keep]], lambda v, w: v.mean() / w.mean(), seed=seed)
-    return bootstrap([x[keep]], np.mean, seed=seed)
+#: How a run chose its primary ranking (``Settings.method_chosen_by``), in words.
+CHOSEN_BY = {
+    "flag": "given by --method",
+    "study": "the selection study's choice, --method not given",
+    "default": "the default ranking, --method not given",
+}
 
 
 def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -64,17 +39,11 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
     base = result["baseline"]["values"]
     rows = []
     for k in result["settings"]["ks"]:
-        by_method: dict[str, list[dict]] = {}
-        for c in result["conditions"]:
-            if c["k"] == k:
-                by_method.setdefault(c["method"], []).append(c)
-        for method, conditions in by_method.items():
+        for method, conditions in by_method(result["conditions"], k).items():
             row: dict[str, Any] = {"k": k, "method": method, "sets": len(conditions)}
             for title, measure, how in FIGURES[result["kind"]]:
                 if method == "random":
-                    per_set = [
-                        figure(c["values"][measure], base[measure], how).value for c in conditions
-                    ]
+                    per_set = [point(c["values"][measure], base[measure], how) for c in conditions]
                     finite = [v for v in per_set if np.isfinite(v)]
                     row[title] = (
                         median_iqr(finite).as_dict()
@@ -82,20 +51,18 @@ def summarize(result: dict[str, Any]) -> list[dict[str, Any]]:
                         else {"median": np.nan, "q1": np.nan, "q3": np.nan, "n_sets": 0}
                     )
                 else:
-                    row[title] = figure(conditions[0]["values"][measure], base[measure], how)
-                    row[title] = row[title].as_dict()
+                    values = conditions[0]["values"][measure]
+                    row[title] = estimate(values, base[measure], how).as_dict()
             rows.append(row)
     return rows
 
 
 def _significant(row: dict, rows: list[dict], title: str) -> bool:
+    """Whether a selection's interval excludes the random control's median at its k."""
     random = next((r for r in rows if r["k"] == row["k"] and r["method"] == "random"), None)
-    if random is None or "value" not in row[title] or not np.isfinite(random[title]["median"]):
+    if random is None or "value" not in row[title]:
         return False
-    estimate = row[title]
-    if not (np.isfinite(estimate["low"]) and np.isfinite(estimate["high"])):
-        return False  # no interval (one prompt): no claim either way
-    return not estimate["low"] <= random[title]["median"] <= estimate["high"]
+    return Estimate.from_dict(row[title]).excludes(random[title]["median"])
 
 
 def format_cell(entry: dict[str, float], star: bool) -> str:
@@ -205,6 +172,8 @@ def write_report(results: list[dict[str, Any]], out: Path) -> str:
     for result, text in zip(results, texts, strict=False):
         md += [f"## {result['experiment']}", "", "```", text, "```", ""]
         md += [f"- {note}" for note in result["data"]["notes"]]
+        if result["settings"].get("method_chosen_by"):
+            md += [f"- {ranking_line(result['settings'])}"]
         md += [f"- time: {result['seconds']:.0f} s ({_timing(result)})", ""]
     write_text_atomically(out / "results.md", "\n".join(md))
     combined = {
@@ -217,3 +186,144 @@ def write_report(results: list[dict[str, Any]], out: Path) -> str:
 
 def _timing(result: dict[str, Any]) -> str:
     return ", ".join(f"{name} {seconds:.0f} s" for name, seconds in result["timing"].items())
+
+
+def ranking_line(settings: dict[str, Any]) -> str:
+    """The run's primary ranking and how it was chosen, in words (``settings`` as recorded
+    in results.json)."""
+    how = CHOSEN_BY.get(settings.get("method_chosen_by"), "set by the caller")
+    return f"primary ranking: {settings['method']} ({how})"
+
+
+# ------------------------------------------------------------------ somp-ref compare
+
+
+def finite_or_null(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (standard JSON)."""
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite_or_null(item) for item in value]
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def comparison_cell(entry: dict | None, how: str) -> str:
+    """``format_cell`` of a compared figure, starred when its interval (if it has one)
+    excludes no change (a ratio of 1, a difference of 0)."""
+    if entry is None:
+        return "-"
+    star = "value" in entry and Estimate.from_dict(entry).excludes(1.0 if how == "ratio" else 0.0)
+    return format_cell(entry, star)
+
+
+def format_comparison(comparison: list[dict[str, Any]], first: str, second: str) -> str:
+    """The terminal tables of :func:`somp_ref.adapters.comparison.compare_runs`
+    (``first``/``second``: the runs' names)."""
+    blocks = []
+    for result in comparison:
+        figures = FIGURES[result["kind"]]
+        titles = []
+        for title, measure, _ in figures:
+            base = title.removesuffix(" x base")
+            how = COMPARED_BY.get(measure, "ratio")
+            titles.append((title, how, f"{base} B/A" if how == "ratio" else f"{base} B-A"))
+        differs = ", ".join(f"{key} {a} -> {b}" for key, (a, b) in result["differs"].items())
+        counts = ", ".join(
+            f"{title.removesuffix(' x base')} {result['n_prompts'][measure]}"
+            for title, measure, _ in figures
+        )
+        lines = [
+            f"{result['experiment']}: B = {second} against A = {first}"
+            + (f" ({differs})" if differs else " (no setting differs)"),
+            f"paired over the same prompts ({counts}); B/A: ratio of the means, B-A: "
+            "difference; 95 % bootstrap CI, * = excludes no change; random: median [IQR] over "
+            "sets paired by draw; same heads: Jaccard",
+        ]
+        width = 22  # a column is at least one space from the next, however wide
+        lines.append(
+            f"{'k':>3}  {'heads':<16}{'same heads':>11}"
+            + "".join(f" {t:>{width}}" for *_, t in titles)
+        )
+        for row in result["rows"]:
+            label = LABELS.get(row["method"], row["method"]).split(" (")[0]
+            if row["method"].startswith("random"):
+                label = f"{row['method']} ({row['sets']})"
+            cells = [comparison_cell(row[title], how) for title, how, _ in titles]
+            lines.append(
+                f"{row['k']:>3}  {label:<16}{row['heads_jaccard']:>11.2f}"
+                + "".join(f" {c:>{width}}" for c in cells)
+            )
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+# ------------------------------------------------------------------ the selection study
+
+
+def format_study(studies: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
+    """The selection study as tables, and its verdict.
+
+    Parameters
+    ----------
+    studies : list of dict
+        As :func:`somp_ref.adapters.selection_study.run_study` returns them.
+    verdict : dict
+        As :func:`somp_ref.adapters.selection_study.study_verdict` returns it.
+    """
+    rule = verdict["rule"]
+    lines = [
+        "Selection study on the validation splits (alpha -1; each candidate next to its own "
+        f"random control: median of {_control_sets(studies)} disjoint sets with its per-layer "
+        "counts)"
+    ]
+    for study, judged in zip(studies, verdict["judged"], strict=True):
+        lines.append(
+            f"{study['task']} (k={study['k']}, target = {study['target']}; baseline "
+            f"{nan_mean(study['baseline']['values'][study['target']]):.3f})"
+        )
+        lines.append(
+            f"  {'ranking':<12} {'layers':<28} {'target':>7} {'random':>7} {'effect':>7} "
+            f"{'KL':>6} {'random':>7} {'KL x':>6} {'degen':>6}"
+        )
+        for method, r in judged.items():
+            layers = ",".join(map(str, study["layers"][method]))
+            lines.append(
+                f"  {method:<12} {layers:<28} {r['target']:>7.3f} {r['random_target']:>7.3f} "
+                f"{r['effect']:>7.2f} {r['kl']:>6.2f} {r['random_kl']:>7.2f} "
+                f"{r['collateral']:>6.2f} {r['degenerate']:>6.0%}"
+            )
+    lines.append(
+        "verdict (qualifies: KL <= "
+        f"{rule['max_collateral']:g}x its control and <= {rule['max_degenerate']:.0%} "
+        "degenerate in every task; default = the largest mean effect among those, effects "
+        f"within {rule['effect_tie']:g} tied and the least mean collateral winning a tie): "
+        + ", ".join(
+            f"{m} {'ok' if v['qualifies'] else 'out'} (effect {v['mean_effect']:.2f}, "
+            f"KL x {v['mean_collateral']:.2f})"
+            for m, v in verdict["candidates"].items()
+        )
+        + f" -> {verdict['best']}"
+    )
+    return "\n".join(lines)
+
+
+def _control_sets(studies: list[dict[str, Any]]) -> str:
+    """How many random sets each candidate's control has ("8-10" where they differ)."""
+    counts = [
+        sum(c["method"] == f"random:{method}" for c in study["conditions"])
+        for study in studies
+        for method in study["layers"]
+    ]
+    low, high = min(counts), max(counts)
+    return str(low) if low == high else f"{low}-{high}"
+
+
+def write_study(studies: list[dict[str, Any]], verdict: dict[str, Any], out: Path) -> str:
+    """study.json (every candidate's and control's per-prompt values) and study.md (the
+    tables) in ``out``; returns the tables."""
+    text = format_study(studies, verdict)
+    write_text_atomically(out / "study.json", json.dumps(studies, indent=1))
+    write_text_atomically(out / "study.md", f"```\n{text}\n```\n")
+    return text

@@ -3,9 +3,11 @@
 On a model with tied embeddings (the embedded SmolLM2), the paper's raw explained variance
 picks layer-0 heads that copy input embeddings. Every candidate ranking is measured on the
 validation splits (never the test split) at the k the experiments target, next to its own
-random control (10 sets with its per-layer counts, disjoint from it), and the default is
-the candidate the rule below prefers. The study is reported as it comes, candidates and
-controls alike.
+random control (``Settings.n_random`` sets, 10 by default, with its per-layer counts,
+disjoint from it), and the default is the candidate the rule below prefers. The study is
+reported as it comes, candidates and controls alike (``report.format_study``); runs of
+``somp-ref experiment`` that include the study take its verdict as their primary ranking
+unless ``--method`` is given (:func:`study_verdict`).
 
 The rule, per task: a candidate's *effect* is how much of the target it removes beyond its
 random control, ``1 - target / random median target``; its *collateral* is its
@@ -26,13 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from somp_ref.adapters.evaluation import Evaluator
-from somp_ref.adapters.experiment import Condition, Settings, measure_selection, rankings
-from somp_ref.adapters.head_export import export_activations
+from somp_ref.adapters.experiment import Condition, Settings, measure_selection, rankings, set_up
 from somp_ref.adapters.tasks import Task, build_task
-from somp_ref.concepts import load_concept, store_concept_ids
 from somp_ref.ranking import METHODS
 from somp_ref.selection import top_heads
+from somp_ref.statistics import nan_mean
 
 #: The tasks and the k each experiment's target is stated at.
 STUDY_TASKS = {"colors": 8, "countries": 3}
@@ -46,40 +46,17 @@ MAX_DEGENERATE = 0.1
 EFFECT_TIE = 0.05
 
 
-def _mean(values: list[float]) -> float:
-    array = np.asarray(values, dtype=float)
-    return float(np.nanmean(array)) if np.isfinite(array).any() else float("nan")
-
-
 def study_task(
     model: Any, tokenizer: Any, task: Task, k: int, settings: Settings, out: Path
 ) -> dict:
     """Every candidate and its random control on one task's validation split, at ``k``."""
     started = time.perf_counter()
     name = task.name
-    store = export_activations(
-        model,
-        tokenizer,
-        list(task.train),
-        out / name / "train_store",
-        positions=settings.positions,
-        chat_template=True,
-        batch_size=settings.batch_size,
-        overwrite=True,
-    )
-    concept = store_concept_ids(store.vocab(), task.concept)
-    ranked = rankings(store, concept.ids, METHODS, settings, show=True)
-    evaluator = Evaluator(
-        model,
-        tokenizer,
-        task,
-        task.validation,
-        load_concept(task.concept),
-        concept.ids,
-        n_generate=settings.n_generate,
-        n_neutral=settings.n_neutral,
-        batch_size=settings.batch_size,
-    )
+    # The study scales heads at every position, whatever the experiments do.
+    setup = set_up(model, tokenizer, task, replace(settings, intervene_positions="all"), out)
+    store = setup.store
+    ranked = rankings(store, setup.concept.ids, METHODS, settings, show=True)
+    evaluator = setup.evaluator(task.validation)
     conditions = measure_selection(
         evaluator,
         ranked,
@@ -109,24 +86,24 @@ def judge(study: dict) -> dict[str, dict[str, float]]:
     by = {c["method"]: c for c in study["conditions"] if not c["method"].startswith("random")}
     for method, condition in by.items():
         control = [c for c in study["conditions"] if c["method"] == f"random:{method}"]
-        target = _mean(condition["values"][study["target"]])
-        kl = _mean(condition["values"]["kl"])
-        random_target = float(np.median([_mean(c["values"][study["target"]]) for c in control]))
-        random_kl = float(np.median([_mean(c["values"]["kl"]) for c in control]))
+        target = nan_mean(condition["values"][study["target"]])
+        kl = nan_mean(condition["values"]["kl"])
+        random_target = float(np.median([nan_mean(c["values"][study["target"]]) for c in control]))
+        random_kl = float(np.median([nan_mean(c["values"]["kl"]) for c in control]))
         fluency = "degenerate" if "degenerate" in condition["values"] else "target_degenerate"
         rows[method] = {
             "target": target,
             "random_target": random_target,
             "kl": kl,
             "random_kl": random_kl,
-            "degenerate": _mean(condition["values"][fluency]),
+            "degenerate": nan_mean(condition["values"][fluency]),
             "effect": 1.0 - target / random_target if random_target else float("nan"),
             "collateral": kl / random_kl if random_kl else float("inf"),
         }
         if "other_acc" in condition["values"]:
-            rows[method]["other_acc"] = _mean(condition["values"]["other_acc"])
+            rows[method]["other_acc"] = nan_mean(condition["values"]["other_acc"])
             rows[method]["random_other_acc"] = float(
-                np.median([_mean(c["values"]["other_acc"]) for c in control])
+                np.median([nan_mean(c["values"]["other_acc"]) for c in control])
             )
     return rows
 
@@ -142,8 +119,8 @@ def choose(studies: list[dict]) -> tuple[str, dict[str, dict[str, Any]]]:
         )
         verdicts[method] = {
             "qualifies": fits,
-            "mean_effect": _mean([r["effect"] for r in rows]),
-            "mean_collateral": _mean([r["collateral"] for r in rows]),
+            "mean_effect": nan_mean([r["effect"] for r in rows]),
+            "mean_collateral": nan_mean([r["collateral"] for r in rows]),
         }
     qualified = {m: v for m, v in verdicts.items() if v["qualifies"]} or verdicts
     top = max(v["mean_effect"] for v in qualified.values())
@@ -152,42 +129,23 @@ def choose(studies: list[dict]) -> tuple[str, dict[str, dict[str, Any]]]:
     return best, verdicts
 
 
-def format_study(studies: list[dict]) -> str:
-    """The study as tables, and the verdict."""
+def study_verdict(studies: list[dict]) -> dict[str, Any]:
+    """The study's outcome, for the report and the command: ``best`` (by :func:`choose`),
+    ``qualified`` (whether ``best`` meets the rule; when no candidate does, ``best`` is only
+    the largest effect and the experiments keep the default ranking), ``candidates`` (each
+    one's verdict), ``judged`` (per study, :func:`judge`'s rows) and ``rule`` (its limits)."""
     best, verdicts = choose(studies)
-    lines = [
-        "Selection study on the validation splits (alpha -1; each candidate next to its own "
-        "random control: median of 10 disjoint sets with its per-layer counts)"
-    ]
-    for study in studies:
-        lines.append(
-            f"{study['task']} (k={study['k']}, target = {study['target']}; baseline "
-            f"{_mean(study['baseline']['values'][study['target']]):.3f})"
-        )
-        lines.append(
-            f"  {'ranking':<12} {'layers':<28} {'target':>7} {'random':>7} {'effect':>7} "
-            f"{'KL':>6} {'random':>7} {'KL x':>6} {'degen':>6}"
-        )
-        for method, r in judge(study).items():
-            layers = ",".join(map(str, study["layers"][method]))
-            lines.append(
-                f"  {method:<12} {layers:<28} {r['target']:>7.3f} {r['random_target']:>7.3f} "
-                f"{r['effect']:>7.2f} {r['kl']:>6.2f} {r['random_kl']:>7.2f} "
-                f"{r['collateral']:>6.2f} {r['degenerate']:>6.0%}"
-            )
-    lines.append(
-        "verdict (qualifies: KL <= "
-        f"{MAX_COLLATERAL:g}x its control and <= {MAX_DEGENERATE:.0%} degenerate in every "
-        f"task; default = the largest mean effect among those, effects within {EFFECT_TIE:g} "
-        "tied and the least mean collateral winning a tie): "
-        + ", ".join(
-            f"{m} {'ok' if v['qualifies'] else 'out'} (effect {v['mean_effect']:.2f}, "
-            f"KL x {v['mean_collateral']:.2f})"
-            for m, v in verdicts.items()
-        )
-        + f" -> {best}"
-    )
-    return "\n".join(lines)
+    return {
+        "best": best,
+        "qualified": verdicts[best]["qualifies"],
+        "candidates": verdicts,
+        "judged": [judge(study) for study in studies],
+        "rule": {
+            "max_collateral": MAX_COLLATERAL,
+            "max_degenerate": MAX_DEGENERATE,
+            "effect_tie": EFFECT_TIE,
+        },
+    }
 
 
 def run_study(model: Any, tokenizer: Any, settings: Settings, out: Path) -> list[dict]:

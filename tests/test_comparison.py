@@ -9,8 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from somp_ref.adapters.comparison import compare_runs, format_comparison, load_results
-from somp_ref.adapters.report import FIGURES
+from somp_ref.adapters.comparison import compare_runs
+from somp_ref.adapters.report import comparison_cell, format_comparison
+from somp_ref.adapters.results_files import FIGURES, load_results
 from somp_ref.cli import main
 
 MEASURES = [measure for _, measure, _ in FIGURES["suppress"]]
@@ -60,6 +61,7 @@ def measures(rng: np.random.Generator, n: int, sets: int | None = None) -> dict[
     return {
         "concept_words": rng.integers(0, 3, shape).astype(float),
         "mass": rng.uniform(0.1, 0.9, shape),
+        "mass_all": rng.uniform(0.1, 0.9, shape),
         "kl": rng.uniform(0.01, 2.0, shape),
         "kl_first": rng.uniform(0.01, 2.0, shape),
         "degenerate": rng.integers(0, 2, shape).astype(float),
@@ -291,11 +293,36 @@ def test_random_sets_pair_on_the_draws_both_runs_hold():
 
 
 def test_a_figure_without_an_interval_gets_no_star():
-    from somp_ref.adapters.comparison import _cell
-
     entry = {"value": 1.5, "low": float("nan"), "high": float("nan"), "n": 1}
-    assert _cell(entry, "ratio") == "1.50 [nan,nan]"
-    assert _cell({"value": 1.5, "low": 1.2, "high": 1.8, "n": 9}, "ratio").endswith("*")
+    assert comparison_cell(entry, "ratio") == "1.50 [nan,nan]"
+    assert comparison_cell({"value": 1.5, "low": 1.2, "high": 1.8, "n": 9}, "ratio").endswith("*")
+    assert not comparison_cell({"value": 0.1, "low": -0.1, "high": 0.3}, "difference").endswith("*")
+    assert comparison_cell(None, "ratio") == "-"
+
+
+def test_a_results_file_from_before_mass_all_still_loads_and_compares(tmp_path, capsys):
+    """Suppression reports "mass all" since a later version: files written before it (no
+    ``mass_all`` anywhere) load, compare with each other and with a newer run on the other
+    figures, and show the missing one as "-"."""
+    values, _ = pair()
+    old = run({m: {k: v for k, v in d.items() if k != "mass_all"} for m, d in values.items()})
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({"experiments": [old]}))
+    (loaded,) = load_results(tmp_path / "old")
+    assert "mass_all" not in loaded["baseline"]["values"] and "mass" in loaded["baseline"]["values"]
+    (result,) = compare_runs([old], [run(values)])
+    assert result["n_prompts"]["mass_all"] == 0 and result["n_prompts"]["kl"] == 24
+    for row in result["rows"]:
+        assert row["mass all"] is None
+        assert row["KL"] is not None
+    assert main(["compare", str(tmp_path / "old"), str(tmp_path / "old")]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if "specificity" in line)
+    # k, heads, same heads, then words B/A and mass B/A (value and interval), mass all.
+    assert row.split()[3:8] == ["1.00", "[1.00,1.00]", "1.00", "[1.00,1.00]", "-"]
+    # A measure reported from the start is still required.
+    del old["baseline"]["values"]["kl"]
+    with pytest.raises(ValueError, match="baseline: values.kl must be a list of numbers"):
+        compare_runs([old], [old])
 
 
 def test_the_json_output_is_standard_json(tmp_path, capsys):

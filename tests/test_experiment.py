@@ -1,5 +1,8 @@
-"""The experiment end to end on the real model, on a few prompts: the result's schema, alpha
-= 1 reproducing the baseline exactly, the alpha sweep on validation, and the report."""
+"""The experiment end to end on a few prompts. On a tiny random model with a word-level
+tokenizer: which split each step measures (the alpha sweep and the selection study
+validation, the tables test) and the primary ranking ``somp-ref experiment`` takes from the
+selection study. On the real model (marked ``model``): the result's schema, alpha = 1
+reproducing the baseline exactly, the alpha sweep on validation, and the report."""
 
 from __future__ import annotations
 
@@ -10,19 +13,211 @@ import numpy as np
 import pytest
 
 pytest.importorskip("torch")
-pytest.importorskip("transformers")
+transformers = pytest.importorskip("transformers")
 
-from somp_ref.adapters.comparison import compare_runs, load_results  # noqa: E402
+from models import tiny_causal_lm  # noqa: E402
+from test_selection_study import study as synthetic_study  # noqa: E402
+
+from somp_ref.adapters import experiment, experiment_commands, selection_study, tasks  # noqa: E402
+from somp_ref.adapters.comparison import compare_runs  # noqa: E402
 from somp_ref.adapters.experiment import Settings, run_task  # noqa: E402
 from somp_ref.adapters.report import (  # noqa: E402
+    CHOSEN_BY,
     FIGURES,
+    LABELS,
+    format_study,
     format_table,
     summarize,
     write_report,
 )
-from somp_ref.adapters.tasks import Split, build_task  # noqa: E402
+from somp_ref.adapters.results_files import load_results  # noqa: E402
+from somp_ref.adapters.selection_study import MAX_COLLATERAL, study_verdict  # noqa: E402
+from somp_ref.adapters.tasks import TASK_NAMES, Split, build_task  # noqa: E402
+from somp_ref.cli import main  # noqa: E402
+from somp_ref.concepts import load_concept  # noqa: E402
+from somp_ref.ranking import DEFAULT_METHOD  # noqa: E402
 
-pytestmark = pytest.mark.model
+
+def small(name: str):
+    """A few prompts of a task. Validation and test differ in size (4 and 5 target prompts,
+    2 and 3 other and neutral ones) besides holding other prompts, so a figure measured on
+    the wrong split shows in its length too."""
+    task = build_task(name)
+
+    def cut(split: Split, n: int) -> Split:
+        return Split(split.target[:n], split.other[: n - 2], split.neutral[: n - 2])
+
+    return replace(
+        task, train=task.train[:8], validation=cut(task.validation, 4), test=cut(task.test, 5)
+    )
+
+
+def tiny_task(name: str):
+    """:func:`small`, answered in 4 new tokens (the tiny model's answers are noise)."""
+    return replace(small(name), max_new_tokens=4)
+
+
+def prompts(records) -> list[str]:
+    return [record["prompt"] for record in records]
+
+
+@pytest.fixture
+def evaluators(monkeypatch):
+    """Every Evaluator the experiment and the study build, in order, each with ``calls``:
+    how many conditions it measured (its baseline included)."""
+    built = []
+
+    class Recording(experiment.Evaluator):
+        def __init__(self, *args, **kwargs):
+            self.calls = 0
+            built.append(self)
+            super().__init__(*args, **kwargs)
+
+        def measure(self, alphas):
+            self.calls += 1
+            return super().measure(alphas)
+
+    monkeypatch.setattr(experiment, "Evaluator", Recording)
+    return built
+
+
+# ------------------------------------------------------------------ a tiny random model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A tiny random Llama and a word-level tokenizer with a chat template, which spells
+    every word of the small tasks' prompts and of their concepts as one token."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = set()
+    for name in TASK_NAMES:
+        task = small(name)
+        for split in (task.validation, task.test):
+            for records in (split.target, split.other, split.neutral):
+                words.update(w for p in prompts(records) for w in p.split())
+        words.update(w for p in prompts(task.train) for w in p.split())
+        words.update(w for entry in load_concept(task.concept) for w in entry.split())
+    vocab = ["[PAD]", "[UNK]", "[EOS]", "<user>", "<assistant>", *sorted(words)]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]"
+    )
+    tokenizer.chat_template = (
+        "{% for m in messages %}<user> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    model = tiny_causal_lm("llama", len(vocab))
+    model.somp_ref_model_id = "tiny"
+    return model, tokenizer
+
+
+TINY = Settings(ks=(2,), n_random=2, n_generate=3, n_neutral=3, method="somp", n_null=2, atoms=10)
+
+
+def test_alpha_is_swept_on_validation_and_the_tables_measure_test(tiny, tmp_path, evaluators):
+    model, tokenizer = tiny
+    task = tiny_task("amplification")
+    settings = replace(TINY, alpha_grid=(2.0, 3.0))
+    result = run_task(model, tokenizer, task, settings, tmp_path, show_progress=False)
+    sweep, test = evaluators
+    assert prompts(sweep.split.target) == prompts(task.validation.target)
+    assert prompts(sweep.split.neutral) == prompts(task.validation.neutral)
+    assert sweep.calls == 1 + len(settings.ks) * len(settings.alpha_grid)
+    assert prompts(test.split.target) == prompts(task.test.target)
+    assert prompts(test.split.neutral) == prompts(task.test.neutral)
+    assert test.calls == 1 + len(result["conditions"])
+    assert [row["alpha"] for row in result["sweep"]] == [2.0, 3.0]
+    assert all(c["alpha"] == result["alpha"] in (2.0, 3.0) for c in result["conditions"])
+    # Reported: the test split's prompts (5 target, 3 neutral), not validation's (4, 2).
+    for condition in [result["baseline"], *result["conditions"]]:
+        assert len(condition["values"]["mass_all"]) == len(task.test.target) == 5
+        assert len(condition["values"]["kl"]) == len(task.test.neutral) == 3
+    assert result["data"]["n_test_target"] == 5 and result["data"]["n_neutral"] == 3
+
+
+def test_a_fixed_alpha_measures_the_test_split_only(tiny, tmp_path, evaluators):
+    model, tokenizer = tiny
+    task = tiny_task("countries")
+    result = run_task(model, tokenizer, task, TINY, tmp_path, show_progress=False)
+    (test,) = evaluators
+    assert prompts(test.split.target) == prompts(task.test.target)
+    assert prompts(test.split.other) == prompts(task.test.other)
+    assert result["sweep"] == [] and result["alpha"] == task.alpha
+    assert len(result["baseline"]["values"]["target_acc"]) == len(task.test.target)
+    assert len(result["baseline"]["values"]["other_acc"]) == len(task.test.other) == 3
+
+
+def test_the_selection_study_measures_the_validation_split_only(tiny, tmp_path, evaluators):
+    model, tokenizer = tiny
+    task = tiny_task("colors")
+    # The study scales heads at every position, whatever the experiments do.
+    settings = replace(TINY, intervene_positions="generated")
+    study = selection_study.study_task(model, tokenizer, task, 2, settings, tmp_path)
+    (validation,) = evaluators
+    assert prompts(validation.split.target) == prompts(task.validation.target)
+    assert prompts(validation.split.neutral) == prompts(task.validation.neutral)
+    assert validation.positions == "all"
+    for condition in [study["baseline"], *study["conditions"]]:
+        assert len(condition["values"]["mass"]) == len(task.validation.target) == 4
+        assert len(condition["values"]["kl"]) == len(task.validation.neutral) == 2
+
+
+COMMAND = ["--k", "2", "--random", "1", "--generate", "2", "--neutral", "2", "--atoms", "10"]
+
+
+@pytest.mark.parametrize(
+    "names, flags, qualifies, method, chosen_by",
+    [
+        (["all"], [], True, "ll", "study"),
+        (["study", "colors"], ["--method", "somp"], True, "somp", "flag"),
+        (["study", "colors"], [], False, DEFAULT_METHOD, "default"),
+        (["colors"], [], None, DEFAULT_METHOD, "default"),
+        (["colors"], ["--method", "ll"], None, "ll", "flag"),
+    ],
+)
+def test_a_run_with_the_study_takes_its_verdict_unless_method_is_given(
+    tiny, tmp_path, monkeypatch, capsys, names, flags, qualifies, method, chosen_by
+):
+    model, tokenizer = tiny
+    monkeypatch.setattr(experiment_commands, "load", lambda args: (model, tokenizer))
+    monkeypatch.setattr(tasks, "build_task", lambda name, seed=0: tiny_task(name))
+    studied = []
+
+    def run_study(model, tokenizer, settings, out):
+        # "ll" removes the most; both candidates qualify, or neither (too much collateral).
+        studied.append(out)
+        kl = 1.0 if qualifies else MAX_COLLATERAL + 1.0
+        return [synthetic_study({"ll": (0.2, kl, 0.0), "specificity": (0.6, kl, 0.0)})]
+
+    monkeypatch.setattr(selection_study, "run_study", run_study)
+    out = tmp_path / "out"
+    assert main(["experiment", *names, *flags, *COMMAND, "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert len(studied) == (qualifies is not None)
+    results = json.loads((out / "results.json").read_text())["experiments"]
+    expected = list(TASK_NAMES) if names == ["all"] else [n for n in names if n != "study"]
+    assert [result["experiment"] for result in results] == expected
+    for result in results:
+        assert result["settings"]["method"] == method
+        assert result["settings"]["method_chosen_by"] == chosen_by
+        assert set(result["rankings"]) == {method, "somp", "ll"}
+        # The random control is drawn for the primary ranking's selection: disjoint from it.
+        chosen = next(c for c in result["conditions"] if c["method"] == method)
+        for control in (c for c in result["conditions"] if c["method"] == "random"):
+            assert not set(map(tuple, control["heads"])) & set(map(tuple, chosen["heads"]))
+    line = f"primary ranking: {method} ({CHOSEN_BY[chosen_by]})"
+    assert line in printed and line in (out / "results.md").read_text()
+    assert f"{LABELS.get(method, method)} (default)" in printed
+    warned = "warning: the selection study qualified no ranking" in printed
+    assert warned == (qualifies is False)
+    if qualifies is not None:
+        assert (out / "study.md").is_file() and (out / "study.json").is_file()
+        assert printed.index("Selection study") < printed.index(line)
+
+
+# ------------------------------------------------------------------ the embedded model
 
 
 @pytest.fixture(scope="module")
@@ -32,18 +227,10 @@ def smollm():
     return load_model("default")
 
 
-def small(name: str):
-    task = build_task(name)
-
-    def cut(split: Split) -> Split:
-        return Split(split.target[:5], split.other[:5], split.neutral[:3])
-
-    return replace(task, train=task.train[:8], validation=cut(task.validation), test=cut(task.test))
-
-
 SETTINGS = Settings(ks=(2, 3), n_random=2, n_generate=3, n_neutral=3, method="somp", n_null=2)
 
 
+@pytest.mark.model
 @pytest.mark.parametrize("name", ["colors", "countries"])
 def test_alpha_one_reproduces_the_baseline_exactly(smollm, tmp_path, name):
     model, tokenizer = smollm
@@ -83,15 +270,21 @@ def test_alpha_one_reproduces_the_baseline_exactly(smollm, tmp_path, name):
     json.dumps(result)  # everything is plain JSON
 
 
-def test_amplification_chooses_alpha_on_validation_and_reports(smollm, tmp_path):
+@pytest.mark.model
+def test_amplification_chooses_alpha_on_validation_and_reports(smollm, tmp_path, evaluators):
     model, tokenizer = smollm
+    task = small("amplification")
     settings = replace(SETTINGS, ks=(2,), alpha_grid=(2.0, 3.0))
-    result = run_task(
-        model, tokenizer, small("amplification"), settings, tmp_path, show_progress=False
-    )
+    result = run_task(model, tokenizer, task, settings, tmp_path, show_progress=False)
     assert [row["alpha"] for row in result["sweep"]] == [2.0, 3.0]
     assert result["alpha"] in (2.0, 3.0)
     assert all(c["alpha"] == result["alpha"] for c in result["conditions"])
+    # The sweep measured the validation prompts (4), every condition the test prompts (5).
+    sweep, test = evaluators
+    assert prompts(sweep.split.target) == prompts(task.validation.target)
+    assert sweep.calls == 1 + len(settings.alpha_grid)
+    assert prompts(test.split.target) == prompts(task.test.target)
+    assert all(len(c["values"]["mass_all"]) == 5 for c in result["conditions"])
     text = write_report([result], tmp_path)
     assert "alpha sweep on the validation split" in text
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -108,12 +301,16 @@ def test_amplification_chooses_alpha_on_validation_and_reports(smollm, tmp_path)
                 assert entry["value"] == entry["low"] == entry["high"] == unchanged
 
 
-def test_the_selection_study_measures_every_ranking_against_its_own_control(smollm, tmp_path):
-    from somp_ref.adapters.selection_study import choose, format_study, study_task
+@pytest.mark.model
+def test_the_selection_study_measures_every_ranking_against_its_own_control(
+    smollm, tmp_path, evaluators
+):
+    from somp_ref.adapters.selection_study import study_task
     from somp_ref.ranking import METHODS
 
     model, tokenizer = smollm
-    study = study_task(model, tokenizer, small("colors"), 2, SETTINGS, tmp_path)
+    task = small("colors")
+    study = study_task(model, tokenizer, task, 2, SETTINGS, tmp_path)
     by_method = {c["method"]: c for c in study["conditions"] if "random" not in c["method"]}
     assert set(by_method) == set(METHODS)
     for method, condition in by_method.items():
@@ -121,8 +318,12 @@ def test_the_selection_study_measures_every_ranking_against_its_own_control(smol
         assert len(controls) == SETTINGS.n_random
         chosen = set(map(tuple, condition["heads"]))
         assert all(not chosen & set(map(tuple, c["heads"])) for c in controls)
-        # Measured on the validation split, never the test split.
-        assert len(condition["values"]["mass"]) == len(small("colors").validation.target)
-    best, verdicts = choose([study])
-    assert best in METHODS and set(verdicts) == set(METHODS)
-    assert format_study([study]).splitlines()[-1].endswith(f"-> {best}")
+        # Measured on the validation split (4 prompts), never the test split (5).
+        assert len(condition["values"]["mass"]) == len(task.validation.target) == 4
+    (validation,) = evaluators
+    assert prompts(validation.split.target) == prompts(task.validation.target)
+    verdict = study_verdict([study])
+    assert verdict["best"] in METHODS and set(verdict["candidates"]) == set(METHODS)
+    lines = format_study([study], verdict).splitlines()
+    assert lines[-1].endswith(f"-> {verdict['best']}")
+    assert f"median of {SETTINGS.n_random} disjoint sets" in lines[0]

@@ -1,23 +1,27 @@
 """The selection study's rule: how the default ranking is chosen from validation figures."""
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 pytest.importorskip("torch")
 
+from somp_ref.adapters.report import format_study, write_study  # noqa: E402
 from somp_ref.adapters.selection_study import (  # noqa: E402
     EFFECT_TIE,
     MAX_COLLATERAL,
     MAX_DEGENERATE,
     choose,
     judge,
+    study_verdict,
 )
 
 
-def study(figures: dict[str, tuple[float, float, float]], random=(1.0, 1.0)) -> dict:
+def study(figures: dict[str, tuple[float, float, float]], random=(1.0, 1.0), sets=3) -> dict:
     """A study of one task: per candidate (target, KL, degenerate share), each measured on
-    two prompts, and a control of three sets with the given (target, KL)."""
+    two prompts, and a control of ``sets`` sets with the given (target, KL)."""
     conditions = []
     for method, (target, kl, degenerate) in figures.items():
         conditions.append(
@@ -30,14 +34,21 @@ def study(figures: dict[str, tuple[float, float, float]], random=(1.0, 1.0)) -> 
                 },
             }
         )
-        for _ in range(3):
+        for _ in range(sets):
             conditions.append(
                 {
                     "method": f"random:{method}",
                     "values": {"mass": [random[0]] * 2, "kl": [random[1]] * 2},
                 }
             )
-    return {"task": "colors", "target": "mass", "conditions": conditions}
+    return {
+        "task": "colors",
+        "k": 8,
+        "target": "mass",
+        "baseline": {"values": {"mass": [0.5, 0.7]}},
+        "conditions": conditions,
+        "layers": {method: [3, 5] for method in figures},
+    }
 
 
 def test_effect_and_collateral_are_measured_against_the_candidates_own_control():
@@ -73,3 +84,32 @@ def test_a_near_tie_in_effect_goes_to_the_least_collateral(gap, kl_first, kl_sec
 def test_a_clear_effect_wins_over_less_collateral():
     figures = {"strong": (0.2, 1.5, 0.0), "gentle": (0.2 + 3 * EFFECT_TIE, 0.1, 0.0)}
     assert choose([study(figures)])[0] == "strong"
+
+
+def test_the_verdict_says_whether_the_best_candidate_qualifies():
+    good = study_verdict([study({"good": (0.5, 1.0, 0.0), "weak": (0.9, 0.2, 0.0)})])
+    assert good["best"] == "good" and good["qualified"]
+    assert good["rule"] == {
+        "max_collateral": MAX_COLLATERAL,
+        "max_degenerate": MAX_DEGENERATE,
+        "effect_tie": EFFECT_TIE,
+    }
+    # None qualifies: the largest effect is named, and said not to qualify (the command
+    # then keeps the default ranking).
+    harmful = {"a": (0.1, MAX_COLLATERAL + 1, 0.0), "b": (0.5, 1.0, MAX_DEGENERATE + 0.1)}
+    none = study_verdict([study(harmful)])
+    assert none["best"] == "a" and not none["qualified"]
+
+
+@pytest.mark.parametrize("sets", [3, 10])
+def test_the_study_tables_say_how_many_random_sets_each_control_has(sets, tmp_path):
+    studies = [study({"good": (0.5, 1.0, 0.0), "weak": (0.9, 0.2, 0.0)}, sets=sets)]
+    verdict = study_verdict(studies)
+    text = format_study(studies, verdict)
+    lines = text.splitlines()
+    assert f"median of {sets} disjoint sets" in lines[0]
+    assert lines[1] == "colors (k=8, target = mass; baseline 0.600)"
+    assert lines[-1].endswith("-> good") and "good ok (effect 0.50" in lines[-1]
+    assert write_study(studies, verdict, tmp_path) == text
+    assert (tmp_path / "study.md").read_text() == f"```\n{text}\n```\n"
+    assert json.loads((tmp_path / "study.json").read_text()) == studies
