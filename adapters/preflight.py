@@ -20,6 +20,7 @@ from somp_ref.adapters.models import first_line
 from somp_ref.cli_options import check_layer_flags
 from somp_ref.cli_types import MAX_LAYERS
 from somp_ref.engines import HF_INSTALL
+from somp_ref.errors import MissingExtraError
 
 INSTALL_LINE = f"this command needs the hf extra: {HF_INSTALL}"
 
@@ -31,7 +32,7 @@ def needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
         # find_spec, not import: importing torch takes seconds, and the checks that come
         # before the model loads should answer at once.
         if not all(importlib.util.find_spec(name) for name in ("torch", "transformers")):
-            raise ImportError(INSTALL_LINE)
+            raise MissingExtraError(INSTALL_LINE)
         return run(args)
 
     return wrapped

@@ -26,6 +26,7 @@ from somp_ref.adapters.image_tokens import (
 )
 from somp_ref.adapters.intervene import PositionRule, scale_heads
 from somp_ref.adapters.offload import input_device
+from somp_ref.errors import MissingExtraError
 from somp_ref.head_scores import Head
 from somp_ref.store import ActivationStore
 
@@ -261,7 +262,7 @@ def digits_dataset(n: int = 20, *, size: int = 64, seed: int = 0) -> list[dict[s
     try:
         from sklearn.datasets import load_digits
     except ImportError as err:
-        raise ImportError(
+        raise MissingExtraError(
             "the digits data set needs scikit-learn: pip install scikit-learn"
         ) from err
     digits = load_digits()

@@ -60,14 +60,16 @@ OUTPUT_CLOSED = 141
 
 #: What a command may raise for bad input or a broken environment. OSError covers missing
 #: files, directories where files belong, permissions and a full disk; ValueError covers
-#: malformed user files (their readers name the file) and out-of-range values; ImportError
-#: a missing extra (or a --port module); UserError subclasses are declared by the modules
-#: that raise them (``StoreError``, ``InputTypeError``, the adapters' ``ModelLoadError``).
+#: malformed user files (their readers name the file) and out-of-range values;
+#: ModuleNotFoundError a package that is not installed; UserError subclasses are declared by
+#: the modules that raise them (``StoreError``, ``InputTypeError``, ``MissingExtraError``,
+#: the adapters' ``ModelLoadError``). Any other ImportError ("cannot import name") is a bug
+#: in the installed code and keeps its traceback.
 EXPECTED_ERRORS: tuple[type[BaseException], ...] = (
     UserError,
     OSError,
     ValueError,
-    ImportError,
+    ModuleNotFoundError,
 )
 
 
@@ -339,7 +341,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser = build_parser()
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.print_help()
+            parser.print_help()  # what a user typing the bare command wants to see
             return USAGE_ERROR
         prog = f"somp-ref {args.command}"
         return int(args.func(args) or 0)

@@ -15,6 +15,7 @@ from typing import NamedTuple, Protocol
 
 import numpy as np
 
+from somp_ref.errors import MissingExtraError
 from somp_ref.factored import (
     Dictionary,
     HeadProblem,
@@ -240,5 +241,7 @@ def load_engine(name: str, device: str | None = None) -> Engine:
     try:
         factory = found[name].load()
     except ImportError as err:
-        raise ImportError(f"engine {name!r} needs the hf extra: {HF_INSTALL} ({err})") from err
+        raise MissingExtraError(
+            f"engine {name!r} needs the hf extra: {HF_INSTALL} ({err})"
+        ) from err
     return factory(device=device or "cpu")

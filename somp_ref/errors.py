@@ -15,6 +15,11 @@ class UserError(Exception):
     file, a model that cannot be loaded); the message says what is wrong and what to do."""
 
 
+class MissingExtraError(UserError, ImportError):
+    """An optional dependency is not installed; the message gives the line that installs it
+    (an ImportError, so callers catching ImportError still do)."""
+
+
 class InputTypeError(UserError, TypeError):
     """An argument of the wrong type, found by the boundary checks of
     :mod:`somp_ref.validation` (a TypeError, so callers catching TypeError still do)."""

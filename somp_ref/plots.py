@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from somp_ref.errors import MissingExtraError
 from somp_ref.files import check_output_file, write_bytes_atomically
 
 INSTALL_HINT = "plots need matplotlib: pip install 'somp-ref[plot]'"
@@ -21,7 +22,7 @@ def _pyplot():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as err:
-        raise ImportError(INSTALL_HINT) from err
+        raise MissingExtraError(INSTALL_HINT) from err
     return plt
 
 

@@ -23,6 +23,7 @@ from stores import write_planted_store
 
 from somp_ref.adapters import models
 from somp_ref.cli import main
+from somp_ref.errors import MissingExtraError
 from somp_ref.heads import HeadScores
 
 PREVIOUS = b"previous ranking\n"
@@ -437,6 +438,32 @@ def test_ctrl_c_is_one_line_and_status_130(monkeypatch, capsys):
     monkeypatch.setattr(demo, "planted_heads_demo", interrupted)
     assert main(["demo"]) == 130
     assert capsys.readouterr().err == "somp-ref demo: interrupted\n"
+
+
+@pytest.mark.parametrize(
+    "error, expected",
+    [
+        (ModuleNotFoundError("No module named 'matplotlib'"), True),  # not installed
+        (MissingExtraError("plots need the plot extra: pip install 'somp-ref[plot]'"), True),
+        (ImportError("cannot import name 'rescale' from 'somp_ref.factored'"), False),  # a bug
+    ],
+    ids=["module-not-found", "missing-extra", "broken-import"],
+)
+def test_a_missing_package_is_one_line_and_a_broken_import_a_traceback(
+    monkeypatch, capsys, error, expected
+):
+    from somp_ref import demo
+
+    def fails(**kwargs):
+        raise error
+
+    monkeypatch.setattr(demo, "planted_heads_demo", fails)
+    if expected:
+        assert main(["demo"]) == 2
+        assert capsys.readouterr().err == f"somp-ref demo: error: {error}\n"
+    else:
+        with pytest.raises(ImportError, match="cannot import name"):
+            main(["demo"])
 
 
 def test_ctrl_c_of_a_running_process(tmp_path):
