@@ -55,7 +55,11 @@ def checked_atoms(
     unembed = store.unembed()
     ids = check_token_ids(token_ids, unembed.shape[0])
     atoms = np.asarray(unembed[ids], dtype=np.float64)
-    return ids, check_finite(atoms, store, "unembed (token, d_model)")
+    finite = np.isfinite(atoms).all(axis=1)
+    if not finite.all():  # name the vocabulary's row, not the position in the dictionary
+        row = int(np.argmin(finite))
+        check_finite(atoms[row], store, f"unembed row {int(ids[row])} (token id, d_model)")
+    return ids, atoms
 
 
 def _all_finite(z: np.ndarray) -> bool:

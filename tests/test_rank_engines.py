@@ -145,15 +145,18 @@ def test_bad_workers_are_an_error(store):
 
 def test_the_dictionary_read_from_a_store_is_checked_finite(store, monkeypatch):
     """The ranking and its workers take their atoms from checked_atoms: the concept's rows
-    in float64, ids deduplicated in order, a NaN an error naming its row."""
+    in float64, ids deduplicated in order, a NaN an error naming its row of the vocabulary
+    (not its place in the dictionary); rows not asked for are not read."""
     ids, atoms = checked_atoms(store, [7, 3, 7, 11])
     assert ids.tolist() == [7, 3, 11] and atoms.dtype == np.float64
     assert np.array_equal(atoms, store.unembed()[[7, 3, 11]])
     altered = np.array(store.unembed(), dtype=np.float64)
     altered[CONCEPT[1], 2] = np.nan
     monkeypatch.setattr(ActivationStore, "unembed", lambda self: altered)
-    with pytest.raises(StoreError, match=r"unembed \(token, d_model\) holds nan at \(1, 2\)"):
+    where = rf"unembed row {CONCEPT[1]} \(token id, d_model\) holds nan at \(2,\)"
+    with pytest.raises(StoreError, match=where):
         score_heads(store, CONCEPT, 4, show_progress=False)
+    assert np.isfinite(checked_atoms(store, [CONCEPT[0], CONCEPT[2]])[1]).all()
 
 
 def test_a_corrupt_layer_in_a_worker_is_the_store_error(tmp_path):
