@@ -18,7 +18,7 @@ import numpy as np
 from somp_ref.factored import head_somp
 from somp_ref.head_loop import score_heads
 from somp_ref.head_scores import HeadScores
-from somp_ref.layer_reads import check_finite, check_token_ids
+from somp_ref.layer_reads import check_finite, checked_atoms
 from somp_ref.null_dictionaries import (
     frequent_word_pool,
     matched_draws,
@@ -223,12 +223,8 @@ def head_signature(
     """
     if not 0 <= head < store.n_heads:
         raise ValueError(f"head must be in [0, {store.n_heads}), got {head}")
-    unembed = store.unembed()
-    ids = (
-        np.arange(unembed.shape[0])
-        if token_ids is None
-        else check_token_ids(token_ids, unembed.shape[0])
-    )
+    every_token = np.arange(store.unembed().shape[0])
+    ids, atoms = checked_atoms(store, every_token if token_ids is None else token_ids)
     z_layer, o_proj = store.layer(layer)
     cols = slice(head * store.d_head, (head + 1) * store.d_head)
     z = check_finite(np.asarray(z_layer[:, head], dtype=np.float64), store, f"layer {layer}: z")
@@ -237,7 +233,7 @@ def head_signature(
         check_finite(
             np.asarray(o_proj[:, cols], dtype=np.float64), store, f"layer {layer}: o_proj"
         ),
-        check_finite(np.asarray(unembed[ids], dtype=np.float64), store, "unembed"),
+        atoms,
         n_atoms,
     )
     vocab = store.vocab()
