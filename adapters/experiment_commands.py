@@ -35,6 +35,7 @@ from somp_ref.cli_options import (
     renamed,
 )
 from somp_ref.cli_types import k_list, positive_int
+from somp_ref.ranking import DEFAULT_METHOD
 
 
 def register(subparsers) -> None:
@@ -62,7 +63,6 @@ def _run_experiment(args: argparse.Namespace) -> int:
     from somp_ref.adapters.experiment import Settings, run_task  # imports torch: after the checks
     from somp_ref.adapters.report import ranking_line, write_report
     from somp_ref.adapters.tasks import build_task
-    from somp_ref.ranking import DEFAULT_METHOD
 
     # --method wins when given; else the selection study's verdict where this run makes one.
     settings = Settings(
@@ -171,6 +171,9 @@ def register_experiment(subparsers) -> None:
         "the primary ranking, the one the alpha sweep scales, the random head sets are shaped "
         "like and the tables label 'default'; somp and ll are always ranked and measured "
         "beside it",
+        default=None,
+        default_help=f"the selection study's verdict when the run includes study (or all), "
+        f"else {DEFAULT_METHOD}",
     )
     add_atoms(parser)
     add_null(parser)
@@ -203,7 +206,7 @@ def register_experiment(subparsers) -> None:
         {"--heads": "--k", "--rank": "--method", "--seeds": "--random", "--test": "--generate"},
     )
     # No --method: None, so that a run with the selection study can take the study's verdict.
-    parser.set_defaults(func=needs_torch(_run_experiment), method=None)
+    parser.set_defaults(func=needs_torch(_run_experiment))
 
 
 def _run_compare(args: argparse.Namespace) -> int:

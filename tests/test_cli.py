@@ -200,9 +200,12 @@ def test_shared_flags_have_one_definition_and_the_documented_defaults():
     for command in ("rank", "export", "experiment"):
         method = flags[command]["--method"]
         assert tuple(method.choices) == METHODS, command
-        assert f"(default: {DEFAULT_METHOD}" in method.help, command
+        assert f"{DEFAULT_METHOD})" in method.help.split("(default: ")[-1], command
     for command in ("rank", "export"):
         assert flags[command]["--method"].default == DEFAULT_METHOD, command
+    # experiment's default is the study's verdict where the run makes one (None: not given).
+    assert flags["experiment"]["--method"].default is None
+    assert "the selection study's verdict" in flags["experiment"]["--method"].help
     # Every ranking is explained in --help, not merely named.
     assert set(cli_options.METHOD_HELP) == set(METHODS)
     for command in ("demo", "rank", "inspect", "export", "experiment"):
