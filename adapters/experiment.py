@@ -31,7 +31,7 @@ from somp_ref.concepts import ConceptTokens, load_concept, store_concept_ids
 from somp_ref.head_scores import Head, HeadScores
 from somp_ref.progress import progress
 from somp_ref.provenance import package_versions
-from somp_ref.ranking import DEFAULT_METHOD, rank_heads
+from somp_ref.ranking import DEFAULT_ATOMS, DEFAULT_METHOD, DEFAULT_NULL, rank_heads
 from somp_ref.selection import layer_shortfall, random_heads_like, top_heads
 from somp_ref.statistics import nan_mean, point
 from somp_ref.store import ActivationStore
@@ -52,8 +52,8 @@ class Settings:
     method: str = DEFAULT_METHOD
     alpha: float | None = None  # None: the task's own, or the validation sweep's
     n_random: int = 10
-    atoms: int = 50
-    n_null: int = 6
+    atoms: int = DEFAULT_ATOMS
+    n_null: int = DEFAULT_NULL
     positions: str = "prompt-mean"
     exclude_layers: tuple[int, ...] = ()
     n_generate: int = 32
