@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from stores import write_planted_store
 
+from somp_ref.cli import main
 from somp_ref.files import write_atomically
 from somp_ref.store import META_FILE, UNEMBED_FILE, ActivationStore, StoreError, layer_file
 
@@ -281,7 +282,7 @@ def test_an_overwrite_killed_while_writing_leaves_the_old_store_and_no_stale_loc
 
 @posix_only
 @pytest.mark.parametrize("phase", ["before-swap", "between-renames", "after-swap"])
-def test_an_overwrite_killed_while_swapping_loses_no_store(tmp_path, phase):
+def test_an_overwrite_killed_while_swapping_loses_no_store(tmp_path, capsys, phase):
     old = write_planted_store(tmp_path / "s")
     before = snapshot(old.path)
     child = subprocess.run([sys.executable, "-c", OVERWRITER, str(old.path), phase])
@@ -290,11 +291,33 @@ def test_an_overwrite_killed_while_swapping_loses_no_store(tmp_path, phase):
         assert not old.path.exists()
         (hidden_old,) = tmp_path.glob(".s.old-*")
         (hidden_new,) = tmp_path.glob(".s.new-*")
+        assert hidden_old.name.replace(".old-", ".new-") == hidden_new.name  # one swap's
         assert snapshot(hidden_old) == before
         assert ActivationStore.open(hidden_new).n_layers == 2
-        with pytest.warns(UserWarning, match=r"s is missing but an interrupted overwrite"):
-            create(old.path)
-        assert {hidden_old, hidden_new} <= set(tmp_path.iterdir())  # never deleted then
+        after = snapshot(hidden_new)
+        copies = (
+            rf"{re.escape(hidden_old.name)} holds the store that was there and "
+            rf"{re.escape(hidden_new.name)} the store replacing it \(an overwrite stopped"
+        )
+        recover = r"Rename the one to keep to 's' to recover it"
+        # Reading the path says where the stores are and how to recover one.
+        for read in (ActivationStore.open, ActivationStore.resume):
+            with pytest.raises(StoreError, match=rf"s: no such store directory; .*{copies}.*"):
+                read(old.path)
+        assert main(["inspect", str(old.path)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and re.search(rf"{copies}.*{recover}", err), err
+        # Writing the path is refused, whatever the writer asks, and every time: a new
+        # store there would make the next overwrite delete both copies.
+        for kwargs in ({}, {"overwrite": True}, {}, {"overwrite": True, "resumable": True}):
+            with pytest.raises(StoreError, match=rf"refusing to write .*{copies}.*{recover}"):
+                create(old.path, **kwargs)
+        old.path.mkdir()  # a path made again by hand (or by an older somp_ref)
+        with pytest.raises(StoreError, match=rf"s: an interrupted .* only copy .*: {copies}"):
+            create(old.path, overwrite=True)
+        old.path.rmdir()
+        assert listing(tmp_path) == {hidden_old.name, hidden_new.name, ".s.lock"}
+        assert snapshot(hidden_old) == before and snapshot(hidden_new) == after  # none lost
         return
     survivor = ActivationStore.open(old.path)
     survivor.verify()
@@ -303,6 +326,54 @@ def test_an_overwrite_killed_while_swapping_loses_no_store(tmp_path, phase):
     else:
         assert survivor.n_layers == 2 and float(survivor.layer(0)[0][0, 0, 0]) == 2.0
     assert len(list(tmp_path.glob(".s.[no][el][wd]-*"))) == 1
+    with create(old.path, overwrite=True) as store:
+        fill(store)
+    assert listing(tmp_path) == {"s", ".s.lock"}
+
+
+@posix_only
+@pytest.mark.parametrize("keep", ["old", "new"])
+def test_either_copy_of_a_swap_stopped_between_its_renames_is_recovered_by_renaming_it(
+    tmp_path, keep
+):
+    old = write_planted_store(tmp_path / "s")
+    before = snapshot(old.path)
+    child = subprocess.run([sys.executable, "-c", OVERWRITER, str(old.path), "between-renames"])
+    assert child.returncode == -signal.SIGKILL
+    (kept,) = tmp_path.glob(f".s.{keep}-*")
+    (other,) = set(tmp_path.glob(".s.[no][el][wd]-*")) - {kept}
+    kept.rename(old.path)  # what the error says to do
+    survivor = ActivationStore.open(old.path)
+    survivor.verify()
+    if keep == "old":
+        assert snapshot(old.path) == before
+    else:
+        assert survivor.n_layers == 2 and float(survivor.layer(0)[0][0, 0, 0]) == 2.0
+    # The other copy is provably not the only one now: a replacement whose store is back in
+    # place, or an old store whose replacement is in place. The next overwrite deletes it.
+    assert listing(tmp_path) == {"s", ".s.lock", other.name}
+    with create(old.path, overwrite=True) as store:
+        fill(store)
+    assert listing(tmp_path) == {"s", ".s.lock"}
+
+
+def test_an_old_store_beside_a_path_that_holds_no_store_is_never_deleted(tmp_path):
+    """A lone old copy (its replacement gone) is superseded only by a complete store at the
+    path: beside a missing path, or an empty directory, it may be the only copy."""
+    old = write_planted_store(tmp_path / "s")
+    before = snapshot(old.path)
+    hidden = tmp_path / ".s.old-1-0123abcd"
+    old.path.rename(hidden)
+    with pytest.raises(StoreError, match=r"s: no such store directory; .*\.s\.old-1-0123abcd"):
+        ActivationStore.open(old.path)
+    with pytest.raises(StoreError, match=r"it is missing; .*\.s\.old-1-0123abcd holds the"):
+        create(old.path)
+    old.path.mkdir()
+    with pytest.raises(StoreError, match=r"may be the only copy of a store: \.s\.old-1-0123"):
+        create(old.path, overwrite=True)
+    assert snapshot(hidden) == before
+    old.path.rmdir()
+    hidden.rename(old.path)
     with create(old.path, overwrite=True) as store:
         fill(store)
     assert listing(tmp_path) == {"s", ".s.lock"}

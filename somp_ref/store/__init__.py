@@ -25,7 +25,10 @@ The store never loses or invents data:
   files. The new store is built in a hidden sibling ``PARENT/.NAME.new-*`` and swapped in by
   :meth:`~ActivationStore.close`, so an error or a killed process leaves the old store as it
   was; the old store's own files are then unlinked (never through a symlink, never
-  recursively) and anything else found in it is kept, with a warning.
+  recursively) and anything else found in it is kept, with a warning. What a killed
+  overwrite leaves beside the path is deleted later only where it is provably not the only
+  copy of a store; a swap killed between its two renames makes writing the path refused,
+  and reading it an error naming both copies and how to recover one.
 * ``meta.json`` is checked against a schema (types, bounds, file names, sizes) before use,
   and a safetensors header (dtypes, shapes, contiguous in-bounds offsets) before its tensors
   are mapped; every file must be a regular file (no symlink, device or FIFO).

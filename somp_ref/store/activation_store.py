@@ -18,7 +18,7 @@ from somp_ref.store.locations import real_location, refuse_hidden_sibling, refus
 from somp_ref.store.locking import WriterLock
 from somp_ref.store.reading import StoreReading
 from somp_ref.store.regular_files import sha256
-from somp_ref.store.replacing import claim, kept_replacement, remove_store_dir
+from somp_ref.store.replacing import claim, kept_replacement, recovery_hint, remove_store_dir
 from somp_ref.store.row_appending import APPENDING
 from somp_ref.store.schema import MAX_META_BYTES, largest_meta_bytes, load_meta, validate_meta
 from somp_ref.store.writing import StoreWriting
@@ -59,6 +59,16 @@ def _new_record(
             "a store's meta.json may hold (keep large data in files of their own)"
         )
     return record
+
+
+def _no_store_directory(path: str | os.PathLike) -> StoreError:
+    """The error for a store directory that is missing, saying how to recover it when an
+    interrupted overwrite left it beside the path."""
+    try:
+        hint = recovery_hint(real_location(path))
+    except (StoreError, OSError):  # the root, an unreadable parent: nothing to say
+        hint = ""
+    return StoreError(f"{path}: no such store directory{hint}")
 
 
 class ActivationStore(StoreReading, StoreWriting):
@@ -128,7 +138,10 @@ class ActivationStore(StoreReading, StoreWriting):
             is created on disk then.
         StoreError
             When ``path`` exists (and may not be replaced), is one of the hidden copies an
-            overwrite makes (``.NAME.new-*``, ``.NAME.old-*``), or another writer holds it.
+            overwrite makes (``.NAME.new-*``, ``.NAME.old-*``), or another writer holds it;
+            or when an interrupted overwrite of ``path`` left beside it a complete store that
+            may be the only copy of one (both halves of a swap stopped between its renames,
+            or a store beside a missing path): the message names them and how to recover.
         """
         record = _new_record(n_layers, n_heads, d_head, d_model, meta, dtype)
         given = Path(path)
@@ -182,7 +195,7 @@ class ActivationStore(StoreReading, StoreWriting):
         target = real_location(given)
         refuse_hidden_sibling(target)
         if not target.is_dir():
-            raise StoreError(f"{path}: no such store directory")
+            raise _no_store_directory(path)
         lock = WriterLock(target)
         try:
             meta = load_meta(target)
@@ -216,11 +229,14 @@ class ActivationStore(StoreReading, StoreWriting):
         Raises
         ------
         StoreError
-            Missing directory or meta.json, unknown format version, a meta.json out of the
-            schema, an incomplete store (naming the missing parts), or a file that is not a
-            regular file or whose size differs from the recorded one.
+            Missing directory (saying how to recover it where an interrupted overwrite
+            left it beside the path) or meta.json, unknown format version, a meta.json out
+            of the schema, an incomplete store (naming the missing parts), or a file that
+            is not a regular file or whose size differs from the recorded one.
         """
         path = Path(path)
+        if not path.is_dir():
+            raise _no_store_directory(path)
         meta = load_meta(path)
         store = cls(path, meta)
         if not meta["complete"]:

@@ -18,8 +18,9 @@ from pathlib import Path
 from somp_ref.store.layout import StoreError
 
 # ``.NAME.new-PID-RANDOM`` (a replacement being built) and ``.NAME.old-PID-RANDOM`` (the
-# store it replaces, moved aside): see somp_ref.store.replacing.
-_HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-[0-9]+-[0-9a-f]+")
+# store it replaces, moved aside, under its replacement's PID-RANDOM: the two copies of one
+# swap are known as such): see somp_ref.store.replacing.
+_HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-([0-9]+-[0-9a-f]+)")
 
 
 def real_location(path: str | os.PathLike) -> Path:
@@ -69,9 +70,20 @@ def refuse_hidden_sibling(target: Path) -> None:
     )
 
 
-def sibling(target: Path, kind: str) -> Path:
-    """A fresh hidden name beside ``target``: ``.NAME.KIND-PID-RANDOM`` (KIND: new, old)."""
-    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+def sibling(target: Path, kind: str, like: Path | None = None) -> Path:
+    """A hidden name beside ``target``: ``.NAME.KIND-PID-RANDOM`` (KIND: new, old), fresh,
+    or with the PID-RANDOM of the hidden sibling ``like`` (the old store of a swap is named
+    after the replacement that takes its place)."""
+    token = f"{os.getpid()}-{secrets.token_hex(4)}" if like is None else sibling_parts(like)[1]
+    return target.parent / f".{target.name}.{kind}-{token}"
+
+
+def sibling_parts(path: Path) -> tuple[str, str]:
+    """The KIND (new, old) and PID-RANDOM of the hidden sibling ``path``."""
+    match = _HIDDEN_SIBLING.fullmatch(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a hidden sibling of a store")
+    return match[2], match[3]
 
 
 def siblings(target: Path, kind: str | None = None) -> list[Path]:

@@ -8,6 +8,15 @@ only then are the old store's own files unlinked (never through a symlink, never
 recursively); anything else found in it is kept, with a warning. A writer killed at any
 point leaves a complete store at the path or, between the two renames, both beside it.
 
+What a killed overwrite leaves beside the path is deleted by the next overwrite of it only
+where it is provably not the only copy of a store (:func:`only_copies`): a replacement never
+swapped in (the store it was to replace is still at the path), an old store whose
+replacement is in its place (the old one is named ``.NAME.old-PID-RANDOM`` after its
+replacement's ``.NAME.new-PID-RANDOM``, so a lone old one was swapped out), and anything
+that is not a complete store. A complete store beside the path that is none of those (both
+halves of a swap stopped between its renames, or one left beside a missing path) makes
+creating the store refused, and opening a missing one says how to recover it.
+
 A replacement made resumable (``create(..., overwrite=True, resumable=True)``, as export
 does) that stops once it holds rows is kept beside the old store (:func:`kept_replacement`),
 with the SHA-256 of the old store's meta.json: ``ActivationStore.resume`` of the path
@@ -19,12 +28,13 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from pathlib import Path
 
 from somp_ref.files import sync_directory
 from somp_ref.store.layout import META_FILE, REPLACING, StoreError, is_part_name
-from somp_ref.store.locations import sibling, siblings
+from somp_ref.store.locations import sibling, sibling_parts, siblings
 from somp_ref.store.row_appending import APPENDING, part_of_partial
 from somp_ref.store.schema import load_meta
 
@@ -79,11 +89,114 @@ def remove_store_dir(directory: Path, n_layers: int | None) -> None:
         )
 
 
-def _remove_stale_siblings(target: Path) -> None:
-    """Delete what killed overwrites of ``target`` left beside it (``target`` exists, so
-    none of it is the only copy of a store); keep, with a warning, what does not look like
-    one of our store directories."""
+def _holds_complete_store(directory: Path) -> bool:
+    """Whether ``directory`` (not a symlink) holds a complete store: its meta.json valid and
+    saying so, every file it lists there at its recorded size (only meta.json is read)."""
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    try:
+        meta = load_meta(directory)
+    except StoreError:
+        return False
+    if not meta["complete"]:
+        return False
+    for name, info in meta["files"].items():
+        try:
+            status = os.lstat(directory / name)
+        except OSError:
+            return False
+        if not stat.S_ISREG(status.st_mode) or status.st_size != info["bytes"]:
+            return False
+    return True
+
+
+def only_copies(target: Path, *, target_is_store: bool) -> list[tuple[list[Path], str]]:
+    """The complete stores beside ``target`` that may be the only copy of a store: what no
+    overwrite may delete. Each item is the hidden copies of one overwrite, with what they
+    hold, in words.
+
+    A hidden copy is provably *not* the only copy, and left out, when it is a replacement
+    whose swap never began (no old store under its PID-RANDOM: the store it was to replace
+    is still at the path, or the path was emptied by hand), while ``target`` exists; or an
+    old store whose replacement is gone from beside it (renamed into place: the swap
+    finished), while ``target_is_store`` (a complete store is at the path). Copies that are
+    not complete stores are left out too (an unfinished replacement, an old store partly
+    deleted).
+
+    Parameters
+    ----------
+    target_is_store : bool
+        Whether ``target`` holds a complete store.
+    """
+    if not target.parent.is_dir():
+        return []
+    swaps: dict[str, dict[str, Path]] = {}
+    for path in siblings(target):
+        kind, token = sibling_parts(path)
+        swaps.setdefault(token, {})[kind] = path
+    target_exists = target.exists() or target.is_symlink()
+    found = []
+    for token in sorted(swaps):
+        old, new = swaps[token].get("old"), swaps[token].get("new")
+        old_complete = old is not None and _holds_complete_store(old)
+        new_complete = new is not None and _holds_complete_store(new)
+        if old_complete and new is not None:  # the swap stopped between its two renames
+            found.append(
+                (
+                    [old, new],
+                    f"{old.name} holds the store that was there and {new.name} the store "
+                    "replacing it (an overwrite stopped between the two renames of its swap)",
+                )
+            )
+        elif old_complete and not target_is_store:
+            found.append(([old], f"{old.name} holds the store that was there, moved aside"))
+        elif new_complete and (old is not None or not target_exists):
+            found.append(
+                ([new], f"{new.name} holds a complete store built to replace the one there")
+            )
+    return found
+
+
+def _listed(copies: list[tuple[list[Path], str]]) -> str:
+    return "; ".join(what for _, what in copies)
+
+
+def recovery_hint(target: Path) -> str:
+    """For a store directory ``target`` that is missing: what an interrupted overwrite left
+    beside it and how to recover it (``""`` when nothing)."""
+    copies = only_copies(target, target_is_store=False)
+    if not copies:
+        return ""
+    return (
+        f"; an overwrite of it was interrupted: {_listed(copies)}. Rename the one to keep to "
+        f"{target.name!r} to recover it (and delete the other, if any)"
+    )
+
+
+def _refuse_only_copies(target: Path, target_is_store: bool) -> None:
+    """Raise StoreError when a complete store beside ``target`` may be its only copy."""
+    copies = only_copies(target, target_is_store=target_is_store)
+    if not copies:
+        return
+    if target.exists() or target.is_symlink():
+        raise StoreError(
+            f"refusing to write {target}: an interrupted overwrite left beside it what may "
+            f"be the only copy of a store: {_listed(copies)}. Move what you want to keep out "
+            f"of the way (to {target.name!r}, in place of what is there, or elsewhere) and "
+            "delete the rest, then write it again"
+        )
+    raise StoreError(f"refusing to write {target}: it is missing{recovery_hint(target)}")
+
+
+def _remove_stale_siblings(target: Path, target_is_store: bool) -> None:
+    """Delete what killed overwrites of ``target`` left beside it, except what may be the
+    only copy of a store (:func:`only_copies`; :func:`_refuse_only_copies` refused those
+    already); keep, with a warning, what does not look like one of our store directories."""
+    kept = {p for paths, _ in only_copies(target, target_is_store=target_is_store) for p in paths}
     for stale in siblings(target):
+        if stale in kept:
+            warnings.warn(f"left {stale} alone: it may be the only copy of a store", stacklevel=3)
+            continue
         if stale.is_symlink() or not stale.is_dir() or _first_foreign(stale, None):
             warnings.warn(f"left {stale} alone: it is not a store directory", stacklevel=3)
             continue
@@ -143,11 +256,14 @@ def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
     if target.is_symlink():
         raise StoreError(f"{target} is a symbolic link: refusing to write a store through it")
     if not target.exists():
+        _refuse_only_copies(target, target_is_store=False)
         orphans = siblings(target)
         if orphans:
             warnings.warn(
-                f"{target} is missing but an interrupted overwrite left {orphans}: one of them "
-                f"holds the store; rename it to {target.name} to recover it",
+                f"{target} is missing but an interrupted overwrite left "
+                f"{', '.join(p.name for p in orphans)} beside it, none a complete store (an "
+                f"unfinished replacement renamed to {target.name!r} can be resumed); the next "
+                f"overwrite of {target.name!r} deletes them",
                 stacklevel=3,
             )
         target.mkdir()
@@ -158,7 +274,9 @@ def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
     if not target.is_dir():
         raise StoreError(f"{target} exists and is not a directory: refusing to overwrite it")
     replaces = _check_replaceable(target)
-    _remove_stale_siblings(target)
+    target_is_store = replaces is not None and _holds_complete_store(target)
+    _refuse_only_copies(target, target_is_store)
+    _remove_stale_siblings(target, target_is_store)
     if replaces is None:
         return target, None
     directory = sibling(target, "new")
@@ -170,7 +288,7 @@ def swap_in(built: Path, target: Path, replaces: int) -> None:
     """Put the finished store ``built`` beside ``target`` in the place of the store there
     (of ``replaces`` layers): move the old store to a hidden sibling, move the new one in,
     then delete the old."""
-    old = sibling(target, "old")
+    old = sibling(target, "old", like=built)  # known as this swap's: see only_copies
     try:
         os.rename(target, old)
     except FileNotFoundError:  # the old store was removed meanwhile: nothing to delete
