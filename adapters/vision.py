@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from somp_ref.adapters.batch_export import export_batches
 from somp_ref.adapters.capture import PositionMasks
-from somp_ref.adapters.head_export import export_batches
 from somp_ref.adapters.image_tokens import (
     image_token_id,
     image_token_mask,

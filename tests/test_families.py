@@ -15,8 +15,8 @@ pytest.importorskip("transformers")
 
 from models import heads_and_what_joins, tiny_causal_lm  # noqa: E402
 
+from somp_ref.adapters.batch_export import export_batches  # noqa: E402
 from somp_ref.adapters.families import UnsupportedModelError, family_of  # noqa: E402
-from somp_ref.adapters.head_export import export_batches  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
 from somp_ref.adapters.model_heads import model_heads  # noqa: E402
 from somp_ref.ranking import rank_heads  # noqa: E402

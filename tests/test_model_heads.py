@@ -14,9 +14,9 @@ pytest.importorskip("transformers")
 from models import tiny_mistral, tiny_vlm  # noqa: E402
 
 from somp_ref.adapters import model_heads as model_heads_module  # noqa: E402
+from somp_ref.adapters.batch_export import export_batches  # noqa: E402
 from somp_ref.adapters.capture import capture_z  # noqa: E402
 from somp_ref.adapters.families import UnsupportedModelError  # noqa: E402
-from somp_ref.adapters.head_export import export_batches  # noqa: E402
 from somp_ref.adapters.intervene import scale_heads  # noqa: E402
 from somp_ref.adapters.model_heads import model_heads  # noqa: E402
 
