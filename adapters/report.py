@@ -284,14 +284,18 @@ def format_study(studies: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
             f"{nan_mean(study['baseline']['values'][study['target']]):.3f})"
         )
         lines.append(
-            f"  {'ranking':<12} {'layers':<28} {'target':>7} {'random':>7} {'effect':>7} "
-            f"{'KL':>6} {'random':>7} {'KL x':>6} {'degen':>6}"
+            f"  {'ranking':<12} {'layers':<28} {'target [95% CI]':>21} {'random':>7} "
+            f"{'effect [95% CI]':>19} {'KL [95% CI]':>18} {'random':>7} {'KL x':>6} "
+            f"{'degen':>6}"
         )
         for method, r in judged.items():
             layers = ",".join(map(str, study["layers"][method]))
+            target = _with_interval(r["target"], r.get("target_ci"), 3)
+            effect = _with_interval(r["effect"], r.get("effect_ci"), 2)
+            kl = _with_interval(r["kl"], r.get("kl_ci"), 2)
             lines.append(
-                f"  {method:<12} {layers:<28} {r['target']:>7.3f} {r['random_target']:>7.3f} "
-                f"{r['effect']:>7.2f} {r['kl']:>6.2f} {r['random_kl']:>7.2f} "
+                f"  {method:<12} {layers:<28} {target:>21} {r['random_target']:>7.3f} "
+                f"{effect:>19} {kl:>18} {r['random_kl']:>7.2f} "
                 f"{r['collateral']:>6.2f} {r['degenerate']:>6.0%}"
             )
     lines.append(
@@ -307,6 +311,14 @@ def format_study(studies: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
         + f" -> {verdict['best']}"
     )
     return "\n".join(lines)
+
+
+def _with_interval(value: float, interval: list[float] | None, digits: int) -> str:
+    """``value [low,high]``; the value alone for a record without an interval."""
+    if interval is None:
+        return f"{value:.{digits}f}"
+    low, high = interval
+    return f"{value:.{digits}f} [{low:.{digits}f},{high:.{digits}f}]"
 
 
 def _control_sets(studies: list[dict[str, Any]]) -> str:

@@ -32,7 +32,7 @@ from somp_ref.adapters.experiment import Condition, Settings, measure_selection,
 from somp_ref.adapters.tasks import Task, build_task
 from somp_ref.ranking import METHODS
 from somp_ref.selection import top_heads
-from somp_ref.statistics import nan_mean
+from somp_ref.statistics import mean_ci, nan_mean
 
 #: The tasks and the k each experiment's target is stated at.
 STUDY_TASKS = {"colors": 8, "countries": 3}
@@ -91,13 +91,24 @@ def judge(study: dict) -> dict[str, dict[str, float]]:
         random_target = float(np.median([nan_mean(c["values"][study["target"]]) for c in control]))
         random_kl = float(np.median([nan_mean(c["values"]["kl"]) for c in control]))
         fluency = "degenerate" if "degenerate" in condition["values"] else "target_degenerate"
+        # 95 % intervals over the validation prompts (the control's median held fixed: its
+        # spread over sets is another matter), for reading the verdict, not for making it.
+        target_ci = _interval(condition["values"][study["target"]])
+        kl_ci = _interval(condition["values"]["kl"])
         rows[method] = {
             "target": target,
+            "target_ci": target_ci,
             "random_target": random_target,
             "kl": kl,
+            "kl_ci": kl_ci,
             "random_kl": random_kl,
             "degenerate": nan_mean(condition["values"][fluency]),
             "effect": 1.0 - target / random_target if random_target else float("nan"),
+            "effect_ci": (
+                [1.0 - target_ci[1] / random_target, 1.0 - target_ci[0] / random_target]
+                if random_target
+                else [float("nan"), float("nan")]
+            ),
             "collateral": kl / random_kl if random_kl else float("inf"),
         }
         if "other_acc" in condition["values"]:
@@ -106,6 +117,16 @@ def judge(study: dict) -> dict[str, dict[str, float]]:
                 np.median([nan_mean(c["values"]["other_acc"]) for c in control])
             )
     return rows
+
+
+def _interval(values: list[float]) -> list[float]:
+    """The 95 % bootstrap interval [low, high] of the mean of the finite ``values``."""
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    if finite.size == 0:
+        return [float("nan"), float("nan")]
+    found = mean_ci(finite)
+    return [found.low, found.high]
 
 
 def choose(studies: list[dict]) -> tuple[str, dict[str, dict[str, Any]]]:

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -113,3 +114,20 @@ def test_the_study_tables_say_how_many_random_sets_each_control_has(sets, tmp_pa
     assert write_study(studies, verdict, tmp_path) == text
     assert (tmp_path / "study.md").read_text() == f"```\n{text}\n```\n"
     assert json.loads((tmp_path / "study.json").read_text()) == studies
+
+
+@given(
+    masses=st.lists(st.floats(0.0, 1.0), min_size=2, max_size=20),
+    random_target=st.floats(0.05, 1.0),
+)
+def test_the_study_gives_each_figure_its_interval_over_prompts(masses, random_target):
+    condition = study({"a": (0.0, 1.0, 0.0)}, random=(random_target, 1.0))
+    condition["conditions"][0]["values"]["mass"] = masses
+    row = judge(condition)["a"]
+    low, high = row["target_ci"]
+    slack = 4 * np.finfo(float).eps * max(1.0, max(masses))  # the mean's rounding
+    assert min(masses) - slack <= low <= high <= max(masses) + slack
+    # The effect's interval is the target's, through 1 - target / random (decreasing).
+    assert row["effect_ci"] == pytest.approx([1 - high / random_target, 1 - low / random_target])
+    text = format_study([condition], study_verdict([condition]))
+    assert f"{row['target']:.3f} [{low:.3f},{high:.3f}]" in text
