@@ -109,10 +109,12 @@ def format_table(result: dict[str, Any]) -> str:
     if result["sweep"]:
         lines.append("alpha sweep on the validation split (the chosen alpha is used on test):")
         for r in result["sweep"]:
+            gain = _with_interval(r["gain"], r.get("gain_ci"), 2)
+            words = _with_interval(r["words_gain"], r.get("words_gain_ci"), 2)
+            kl = _with_interval(r["kl"], r.get("kl_ci"), 2)
             lines.append(
-                f"  k={r['k']:<3} alpha={r['alpha']:<4g} mass x base {r['gain']:.2f}  "
-                f"words x base {r['words_gain']:.2f}  KL {r['kl']:.2f}  "
-                f"degenerate {r['degenerate']:.0%}"
+                f"  k={r['k']:<3} alpha={r['alpha']:<4g} mass x base {gain}  "
+                f"words x base {words}  KL {kl}  degenerate {r['degenerate']:.0%}"
             )
     for k, layers in result["shortfall"].items():
         for layer, missing in sorted(layers.items(), key=lambda item: int(item[0])):

@@ -129,6 +129,11 @@ def test_alpha_is_swept_on_validation_and_the_tables_measure_test(tiny, tmp_path
     assert prompts(test.split.neutral) == prompts(task.test.neutral)
     assert test.calls == 1 + len(result["conditions"])
     assert [row["alpha"] for row in result["sweep"]] == [2.0, 3.0]
+    for row in result["sweep"]:  # each figure with its interval over validation prompts
+        for figure in ("gain", "words_gain", "kl"):
+            low, high = row[f"{figure}_ci"]
+            assert (np.isnan(low) and np.isnan(high)) or low <= high, (figure, row)
+        assert 0.0 <= row["kl_ci"][0] <= row["kl_ci"][1]  # KL: never negative, always known
     assert all(c["alpha"] == result["alpha"] in (2.0, 3.0) for c in result["conditions"])
     # Reported: the test split's prompts (5 target, 3 neutral), not validation's (4, 2).
     for condition in [result["baseline"], *result["conditions"]]:
