@@ -198,3 +198,106 @@ def test_a_damaged_file_is_told_apart_from_a_replaced_store(tmp_path):
     flip_data_byte(store.path / layer_file(0))
     with pytest.raises(StoreError, match=DIFFERS + r": the file is corrupt or was replaced$"):
         ActivationStore.open(store.path).layer(0)
+
+
+# ---------------------------------------------------------------------- meta.json's facts
+
+
+def say_in_meta(store_path: Path, **facts) -> None:
+    meta = json.loads((store_path / META_FILE).read_text())
+    (store_path / META_FILE).write_text(json.dumps(meta | facts))
+
+
+@pytest.mark.parametrize(
+    ("facts", "match"),
+    [
+        ({"n_samples": 39}, r"z has shape \(40, 4, 6\), meta.json's shapes make it \(39, 4, 6\)"),
+        ({"n_samples": 41}, r"z has shape \(40, 4, 6\), meta.json's shapes make it \(41, 4, 6\)"),
+        ({"n_samples": 1}, r"z has shape \(40, 4, 6\), meta.json's shapes make it \(1, 4, 6\)"),
+        ({"dtype": "float16"}, r"z is float32, meta.json says float16"),
+        ({"n_heads": 2, "d_head": 12}, r"z has shape \(40, 4, 6\), .* make it \(40, 2, 12\)"),
+    ],
+    ids=["fewer-rows", "more-rows", "one-row", "narrower-dtype", "heads-regrouped"],
+)
+def test_a_meta_json_that_the_files_contradict_is_refused_at_open(tmp_path, facts, match):
+    """Sizes fit (the schema's lower bound passes), the files' hashes check out: only the
+    tensors' headers can tell, and they are read when the store is opened."""
+    store = write_planted_store(tmp_path / "s")
+    say_in_meta(store.path, **facts)
+    with pytest.raises(StoreError, match=r"layer_000.safetensors: " + match):
+        ActivationStore.open(store.path)
+
+
+@pytest.mark.parametrize("change", ["drop-last", "add-one", "blank-line"])
+def test_a_samples_file_with_another_record_count_than_rows_is_refused_at_open(tmp_path, change):
+    store = write_planted_store(tmp_path / "s")
+    path = store.path / SAMPLES_FILE
+    lines = path.read_text().splitlines(keepends=True)
+    edited = {
+        "drop-last": lines[:-1],
+        "add-one": [*lines, lines[0]],
+        "blank-line": [*lines[:3], "\n", *lines[3:]],
+    }[change]
+    path.write_text("".join(edited))
+    record_as_written(store.path, SAMPLES_FILE)
+    count = 39 if change == "drop-last" else 41
+    with pytest.raises(StoreError, match=rf"samples.jsonl: {count} records for 40 rows"):
+        ActivationStore.open(store.path)
+
+
+def test_samples_checks_its_record_count_when_read(tmp_path):
+    """A samples file changed after the store was opened (its hash refreshed too)."""
+    store = write_planted_store(tmp_path / "s")
+    reader = ActivationStore.open(store.path)
+    path = store.path / SAMPLES_FILE
+    path.write_text("".join(path.read_text().splitlines(keepends=True)[:-1]) + "\n")
+    reader._meta["files"][SAMPLES_FILE] = {
+        "bytes": path.stat().st_size,
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
+    with pytest.raises(StoreError, match=r"samples.jsonl: 39 records for 40 rows"):
+        reader.samples()
+
+
+def test_a_layer_file_with_a_tensor_a_store_does_not_write_is_refused(tmp_path):
+    from safetensors.numpy import save_file
+
+    store = write_planted_store(tmp_path / "s")
+    z, o_proj = store.layer(0)
+    path = store.path / layer_file(0)
+    tensors = {"z": np.array(z), "o_proj": np.array(o_proj), "extra": np.ones(3, np.float32)}
+    save_file(tensors, str(path), {"layer": "0"})
+    record_as_written(store.path, layer_file(0))
+    with pytest.raises(StoreError, match=r"layer_000.safetensors: holds a tensor 'extra'"):
+        ActivationStore.open(store.path)
+    bias = np.ones(24, np.float16)  # weights narrower than a store writes them
+    save_file({"z": np.array(z), "o_proj": np.array(o_proj), "o_bias": bias}, str(path))
+    record_as_written(store.path, layer_file(0))
+    with pytest.raises(StoreError, match=r"o_bias is float16, a store writes weights in float32"):
+        ActivationStore.open(store.path)
+
+
+def test_an_unembedding_of_another_width_is_refused_at_open(tmp_path):
+    from safetensors.numpy import save_file
+
+    store = write_planted_store(tmp_path / "s")
+    save_file({"unembed": np.ones((60, 23), np.float32)}, str(store.path / UNEMBED_FILE))
+    record_as_written(store.path, UNEMBED_FILE)
+    with pytest.raises(StoreError, match=r"unembed has shape \(60, 23\), .* make it \(v, 24\)"):
+        ActivationStore.open(store.path)
+
+
+def test_opening_reads_headers_only_whatever_the_number_of_layers(tmp_path, monkeypatch):
+    """The checks at open read each layer file's header: no tensor is mapped and no file is
+    hashed, so a store of many layers opens at the cost of its headers."""
+    from somp_ref.store import reading
+
+    store = write_planted_store(tmp_path / "s", n_layers=64, n_samples=5)
+    calls = count_hashing(monkeypatch)
+
+    def no_mapping(*args, **kwargs):
+        raise AssertionError("a tensor was mapped")
+
+    monkeypatch.setattr(reading, "map_tensors", no_mapping)
+    reopened = ActivationStore.open(store.path)
+    assert calls == [] and reopened.n_samples == 5

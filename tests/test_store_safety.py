@@ -752,12 +752,16 @@ CORRUPT_HEADERS = [
     ids=[case[0] for case in CORRUPT_HEADERS],
 )
 def test_a_corrupt_safetensors_header_is_refused_by_name(tmp_path, mutate, match):
+    from somp_ref.store.safetensors_files import map_tensors
+
     store = write_planted_store(tmp_path / "s")
     header, data = split(store.path / LAYER0)
     replace_file(store.path, LAYER0, mutate(header, data))
-    reopened = ActivationStore.open(store.path)
+    # Opening reads every header; mapping the file (a reader's later read) checks it again.
     with pytest.raises(StoreError, match=r"layer_000.safetensors: .*" + match):
-        reopened.layer(0)
+        ActivationStore.open(store.path)
+    with pytest.raises(StoreError, match=r"layer_000.safetensors: .*" + match):
+        map_tensors(store.path / LAYER0)
 
 
 def test_a_stored_z_of_another_dtype_than_meta_says_is_refused(tmp_path):

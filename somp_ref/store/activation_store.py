@@ -231,8 +231,10 @@ class ActivationStore(StoreReading, StoreWriting):
         StoreError
             Missing directory (saying how to recover it where an interrupted overwrite
             left it beside the path) or meta.json, unknown format version, a meta.json out
-            of the schema, an incomplete store (naming the missing parts), or a file that
-            is not a regular file or whose size differs from the recorded one.
+            of the schema, an incomplete store (naming the missing parts), a file that is
+            not a regular file or whose size differs from the recorded one, or a part that
+            disagrees with meta.json: a tensor's dtype or shape (from the file's header) or
+            the number of sample records.
         """
         path = Path(path)
         if not path.is_dir():
@@ -245,4 +247,5 @@ class ActivationStore(StoreReading, StoreWriting):
                 "finish it with ActivationStore.resume or export it again"
             )
         store._check_files()
+        store._check_parts()
         return store

@@ -1,7 +1,14 @@
 """Reading an opened store: its tensors memory-mapped one file at a time and checked against
 meta.json's shapes, its vocabulary and sample records, and each file checked against the
 size and SHA-256 meta.json recorded, the first time this store object reads it (see
-:mod:`somp_ref.store.content`)."""
+:mod:`somp_ref.store.content`).
+
+When a store is opened, each part is checked against meta.json exactly, cheaply: every
+tensor's dtype and shape from its file's safetensors header (no tensor data is read, so a
+store of thousands of layers opens in milliseconds), and the sample records counted (one
+line each). A meta.json that says 39 rows, or float16, over files that hold 40 rows of
+float32 is refused, naming the file, instead of reporting facts the files contradict.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +21,18 @@ import numpy as np
 from somp_ref.store.facts import StoreFacts, check_index
 from somp_ref.store.layout import META_FILE, SAMPLES_FILE, UNEMBED_FILE, StoreError, layer_file
 from somp_ref.store.regular_files import open_regular, require_regular
-from somp_ref.store.safetensors_files import map_tensors
+from somp_ref.store.safetensors_files import map_tensors, tensor_shapes
 from somp_ref.store.schema import load_meta, short
+
+#: The dtypes a store writes its weights in (:func:`somp_ref.store.arrays.weight_dtype`).
+_WEIGHT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_COUNT_CHUNK = 1 << 22
+
+
+def _shape_text(shape: tuple[int | None, ...]) -> str:
+    """A shape as a message shows it, None as ``v`` (any length)."""
+    inner = ", ".join("v" if n is None else str(n) for n in shape)
+    return f"({inner},)" if len(shape) == 1 else f"({inner})"
 
 
 class StoreReading(StoreFacts):
@@ -87,9 +104,15 @@ class StoreReading(StoreFacts):
                 # "\n" only: str.splitlines also breaks at U+2028, U+2029 and U+0085,
                 # which json.dumps(ensure_ascii=False) leaves inside strings.
                 lines = handle.read().decode("utf-8").split("\n")
-            return [json.loads(line) for line in lines if line]
+            records = [json.loads(line) for line in lines if line]
         except (OSError, ValueError, RecursionError) as err:
             raise StoreError(f"{path}: unreadable samples file ({err})") from err
+        if self.n_samples is not None and len(records) != self.n_samples:
+            raise StoreError(
+                f"{path}: {len(records)} records for {self.n_samples} rows "
+                f"({META_FILE}'s n_samples)"
+            )
+        return records
 
     def verify(self) -> None:
         """Check every file's SHA-256 against the one recorded when it was written, whether
@@ -109,6 +132,7 @@ class StoreReading(StoreFacts):
                     self._check_content(handle, path)
             except OSError as err:
                 raise StoreError(f"{path}: unreadable ({err})") from err
+        self._check_parts()
 
     def _check_content(self, handle, path) -> None:
         """Check an open store file against meta.json's record of it (once per file)."""
@@ -161,6 +185,74 @@ class StoreReading(StoreFacts):
         if "unembed" not in tensors or tensors["unembed"].shape[1:] != (self.d_model,):
             raise StoreError(f"{path}: no (vocab, {self.d_model}) 'unembed' tensor")
         return tensors, metadata
+
+    def _check_parts(self) -> None:
+        """Every recorded part agrees with meta.json exactly (see the module's notes): the
+        tensors' dtypes and shapes, from the headers alone, and one record per row.
+
+        Raises
+        ------
+        StoreError
+            Naming the file and what differs from meta.json.
+        """
+        n, heads, d_head, d_model = self.n_samples, self.n_heads, self.d_head, self.d_model
+        layer_tensors = {
+            "z": ((n, heads, d_head), (np.dtype(self._meta["dtype"]),)),
+            "o_proj": ((d_model, heads * d_head), _WEIGHT_DTYPES),
+            "o_bias": ((d_model,), _WEIGHT_DTYPES),
+        }
+        unembed_tensors = {
+            "unembed": ((None, d_model), _WEIGHT_DTYPES),
+            "final_norm": ((d_model,), _WEIGHT_DTYPES),
+        }
+        for name in self._meta["files"]:
+            path = self._dir / name
+            if name == SAMPLES_FILE:
+                self._check_record_count(path)
+                continue
+            expected, required = (
+                (unembed_tensors, ("unembed",))
+                if name == UNEMBED_FILE
+                else (layer_tensors, ("z", "o_proj"))
+            )
+            found = tensor_shapes(path)
+            for tensor in required:
+                if tensor not in found:
+                    raise StoreError(f"{path}: no {tensor!r} tensor")
+            for tensor, (dtype, shape) in found.items():
+                if tensor not in expected:
+                    raise StoreError(
+                        f"{path}: holds a tensor {short(tensor)}, which a store's file does not"
+                    )
+                want, dtypes = expected[tensor]
+                if len(shape) != len(want) or any(
+                    w is not None and w != got for w, got in zip(want, shape, strict=False)
+                ):
+                    raise StoreError(
+                        f"{path}: {tensor} has shape {_shape_text(shape)}, {META_FILE}'s "
+                        f"shapes make it {_shape_text(want)}"
+                    )
+                if dtype not in dtypes:
+                    says = (
+                        f"{META_FILE} says {self._meta['dtype']}"
+                        if tensor == "z"
+                        else "a store writes weights in float32 or float64"
+                    )
+                    raise StoreError(f"{path}: {tensor} is {dtype}, {says}")
+
+    def _check_record_count(self, path) -> None:
+        """samples.jsonl holds one record (one line) per row, counted a chunk at a time."""
+        lines = 0
+        try:
+            with open_regular(path) as handle:
+                for chunk in iter(lambda: handle.read(_COUNT_CHUNK), b""):
+                    lines += chunk.count(b"\n")
+        except OSError as err:
+            raise StoreError(f"{path}: unreadable samples file ({err})") from err
+        if lines != self.n_samples:
+            raise StoreError(
+                f"{path}: {lines} records for {self.n_samples} rows ({META_FILE}'s n_samples)"
+            )
 
     def _check_files(self) -> None:
         """Every recorded file is a regular file of the recorded size (nothing is read)."""

@@ -161,6 +161,36 @@ def _check_layout(tensors: Mapping[str, _Tensor], data_size: int, path: Path) ->
         raise StoreError(f"{path}: tensors cover {covered} of {data_size} data bytes ({how})")
 
 
+def _validated_header(
+    handle: BinaryIO, path: Path
+) -> tuple[dict[str, _Tensor], int, dict[str, str]]:
+    """The validated header of the open safetensors file ``path``: its tensors, where their
+    data starts, and its metadata."""
+    size = os.fstat(handle.fileno()).st_size
+    header, offset = _read_header(handle, path, size)
+    metadata = _header_metadata(header, path)
+    entries = {name: _tensor_entry(name, info, path) for name, info in header.items()}
+    _check_layout(entries, size - offset, path)
+    return entries, offset, metadata
+
+
+def tensor_shapes(path: Path) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+    """The dtype and shape of every tensor of a safetensors file, from its header alone
+    (validated as :func:`map_tensors` validates it; no tensor data is read).
+
+    Raises
+    ------
+    StoreError
+        Naming the file, as :func:`map_tensors`.
+    """
+    try:
+        with open_regular(path) as handle:
+            entries, _, _ = _validated_header(handle, path)
+    except OSError as err:
+        raise StoreError(f"{path}: unreadable safetensors file ({err})") from err
+    return {name: (tensor.dtype, tensor.shape) for name, tensor in entries.items()}
+
+
 def map_tensors(
     path: Path, check: Callable[[BinaryIO], None] | None = None
 ) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -183,11 +213,7 @@ def map_tensors(
         with open_regular(path) as handle:
             if check is not None:
                 check(handle)
-            size = os.fstat(handle.fileno()).st_size
-            header, offset = _read_header(handle, path, size)
-            metadata = _header_metadata(header, path)
-            entries = {name: _tensor_entry(name, info, path) for name, info in header.items()}
-            _check_layout(entries, size - offset, path)
+            entries, offset, metadata = _validated_header(handle, path)
             tensors = {
                 name: np.memmap(
                     handle, dtype=t.dtype, mode="r", offset=offset + t.start, shape=t.shape
