@@ -181,8 +181,9 @@ def test_the_device_map_flags_export_a_model_with_a_layer_on_disk(checkpoint, tm
     _same_store(ActivationStore.open(tmp_path / "whole"), ActivationStore.open(tmp_path / "spread"))
 
 
-def test_device_and_device_map_exclude_each_other(checkpoint, capsys):
-    args = ["export", "--model", str(checkpoint), "--prompts", "builtin:colors", "--out", "x"]
+def test_device_and_device_map_exclude_each_other(checkpoint, capsys, tmp_path):
+    out = str(tmp_path / "x")
+    args = ["export", "--model", str(checkpoint), "--prompts", "builtin:colors", "--out", out]
     assert main([*args, "--device", "meta", "--device-map", "auto"]) == 2
     assert "not both" in capsys.readouterr().err
 
