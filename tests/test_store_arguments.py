@@ -167,6 +167,46 @@ def test_unicode_that_cannot_be_written_is_refused_naming_its_place(tmp_path):
     assert store.missing() == [layer_file(1), "unembed.safetensors", "samples.jsonl"]
 
 
+BAD_RECORDS = [
+    ({1: "a"}, TypeError, r"records\[2\] has the key 1: JSON keys are strings"),
+    ({True: "b"}, TypeError, r"records\[2\] has the key True: JSON keys are strings"),
+    ({None: "c"}, TypeError, r"records\[2\] has the key None: JSON keys are strings"),
+    ({"x": {2.5: 1}}, TypeError, r"records\[2\]\['x'\] has the key 2.5: JSON keys are"),
+    ({"x": float("nan")}, ValueError, r"records\[2\]\['x'\] is nan: JSON has no NaN or inf"),
+    ({"x": [float("inf")]}, ValueError, r"records\[2\]\['x'\]\[0\] is inf: JSON has no"),
+    ({"x": np.float32(1.5)}, TypeError, r"records\[2\]\['x'\] is a numpy.float32, not a JSON"),
+]
+BAD_RECORD_IDS = ["int-key", "bool-key", "none-key", "float-key", "nan", "inf", "numpy-scalar"]
+
+
+@pytest.mark.parametrize(("bad", "error", "match"), BAD_RECORDS, ids=BAD_RECORD_IDS)
+def test_sample_records_are_plain_json_or_refused_naming_the_record(tmp_path, bad, error, match):
+    """json.dumps would store {1: 'a'} as {"1": "a"} and NaN as a bare NaN (not JSON): a
+    record read back would not be the one written."""
+    store = create(tmp_path / "s")
+    with pytest.raises(error, match=match):
+        store.write_samples([{}, {}, bad, {}])
+    assert "samples.jsonl" in store.missing()
+    assert not (tmp_path / "s" / "samples.jsonl").exists()
+
+
+@pytest.mark.parametrize(("bad", "error", "match"), BAD_RECORDS, ids=BAD_RECORD_IDS)
+def test_appended_records_are_plain_json_or_refused_naming_the_record(tmp_path, bad, error, match):
+    from somp_ref.store.row_appending import RowWriter
+
+    store = create(tmp_path / "s")
+    writer = RowWriter.start(store, lambda layer: (np.ones((3, 2)), None))
+    z = [np.ones((4, 1, 2))] * 2
+    with pytest.raises(error, match=match):
+        writer.append(z, [{}, {}, bad, {}])
+    assert writer.rows == 0  # nothing committed, and the batch can be appended again
+    writer.append(z, [{"i": i} for i in range(4)])
+    writer.finish()
+    store.write_unembed(np.ones((5, 3)))
+    store.close()
+    assert ActivationStore.open(tmp_path / "s").samples() == [{"i": i} for i in range(4)]
+
+
 def test_a_vocabulary_too_large_for_a_safetensors_header_is_refused_before_writing(tmp_path):
     store = ActivationStore.create(tmp_path / "s", n_layers=1, n_heads=1, d_head=2, d_model=4)
     with pytest.raises(ValueError, match=r"vocab: \d+ bytes in the file's header, over the"):

@@ -227,7 +227,9 @@ class RowWriter:
         ------
         ValueError, TypeError
             For arrays of the wrong shape or with non-finite values, or records that are
-            not JSON; nothing is written then.
+            not plain JSON (a key that is not a string, a NaN or infinity: see
+            :meth:`~somp_ref.store.ActivationStore.write_samples`), naming the record's
+            index; nothing is written then.
         OSError
             When a file cannot be written; the batch is not committed.
         """
@@ -265,7 +267,7 @@ class RowWriter:
         records = [dict(record) for record in records]
         if len(records) != n:
             raise ValueError(f"records must have one entry per row ({n}), got {len(records)}")
-        check_json(records, "records", strict=False)
+        check_json(records, "records")  # strict, as write_samples: read back unchanged
         lines = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode()
         sizes = self._committed_sizes()
         for handle, (_, size), data in zip(

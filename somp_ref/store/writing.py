@@ -123,7 +123,18 @@ class StoreWriting(StoreFacts):
         self._save_tensors(UNEMBED_FILE, tensors, metadata)
 
     def write_samples(self, records: Iterable[Mapping[str, Any]]) -> None:
-        """Write one JSON record per sample row (prompt, label, split, ...)."""
+        """Write one JSON record per sample row (prompt, label, split, ...).
+
+        Raises
+        ------
+        TypeError
+            For a record that is not a mapping, or holds a key that is not a string or a
+            value that is not plain JSON (a numpy scalar, a set), naming the record's index
+            and the place in it.
+        ValueError
+            For a NaN or infinity, an integer beyond 64 bits, a string that is not valid
+            Unicode, or as many records as rows; nothing is written then.
+        """
         self._require_writable()
         records = list(records)
         for index, record in enumerate(records):
@@ -132,7 +143,9 @@ class StoreWriting(StoreFacts):
                     f"records[{index}] must be a mapping (a dict), got {type(record).__name__}"
                 )
         records = [dict(record) for record in records]
-        check_json(records, "records", strict=False)
+        # Strict: json.dumps would write {1: x} as {"1": x} and NaN as a bare NaN (not
+        # JSON): a record read back would differ from the one written, or not parse.
+        check_json(records, "records")
         if self.n_samples is not None and len(records) != self.n_samples:
             raise ValueError(
                 f"records must have one entry per sample row ({self.n_samples}), got {len(records)}"
