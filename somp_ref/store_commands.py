@@ -8,10 +8,12 @@ from somp_ref.cli_options import add_out, add_overwrite
 
 
 def _run_merge(args: argparse.Namespace) -> int:
-    from somp_ref.files import check_output_dir
+    from somp_ref.files import check_output_dir, check_outside
     from somp_ref.store.merging import merge_stores
 
     check_output_dir(args.out)
+    for shard in args.shards:  # inside an input, the output would become part of it
+        check_outside("--out", args.out, shard, f"the input store {shard}")
     store = merge_stores(args.shards, args.out, overwrite=args.overwrite)
     print(f"wrote {args.out}: {store.n_samples} rows from {len(args.shards)} stores")
     return 0

@@ -72,6 +72,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "fakemeta").mkdir()
     (root / "fakemeta" / "meta.json").write_text("{}")
     (root / "fakemeta" / "thesis.tex").write_text("precious")
+    write_planted_store(root / "narrow", d_model=12)  # a store that cannot merge with store
     (root / "badsyntax_port.py").write_text("def f(:\n")
     (root / "raising_port.py").write_text("raise RuntimeError('boom at import')\n")
     (root / "exiting_port.py").write_text("import sys\nsys.exit(3)\n")
@@ -264,6 +265,20 @@ CASES = [
     ("compare @nested.json @nested.json", "not valid JSON"),
     ("compare @other.json @other.json", "no 'experiments' list"),
     ("compare @store @store", "store/results.json: results.json"),
+    # store merge: inputs that are not stores, an output inside (or equal to) an input (it
+    # would become a file of the store it reads, or replace it), stores that cannot merge
+    ("store merge @nowhere --out @merged", "nowhere: no such store directory"),
+    ("store merge @store @nowhere --out @merged", "nowhere: no such store directory"),
+    ("store merge @folder --out @merged", "folder/meta.json: missing; "),
+    ("store merge @file --out @merged", "file: no such store directory"),
+    ("store merge @badmeta --out @merged", "meta.json: unreadable"),
+    ("store merge @store --out @store/sub", "/store/sub is inside the input store"),
+    ("store merge @narrow @store --out @store/a/b", "/store/a/b is inside the input store"),
+    ("store merge @store --out @storelink/sub", "/storelink/sub is inside the input store"),
+    ("store merge @store --out @store --overwrite", "/store is the input store"),
+    ("store merge @narrow @store --out @storelink --overwrite", "storelink is the input store"),
+    ("store merge @store @narrow --out @merged", "narrow cannot merge with"),
+    ("store merge @narrow @store --out @merged", "d_model 24 != 12"),
     # verify
     ("verify --port nocolon", "a port is 'package.module:function'"),
     ("verify --port badsyntax_port:f", "port module badsyntax_port has a syntax error"),
@@ -304,6 +319,7 @@ def test_expected_failures_are_one_line(files, no_model, monkeypatch, capsys, te
     assert err.startswith(f"somp-ref {command}: error: "), err
     assert message in err
     assert not (root / "new").exists()  # export and experiment failed before creating it
+    assert not (root / "merged").exists()  # and store merge
     assert digest(root / "store") == files["store"]  # no output ever lands in the store
 
 

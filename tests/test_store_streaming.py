@@ -348,6 +348,20 @@ def test_a_merged_store_merges_again(tmp_path):
         merge_stores([a.path], tmp_path / "ab", show_progress=False)
 
 
+def test_a_merge_into_a_folder_inside_a_shard_is_refused_and_into_a_shard_replaces_it(tmp_path):
+    a = write_planted_store(tmp_path / "a", n_samples=3)
+    b = write_planted_store(tmp_path / "b", n_samples=3)
+    before = _snapshot(a.path)
+    for out in (a.path / "sub", a.path / "sub" / "deeper", tmp_path / "link" / "sub"):
+        (tmp_path / "link").unlink(missing_ok=True)
+        (tmp_path / "link").symlink_to(a.path)  # the same folder by another path
+        with pytest.raises(StoreError, match=r"is inside the store .*a it merges"):
+            merge_stores([b.path, a.path], out, show_progress=False)
+        assert _snapshot(a.path) == before  # no folder made inside the shard
+    merged = merge_stores([a.path, b.path], a.path, overwrite=True, show_progress=False)
+    assert merged.n_samples == 6 and np.array_equal(merged.layer(0)[0][3:], b.layer(0)[0])
+
+
 def _snapshot(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 

@@ -64,12 +64,17 @@ def merge_stores(
     ------
     StoreError
         A shard that is not a complete store, or that differs from the first in shapes,
-        dtype, facts, unembedding or weights (naming what differs).
+        dtype, facts, unembedding or weights (naming what differs); ``out`` inside a shard.
+        (``out`` may be a shard itself, with ``overwrite``: the merged store is built beside
+        it and swapped in; ``somp-ref store merge`` refuses that, as a likely slip.)
     """
     if not shards:
         raise ValueError("merge needs at least one store")
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    for shard in shards:  # the merged store would be a file of the shard it reads
+        if Path(os.path.realpath(shard)) in Path(os.path.realpath(out)).parents:
+            raise StoreError(f"{out} is inside the store {shard} it merges: write it elsewhere")
     if not overwrite and (Path(out).exists() or Path(out).is_symlink()):  # before any hashing
         raise StoreError(f"{out} already exists (pass overwrite=True to replace it)")
     opened = [ActivationStore.open(path) for path in shards]
