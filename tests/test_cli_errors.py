@@ -386,6 +386,27 @@ def test_a_full_disk_is_one_line_and_keeps_the_previous_output(files):
     assert not [p for p in os.listdir(root) if p.startswith(".previous.csv")]
 
 
+@pytest.mark.parametrize(
+    ("limit", "where"),
+    [(3000, "while writing the weights"), (8000, "while appending the second store's rows")],
+)
+def test_a_full_disk_during_store_merge_names_the_file_in_one_line(files, limit, where):
+    """The row writer's files are open files: their OSError named no file ('File too
+    large'), and closing them raised it a second time while the first was handled."""
+    root = files["root"]
+    out = root / f"fullmerge{limit}"
+
+    def limited() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+
+    process = run_process(f"store merge @store @store --out {out}", root, preexec_fn=limited)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 2, (where, err)
+    file = out / ".layer_000.safetensors.rows"
+    assert err == f"somp-ref store: error: {file}: File too large\n", where
+
+
 def test_a_full_disk_keeps_every_previous_output_of_a_command(files, tmp_path):
     """rank writes its CSV and JSON together: when the JSON does not fit, the CSV (which
     would have fitted) is not replaced either, so the two never come from different runs."""

@@ -362,6 +362,65 @@ def test_a_merge_into_a_folder_inside_a_shard_is_refused_and_into_a_shard_replac
     assert merged.n_samples == 6 and np.array_equal(merged.layer(0)[0][3:], b.layer(0)[0])
 
 
+def _refresh(store_path, name):
+    """Record a part's current content in meta.json, as if the store had written it so."""
+    meta = json.loads((store_path / "meta.json").read_text())
+    content = (store_path / name).read_bytes()
+    meta["files"][name] = {"bytes": len(content), "sha256": hashlib.sha256(content).hexdigest()}
+    (store_path / "meta.json").write_text(json.dumps(meta))
+
+
+def test_a_shard_whose_records_cannot_be_merged_is_named(tmp_path):
+    a = write_planted_store(tmp_path / "a", n_samples=4)
+    b = write_planted_store(tmp_path / "b", n_samples=4)
+    samples = b.path / "samples.jsonl"
+    lines = samples.read_text().splitlines(keepends=True)
+    samples.write_text("".join(lines[:-1]))  # 3 records for 4 rows
+    _refresh(b.path, "samples.jsonl")
+    with pytest.raises(StoreError, match=r"b/samples.jsonl: 3 records for 4 rows"):
+        merge_stores([a.path, b.path], tmp_path / "m", show_progress=False)
+    lines[2] = '{"prompt": "prompt 2", "score": NaN}\n'  # as a lenient writer stored it
+    samples.write_text("".join(lines))
+    _refresh(b.path, "samples.jsonl")
+    with pytest.raises(StoreError, match=r"b, rows 0-3: records\[2\]\['score'\] is nan"):
+        merge_stores([a.path, b.path], tmp_path / "m", show_progress=False)
+
+
+def test_a_failed_append_names_the_file_and_leaves_the_last_commit(tmp_path, monkeypatch):
+    """An OSError of an open file names no file ('[Errno 28] No space left on device'):
+    the writer names it, and closing the writer afterwards raises nothing more."""
+    import errno
+    import os
+
+    z, weights, records = _data(6)
+    store = ActivationStore.create(tmp_path / "s", **SHAPES)
+    writer = RowWriter.start(store, lambda layer: weights[layer])
+    writer.append([zl[:2] for zl in z], records[:2], {})
+    real = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(OSError, match=r"No space left on device") as raised:
+        writer.append([zl[2:] for zl in z], records[2:], {})
+    assert raised.value.filename == str(tmp_path / "s" / partial_name("layer_000.safetensors"))
+    monkeypatch.setattr(os, "fsync", real)
+    writer.close()  # nothing raised, every file closed
+    store._abandon()
+    resumed = ActivationStore.resume(tmp_path / "s")
+    writer = RowWriter.resume(resumed)
+    assert writer.rows == 2  # the last commit
+    writer.append([zl[2:] for zl in z], records[2:], {})
+    writer.finish()
+    resumed.write_unembed(np.eye(8))
+    resumed.close()
+    _same_content(
+        _whole(tmp_path / "whole", z, weights, records, np.eye(8)),
+        ActivationStore.open(tmp_path / "s"),
+    )
+
+
 def _snapshot(path):
     return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
 

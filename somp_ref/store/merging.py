@@ -103,12 +103,15 @@ def merge_stores(
             ]
             for store, start in progress(chunks, desc="merge (chunks)", enabled=show_progress):
                 if start == 0:
-                    records = store.samples()
+                    records = store.samples()  # one per row, or a StoreError naming the file
                 end = min(start + chunk_rows, store.n_samples)
-                writer.append(
-                    [store.layer(layer)[0][start:end] for layer in range(store.n_layers)],
-                    records[start:end],
-                )
+                try:
+                    writer.append(
+                        [store.layer(layer)[0][start:end] for layer in range(store.n_layers)],
+                        records[start:end],
+                    )
+                except (ValueError, TypeError) as err:  # what a shard holds: name it
+                    raise StoreError(f"{store.path}, rows {start}-{end - 1}: {err}") from err
             writer.finish()
         finally:
             writer.close()

@@ -15,12 +15,13 @@ and records it like any other part; the store is then closed as usual.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import struct
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any, BinaryIO
 
 import numpy as np
@@ -52,6 +53,18 @@ def part_of_partial(name: str) -> str | None:
     """The part whose partial file ``name`` is, or None."""
     match = _PARTIAL.fullmatch(name)
     return None if match is None else match[1]
+
+
+@contextlib.contextmanager
+def _naming(path: str | os.PathLike) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write, flush, fsync or truncate of an open
+    file: ``[Errno 27] File too large``) as one naming ``path``."""
+    try:
+        yield
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        raise OSError(err.errno, err.strerror or str(err), os.fspath(path)) from err
 
 
 def prompts_hash(records: Iterable[Mapping[str, Any]]) -> str:
@@ -140,17 +153,17 @@ class RowWriter:
                     )
                 handle = open(store._dir / partial_name(layer_file(layer)), "w+b")  # noqa: SIM115
                 files.append(handle)
-                handle.write(struct.pack("<Q", HEADER_BYTES) + b" " * HEADER_BYTES)
-                for array in tensors.values():
-                    handle.write(array.tobytes())
+                with _naming(handle.name):
+                    handle.write(struct.pack("<Q", HEADER_BYTES) + b" " * HEADER_BYTES)
+                    for array in tensors.values():
+                        handle.write(array.tobytes())
                 # A list, not an object: meta.json sorts keys, and this order is the files'.
                 shapes.append([[name, _entry(array)] for name, array in tensors.items()])
             files.append(open(store._dir / partial_name(SAMPLES_FILE), "w+b"))  # noqa: SIM115
             for handle in files:
                 _flush(handle)
         except BaseException:
-            for handle in files:
-                handle.close()
+            _close_quietly(files)
             raise
         progress = dict(progress or {})
         check_json(progress, "progress")
@@ -201,7 +214,8 @@ class RowWriter:
                     raise StoreError(
                         f"{path}: {found} bytes, fewer than the {size} committed: rows are lost"
                     )
-                handle.truncate(size)
+                with _naming(path):
+                    handle.truncate(size)
         except BaseException:
             writer._close_files()
             raise
@@ -273,10 +287,11 @@ class RowWriter:
         for handle, (_, size), data in zip(
             self._files, sizes, [*(a.tobytes() for a in arrays), lines], strict=True
         ):
-            handle.seek(size)
-            handle.write(data)
-            handle.truncate()
-            _flush(handle)
+            with _naming(handle.name):  # a full disk names the file it filled
+                handle.seek(size)
+                handle.write(data)
+                handle.truncate()
+                _flush(handle)
         self._commit(
             {
                 **self._state,
@@ -338,13 +353,15 @@ class RowWriter:
             text = json.dumps(header, separators=(",", ":")).encode()
             if len(text) > HEADER_BYTES:  # unreachable within the schema's bounds
                 raise StoreError(f"{store.path}: layer {layer}'s header outgrew its space")
-            handle.truncate(8 + HEADER_BYTES + offset + z_bytes)
-            handle.seek(8)
-            handle.write(text.ljust(HEADER_BYTES))
-            _flush(handle)
+            with _naming(handle.name):
+                handle.truncate(8 + HEADER_BYTES + offset + z_bytes)
+                handle.seek(8)
+                handle.write(text.ljust(HEADER_BYTES))
+                _flush(handle)
         samples = self._files[-1]
-        samples.truncate(self._state["samples_bytes"])
-        _flush(samples)
+        with _naming(samples.name):
+            samples.truncate(self._state["samples_bytes"])
+            _flush(samples)
         samples.seek(0)
         hashed = prompts_hash(json.loads(line) for line in samples)
         self._close_files()
@@ -373,9 +390,8 @@ class RowWriter:
         return sizes
 
     def _close_files(self) -> None:
-        for handle in self._files:
-            handle.close()
-        self._files = []
+        files, self._files = self._files, []
+        _close_quietly(files)
 
 
 def _entry(array: np.ndarray) -> dict[str, Any]:
@@ -388,5 +404,19 @@ def _entry(array: np.ndarray) -> dict[str, Any]:
 
 def _flush(handle: BinaryIO) -> None:
     """To the disk (fsync), not just the OS's buffers, before meta.json commits the batch."""
-    handle.flush()
-    os.fsync(handle.fileno())
+    with _naming(handle.name):
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def _close_quietly(files: Iterable[BinaryIO]) -> None:
+    """Close every partial file, ignoring what closing raises.
+
+    Closing flushes what a failed write left in a file's buffer, and fails again the same
+    way (a full disk): raised, that second error would hide the first, which names the file,
+    and leave the other files open. Nothing is lost by ignoring it: every committed byte was
+    flushed and fsynced before meta.json recorded it, and bytes past the commit are cut off.
+    """
+    for handle in files:
+        with contextlib.suppress(OSError):
+            handle.close()
