@@ -368,3 +368,145 @@ def test_scores_as_a_pandas_table(planted_store):
         table.loc[0, "support"] == [scores.token_string(t) for t in scores.supports[2, 0]]
     )
     assert np.array_equal(table["explained_variance"], table["score"])
+
+
+# ------------------------------------------------- non-finite values met while ranking
+
+
+def _word_store(path):
+    """The planted store with word-like vocabulary strings of 3 to 7 letters, so that every
+    ranking method has null dictionaries to draw (``tokN`` strings are not words)."""
+    from somp_ref.store import ActivationStore
+
+    base = write_planted_store(path.parent / f"{path.name}-base")
+    words = [
+        "".join(chr(97 + (7 * i + 3 * k) % 26) for k in range(3 + i % 5))
+        for i in range(base.unembed().shape[0])
+    ]
+    vocab = base.vocab()
+    for token in CONCEPT:
+        words[token] = vocab[token]  # red, green, ...
+    with ActivationStore.create(
+        path, n_layers=3, n_heads=4, d_head=6, d_model=24, meta={"model_id": "synthetic"}
+    ) as store:
+        for layer in range(3):
+            z, o_proj = base.layer(layer)
+            store.write_layer(layer, z=z, o_proj=o_proj)
+        store.write_unembed(base.unembed(), base.final_norm(), vocab=words)
+        store.write_samples(base.samples())
+    return path
+
+
+def _alter(path, name: str, tensor: str, places, value: float) -> None:
+    """Set ``tensor``'s entries at ``places`` (index tuples) in the store file ``name`` to
+    ``value``, and record the file in meta.json as if written so: its hash checks out, and
+    only the ranking's own checks can tell."""
+    import hashlib
+    import json
+    import struct
+
+    file = path / name
+    raw = bytearray(file.read_bytes())
+    (length,) = struct.unpack("<Q", raw[:8])
+    entry = json.loads(raw[8 : 8 + length])[tensor]
+    dtype = np.dtype({"F16": "<f2", "F32": "<f4", "F64": "<f8"}[entry["dtype"]])
+    for place in places:
+        flat = int(np.ravel_multi_index(place, entry["shape"]))
+        at = 8 + length + entry["data_offsets"][0] + flat * dtype.itemsize
+        raw[at : at + dtype.itemsize] = np.array(value, dtype=dtype).tobytes()
+    file.write_bytes(bytes(raw))
+    meta = json.loads((path / "meta.json").read_text())
+    meta["files"][name] = {"bytes": len(raw), "sha256": hashlib.sha256(raw).hexdigest()}
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+ALL_METHODS = ("somp", "ll", "specificity", "excess", "share")
+NON_FINITE = pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf], ids=["nan", "inf", "-inf"])
+
+
+def _ranks(path, method):
+    from somp_ref.store import ActivationStore
+
+    store = ActivationStore.open(path)
+    return rank_heads(store, list(CONCEPT), 4, method, n_null=2, show_progress=False)
+
+
+def _inspect_fails(path, head: str, match: str, capsys) -> None:
+    """``somp-ref inspect STORE --head L.H``: one line, exit status 2, naming the value."""
+    import re
+
+    from somp_ref.cli import main
+
+    assert main(["inspect", str(path), "--head", head, "--atoms", "3"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("somp-ref inspect: error: "), err
+    assert re.search(match, err), err
+
+
+def test_the_word_store_ranks_by_every_method(tmp_path):
+    path = _word_store(tmp_path / "s")
+    for method in ALL_METHODS:
+        assert np.isfinite(_ranks(path, method).score).all(), method
+
+
+@NON_FINITE
+def test_a_non_finite_o_proj_value_is_an_error_for_every_method_and_inspect(tmp_path, capsys, bad):
+    from somp_ref.store import StoreError, layer_file
+
+    path = _word_store(tmp_path / "s")
+    _alter(path, layer_file(1), "o_proj", [(5, 13)], bad)  # head 2's columns: 12-17
+    where = rf"layer 1: o_proj holds {bad} at \(5, 13\); the store is corrupt"
+    for method in ALL_METHODS:
+        with pytest.raises(StoreError, match=where):
+            _ranks(path, method)
+    _inspect_fails(path, "1.2", rf"layer 1: o_proj holds {bad} at \(5, 1\)", capsys)
+
+
+@NON_FINITE
+def test_a_non_finite_value_in_a_concept_row_is_an_error_for_every_method_and_inspect(
+    tmp_path, capsys, bad
+):
+    from somp_ref.store import UNEMBED_FILE, StoreError
+
+    path = _word_store(tmp_path / "s")
+    _alter(path, UNEMBED_FILE, "unembed", [(CONCEPT[1], 3)], bad)
+    where = rf"unembed row {CONCEPT[1]} \(token id, d_model\) holds {bad} at \(3,\); the store"
+    for method in ALL_METHODS:
+        with pytest.raises(StoreError, match=where):
+            _ranks(path, method)
+    # The signature pursues over the whole vocabulary: the row is found by its token id.
+    _inspect_fails(path, "0.0", rf"unembed row {CONCEPT[1]} .*holds {bad} at \(3,\)", capsys)
+
+
+@NON_FINITE
+def test_a_non_finite_value_in_a_null_dictionarys_row_is_an_error(tmp_path, capsys, bad):
+    """Every row outside the concept holds one: the concept's own rankings ("somp", "ll")
+    read the concept's rows only and are right to succeed; every null dictionary meets
+    one, and no score is computed from it."""
+    import re
+
+    from somp_ref.store import UNEMBED_FILE, StoreError
+
+    path = _word_store(tmp_path / "s")
+    others = [token for token in range(60) if token not in CONCEPT]
+    _alter(path, UNEMBED_FILE, "unembed", [(token, 0) for token in others], bad)
+    for method in ("somp", "ll"):
+        assert np.isfinite(_ranks(path, method).score).all(), method
+    where = rf"unembed row (\d+) \(token id, d_model\) holds {bad} at \(0,\); the store is"
+    for method in ("specificity", "excess", "share"):
+        with pytest.raises(StoreError, match=where) as raised:
+            _ranks(path, method)
+        assert int(re.search(where, str(raised.value))[1]) in others, method
+    _inspect_fails(path, "1.2", rf"unembed row {others[0]} .*holds {bad} at \(0,\)", capsys)
+
+
+@NON_FINITE
+def test_a_non_finite_z_value_is_an_error_for_inspect(tmp_path, capsys, bad):
+    from somp_ref.store import layer_file
+
+    path = _word_store(tmp_path / "s")
+    _alter(path, layer_file(2), "z", [(7, 0, 4)], bad)
+    _inspect_fails(path, "2.0", rf"layer 2: z holds {bad} at \(7, 4\)", capsys)
+    from somp_ref.cli import main
+
+    assert main(["inspect", str(path), "--head", "2.1", "--atoms", "3"]) == 0  # another head
