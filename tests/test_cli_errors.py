@@ -73,6 +73,9 @@ def files(tmp_path_factory) -> dict[str, Path]:
     (root / "fakemeta" / "meta.json").write_text("{}")
     (root / "fakemeta" / "thesis.tex").write_text("precious")
     write_planted_store(root / "narrow", d_model=12)  # a store that cannot merge with store
+    write_planted_store(root / "liar")  # meta.json says 39 rows, the files hold 40
+    liar = (root / "liar" / "meta.json").read_text().replace('"n_samples": 40', '"n_samples": 39')
+    (root / "liar" / "meta.json").write_text(liar)
     (root / "badsyntax_port.py").write_text("def f(:\n")
     (root / "raising_port.py").write_text("raise RuntimeError('boom at import')\n")
     (root / "exiting_port.py").write_text("import sys\nsys.exit(3)\n")
@@ -148,8 +151,10 @@ CASES = [
     ("rank @store --concept @concept.txt --out @o.csv --layers 4096", "numbered 0-4095"),
     ("rank @store --concept @concept.txt --out @o.csv --exclude-layers 0-2", "no layer left"),
     ("rank @store --concept @concept.txt --out @o.csv --layers 1 --exclude-layers 1", "no lay"),
+    ("rank @liar --concept @concept.txt --out @o.csv", "liar/layer_000.safetensors: z has"),
     # inspect
     ("inspect @nowhere", "no such store directory"),
+    ("inspect @liar", "z has shape (40, 4, 6), meta.json's shapes make it (39, 4, 6)"),
     ("inspect @badmeta", "meta.json: unreadable"),
     ("inspect @store --atoms -1", "--atoms: must be >= 1, got -1"),
     ("inspect @store --head 1.2 --top 5", "--top is now --atoms"),
