@@ -96,7 +96,7 @@ def export_activations(
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
     # Before the model runs: a record that cannot be stored would stop the export midway.
-    check_json([dict(record) for record in records], "records", strict=False)
+    check_json([dict(record) for record in records], "records")
     chat_template = resolve_chat_template(tokenizer, chat_template)
     options = {
         "positions": positions,

@@ -441,3 +441,17 @@ def test_export_applies_the_unembedding_to_one_position_only(loaded, tmp_path):
     assert [shape[:2] for shape in seen] == [(2, 1), (2, 1)]
     longest = max(len(tokenizer(p)["input_ids"]) for p in PROMPTS[:4])
     assert longest > 1  # so one position is fewer than the prompts have
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), {1: "a non-string key"}])
+def test_a_record_the_store_cannot_keep_is_refused_before_the_model_runs(loaded, tmp_path, bad):
+    model, tokenizer = loaded
+    calls = []
+    handle = model.register_forward_pre_hook(lambda *args: calls.append(1))
+    records = [{"prompt": PROMPTS[0]}, {"prompt": PROMPTS[1], "score": bad}]
+    try:
+        with pytest.raises((ValueError, TypeError), match=r"records\[1\]"):
+            export_activations(model, tokenizer, records, tmp_path / "s", show_progress=False)
+    finally:
+        handle.remove()
+    assert calls == [] and not (tmp_path / "s").exists()
