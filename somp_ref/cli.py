@@ -343,7 +343,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()  # what a user typing the bare command wants to see
             return USAGE_ERROR
-        prog = f"somp-ref {args.command}"
+        # The words the user typed, as argparse names them in usage errors ("store merge").
+        action = getattr(args, "action", None)  # a command's own subcommand
+        prog = f"somp-ref {args.command}" + (f" {action}" if action else "")
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)

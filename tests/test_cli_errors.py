@@ -319,7 +319,8 @@ def test_expected_failures_are_one_line(files, no_model, monkeypatch, capsys, te
         status = done.code
     err = capsys.readouterr().err
     assert status == 2, err
-    command = template.split()[0]
+    words = template.split()
+    command = " ".join(words[:2]) if words[0] == "store" else words[0]  # as the user typed it
     assert err.endswith("\n") and err.count("\n") == 1, err
     assert err.startswith(f"somp-ref {command}: error: "), err
     assert message in err
@@ -409,7 +410,7 @@ def test_a_full_disk_during_store_merge_names_the_file_in_one_line(files, limit,
     _, err = process.communicate(timeout=120)
     assert process.returncode == 2, (where, err)
     file = out / ".layer_000.safetensors.rows"
-    assert err == f"somp-ref store: error: {file}: File too large\n", where
+    assert err == f"somp-ref store merge: error: {file}: File too large\n", where
 
 
 def test_a_full_disk_keeps_every_previous_output_of_a_command(files, tmp_path):
