@@ -83,13 +83,13 @@ def check_store_target(out: str, overwrite: bool) -> None:
 def _store_layers(path: Path, out: str) -> int:
     """The layer count of the store at ``path``, from its meta.json (which says what files
     it may hold); StoreError if it has none of the store format."""
-    from somp_ref.files import read_user_text
     from somp_ref.store import (
         FORMAT,
         FORMAT_VERSION,
         META_FILE,
         StoreError,
     )
+    from somp_ref.user_files import read_user_text
 
     def not_a_store(reason: str) -> StoreError:
         return StoreError(f"{out} exists and is not a store: refusing to overwrite it ({reason})")
@@ -188,7 +188,7 @@ def read_device_map(spec: str | None) -> str | dict[str, str] | None:
     names to devices (``{"model.layers.0": "cuda:0", ..., "lm_head": "cpu"}``)."""
     if spec is None or spec in DEVICE_MAP_NAMES:
         return spec
-    from somp_ref.files import read_user_text
+    from somp_ref.user_files import read_user_text
 
     try:
         mapping = json.loads(read_user_text(spec, "device map"))

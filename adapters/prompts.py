@@ -14,7 +14,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from somp_ref.files import read_user_text
+from somp_ref.user_files import read_user_text
 
 _COLOR_OBJECTS = (
     "a ripe banana",
@@ -82,7 +82,7 @@ def read_prompts(spec: str) -> list[dict[str, Any]]:
         malformed or too deeply nested JSON value, a record without a 'prompt' string, an
         empty prompt, or no prompts at all.
     OSError
-        The file is missing or a directory (see :func:`somp_ref.files.read_user_text`).
+        The file is missing or a directory (see :func:`somp_ref.user_files.read_user_text`).
     """
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from somp_ref.files import read_user_text
+from somp_ref.user_files import read_user_text
 
 #: (column title, measure, "ratio" to the unmodified model or "mean") per task kind.
 FIGURES = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from somp_ref.files import read_user_text
+from somp_ref.user_files import read_user_text
 
 MULTI_TOKEN_RULES = ("single", "first")
 

@@ -17,8 +17,8 @@ from typing import Any
 
 import numpy as np
 
-from somp_ref.files import read_user_text
 from somp_ref.head import Head
+from somp_ref.user_files import read_user_text
 
 JSON_FORMAT = "somp_ref.head_scores"
 #: Version 2 names the per-head table "score" (version 1 called it "explained_variance"

@@ -11,20 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from somp_ref import files
+from somp_ref import files, user_files
 from somp_ref.files import (
     check_distinct_outputs,
     check_output_dir,
     check_output_file,
     check_outside,
     output_target,
-    read_user_text,
     write_all_atomically,
     write_atomically,
     write_bytes_atomically,
     write_text_atomically,
 )
 from somp_ref.heads import HeadScores
+from somp_ref.user_files import read_user_text
 
 PREVIOUS = b"previous content\n"
 
@@ -183,12 +183,12 @@ def test_open_checked_closes_what_it_refuses_and_can_refuse_a_link(tmp_path):
         raise ValueError(f"refused a file of {info.st_size} bytes")
 
     with pytest.raises(ValueError, match="refused a file of 4 bytes"):
-        files.open_checked(tmp_path / "file", refuse)
+        user_files.open_checked(tmp_path / "file", refuse)
     assert len(os.listdir("/proc/self/fd")) == open_before
     with pytest.raises(OSError, match="link") as caught:
-        files.open_checked(tmp_path / "link", lambda info: None, follow_symlinks=False)
+        user_files.open_checked(tmp_path / "link", lambda info: None, follow_symlinks=False)
     assert caught.value.errno in (errno.ELOOP, errno.EMLINK)
-    with files.open_checked(tmp_path / "link", lambda info: None) as handle:
+    with user_files.open_checked(tmp_path / "link", lambda info: None) as handle:
         assert handle.read() == b"data"
 
 
@@ -198,7 +198,7 @@ def test_read_user_text_caps_the_size(tmp_path):
     assert read_user_text(big, "list", max_bytes=101) == "x" * 101
     with pytest.raises(ValueError, match=r"big.txt: 101 bytes, more than the 100 a list"):
         read_user_text(big, "list", max_bytes=100)
-    assert files.MAX_USER_FILE_BYTES == 64 << 20
+    assert user_files.MAX_USER_FILE_BYTES == 64 << 20
 
 
 def test_output_paths_that_are_not_files_are_refused(tmp_path):

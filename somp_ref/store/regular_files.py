@@ -8,9 +8,9 @@ import stat
 from pathlib import Path
 from typing import BinaryIO
 
-from somp_ref.files import open_checked
 from somp_ref.store.content import sha256_of
 from somp_ref.store.layout import StoreError
+from somp_ref.user_files import open_checked
 
 
 def require_regular(path: Path, mode: int) -> None:
