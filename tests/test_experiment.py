@@ -152,6 +152,18 @@ def test_a_fixed_alpha_measures_the_test_split_only(tiny, tmp_path, evaluators):
     assert result["sweep"] == [] and result["alpha"] == task.alpha
     assert len(result["baseline"]["values"]["target_acc"]) == len(task.test.target)
     assert len(result["baseline"]["values"]["other_acc"]) == len(task.test.other) == 3
+    # Provenance: the model's weights, and per ranking its store, concept and versions.
+    from somp_ref.adapters.provenance import model_fingerprint
+
+    assert result["model"] == "tiny" and result["model_fingerprint"] == model_fingerprint(model)
+    for name, ranking in result["rankings"].items():
+        source = ranking["source"]
+        assert source["model_fingerprint"] == result["model_fingerprint"], name
+        assert source["concept"] == task.concept and len(source["store_hash"]) == 64, name
+        assert source["versions"]["numpy"] == np.__version__, name
+    assert result["environment"]["versions"]["numpy"] == np.__version__
+    hashes = {ranking["source"]["dictionary_hash"] for ranking in result["rankings"].values()}
+    assert len(hashes) == 1 and len(hashes.pop()) == 64  # every ranking: the concept's tokens
 
 
 def test_the_selection_study_measures_the_validation_split_only(tiny, tmp_path, evaluators):
