@@ -6,7 +6,7 @@ module turns them into tables):
    :data:`somp_ref.ranking.DEFAULT_METHOD`), the paper's raw explained variance ("somp")
    and the Logit Lens baseline ("ll"), always all three;
 3. choose alpha on the validation split when the task does not fix it (amplification: a
-   sweep over the paper's 2..8), never on the test split;
+   sweep over the paper's 2..8, one alpha for each k), never on the test split;
 4. for each k, scale the top-k heads of each ranking, and 10 random head sets with the same
    per-layer counts and disjoint from the selection, and measure every test prompt; the
    heads are scaled at the positions ``Settings.intervene_positions`` selects (every
@@ -18,7 +18,7 @@ from __future__ import annotations
 import platform
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,8 +38,11 @@ from somp_ref.store import ActivationStore
 
 #: The paper's amplification sweep (alpha in 2..8).
 ALPHA_GRID = (2.0, 3.0, 5.0, 8.0)
-#: The sweep's rule: the alpha with the largest concept gain on validation among those
-#: whose neutral KL stays at or below this (nats) and whose answers stay mostly fluent.
+#: The sweep's rule, for each k: the alpha with the largest concept gain on validation among
+#: those whose neutral KL stays at or below this (nats) and whose answers stay mostly
+#: fluent; where none does, the gentlest alpha of the grid. One alpha for every k would let
+#: the largest k decide for all (a strong alpha that breaks the model at k = 16 is refused
+#: for k = 3 too, where it may be what amplifies).
 SWEEP_MAX_KL = 0.5
 SWEEP_MAX_DEGENERATE = 0.1
 
@@ -169,7 +172,7 @@ def measure_selection(
     evaluator: Evaluator,
     ranked: dict[str, HeadScores],
     ks: Iterable[int],
-    alpha: float,
+    alpha: float | Mapping[int, float],
     n_random: int,
     n_layers: int,
     n_heads: int,
@@ -180,7 +183,7 @@ def measure_selection(
 ) -> list[Condition]:
     """Each ranking's top-k heads, and ``n_random`` random sets shaped like (same per-layer
     counts) and disjoint from each control ranking's selection, labelled "random" for one
-    control and "random:METHOD" for several."""
+    control and "random:METHOD" for several; scaled by ``alpha``, or ``alpha[k]``."""
     controls = list(controls)
     plan = [(k, method, None, None) for k in ks for method in ranked]
     plan += [
@@ -195,15 +198,18 @@ def measure_selection(
             heads = random_heads_like(top_heads(ranked[control], k), n_layers, n_heads, draw)
         else:
             heads = top_heads(ranked[method], k)
-        measurement = evaluator.measure({head: alpha for head in heads})
-        conditions.append(Condition.of(method, k, alpha, heads, measurement, draw))
+        scale = alpha[k] if isinstance(alpha, Mapping) else alpha
+        measurement = evaluator.measure({head: scale for head in heads})
+        conditions.append(Condition.of(method, k, scale, heads, measurement, draw))
     return conditions
 
 
 def sweep_alpha(
     evaluator: Evaluator, scores: HeadScores, ks: Iterable[int], grid: Iterable[float]
-) -> tuple[float, list[dict[str, Any]]]:
-    """The alpha the validation sweep chooses (see SWEEP_MAX_KL), with the sweep's rows."""
+) -> tuple[dict[int, float], list[dict[str, Any]]]:
+    """The alpha the validation sweep chooses for each k (see SWEEP_MAX_KL), with the sweep's
+    rows."""
+    ks = list(ks)
     base = evaluator.baseline.values
     rows = []
     for k in ks:
@@ -227,9 +233,15 @@ def sweep_alpha(
                     "degenerate": nan_mean(values["degenerate"]),
                 }
             )
-    fine = [r for r in rows if r["kl"] <= SWEEP_MAX_KL and r["degenerate"] <= SWEEP_MAX_DEGENERATE]
-    best = max(fine or rows[:1], key=lambda r: r["gain"])
-    return best["alpha"], rows
+    chosen = {}
+    for k in ks:
+        tried = [r for r in rows if r["k"] == k]
+        fine = [
+            r for r in tried if r["kl"] <= SWEEP_MAX_KL and r["degenerate"] <= SWEEP_MAX_DEGENERATE
+        ]
+        best = max(fine, key=lambda r: r["gain"]) if fine else min(tried, key=lambda r: r["alpha"])
+        chosen[k] = best["alpha"]
+    return chosen, rows
 
 
 def run_task(
@@ -278,7 +290,8 @@ def run_task(
         "experiment": task.name,
         "concept": task.concept,
         "kind": task.kind,
-        "alpha": alpha,
+        # A number, or {k: alpha} where the validation sweep chose one for each k.
+        "alpha": {str(k): a for k, a in alpha.items()} if isinstance(alpha, Mapping) else alpha,
         "model": getattr(model, "somp_ref_model_id", settings.model),
         "model_fingerprint": store.meta.get("model_fingerprint"),
         "settings": asdict(settings),

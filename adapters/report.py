@@ -85,7 +85,7 @@ def format_table(result: dict[str, Any]) -> str:
     data = result["data"]
     where = result["settings"].get("intervene_positions", "all")
     lines = [
-        f"{result['experiment']} — alpha {result['alpha']:g} at {where} positions, "
+        f"{result['experiment']} — {alpha_text(result['alpha'])} at {where} positions, "
         f"{result['model']}",
         f"test: {data['n_test_target']} target prompts"
         + (f", {data['n_test_other']} other questions" if data["n_test_other"] else "")
@@ -107,7 +107,9 @@ def format_table(result: dict[str, Any]) -> str:
         line = "".join(f" {c:>{width - 1}}" for c in cells)
         lines.append(f"{row['k']:>3}  {label:<28}" + line)
     if result["sweep"]:
-        lines.append("alpha sweep on the validation split (the chosen alpha is used on test):")
+        lines.append(
+            "alpha sweep on the validation split (the alpha chosen for each k is used on test):"
+        )
         for r in result["sweep"]:
             gain = _with_interval(r["gain"], r.get("gain_ci"), 2)
             words = _with_interval(r["words_gain"], r.get("words_gain_ci"), 2)
@@ -313,6 +315,13 @@ def format_study(studies: list[dict[str, Any]], verdict: dict[str, Any]) -> str:
         + f" -> {verdict['best']}"
     )
     return "\n".join(lines)
+
+
+def alpha_text(alpha: float | dict[str, float]) -> str:
+    """ "alpha -1", or "alpha 5 (k=3), 3 (k=8)" where the validation sweep chose one per k."""
+    if isinstance(alpha, dict):
+        return "alpha " + ", ".join(f"{a:g} (k={k})" for k, a in alpha.items())
+    return f"alpha {alpha:g}"
 
 
 def _with_interval(value: float, interval: list[float] | None, digits: int) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ from test_selection_study import study as synthetic_study  # noqa: E402
 
 from somp_ref.adapters import experiment, experiment_commands, selection_study, tasks  # noqa: E402
 from somp_ref.adapters.comparison import compare_runs  # noqa: E402
-from somp_ref.adapters.experiment import Settings, run_task  # noqa: E402
+from somp_ref.adapters.experiment import Settings, run_task, sweep_alpha  # noqa: E402
 from somp_ref.adapters.report import (  # noqa: E402
     CHOSEN_BY,
     FIGURES,
@@ -35,6 +36,7 @@ from somp_ref.adapters.selection_study import MAX_COLLATERAL, study_verdict  # n
 from somp_ref.adapters.tasks import TASK_NAMES, Split, build_task  # noqa: E402
 from somp_ref.cli import main  # noqa: E402
 from somp_ref.concepts import load_concept  # noqa: E402
+from somp_ref.heads import HeadScores  # noqa: E402
 from somp_ref.ranking import DEFAULT_METHOD  # noqa: E402
 
 
@@ -134,7 +136,9 @@ def test_alpha_is_swept_on_validation_and_the_tables_measure_test(tiny, tmp_path
             low, high = row[f"{figure}_ci"]
             assert (np.isnan(low) and np.isnan(high)) or low <= high, (figure, row)
         assert 0.0 <= row["kl_ci"][0] <= row["kl_ci"][1]  # KL: never negative, always known
-    assert all(c["alpha"] == result["alpha"] in (2.0, 3.0) for c in result["conditions"])
+    chosen = result["alpha"]  # one alpha for each k, from the grid
+    assert set(chosen) == {str(k) for k in settings.ks} and set(chosen.values()) <= {2.0, 3.0}
+    assert all(c["alpha"] == chosen[str(c["k"])] for c in result["conditions"])
     # Reported: the test split's prompts (5 target, 3 neutral), not validation's (4, 2).
     for condition in [result["baseline"], *result["conditions"]]:
         assert len(condition["values"]["mass_all"]) == len(task.test.target) == 5
@@ -294,8 +298,8 @@ def test_amplification_chooses_alpha_on_validation_and_reports(smollm, tmp_path,
     settings = replace(SETTINGS, ks=(2,), alpha_grid=(2.0, 3.0))
     result = run_task(model, tokenizer, task, settings, tmp_path, show_progress=False)
     assert [row["alpha"] for row in result["sweep"]] == [2.0, 3.0]
-    assert result["alpha"] in (2.0, 3.0)
-    assert all(c["alpha"] == result["alpha"] for c in result["conditions"])
+    assert set(result["alpha"]) == {"2"} and result["alpha"]["2"] in (2.0, 3.0)
+    assert all(c["alpha"] == result["alpha"]["2"] for c in result["conditions"])
     # The sweep measured the validation prompts (4), every condition the test prompts (5).
     sweep, test = evaluators
     assert prompts(sweep.split.target) == prompts(task.validation.target)
@@ -344,3 +348,39 @@ def test_the_selection_study_measures_every_ranking_against_its_own_control(
     lines = format_study([study], verdict).splitlines()
     assert lines[-1].endswith(f"-> {verdict['best']}")
     assert f"median of {SETTINGS.n_random} disjoint sets" in lines[0]
+
+
+class SweepEvaluator:
+    """Measures a sweep without a model: the concept's gain grows with alpha, and so does the
+    neutral KL, faster with more heads (k = 2 keeps KL <= 0.5 up to alpha 5, k = 8 only at
+    alpha 2)."""
+
+    def __init__(self):
+        values = {
+            "mass_all": [1.0, 1.0],
+            "concept_words": [1.0, 1.0],
+            "kl": [0.0],
+            "degenerate": [0.0],
+        }
+        self.baseline = SimpleNamespace(values=values)
+
+    def measure(self, alphas):
+        alpha, k = next(iter(alphas.values())), len(alphas)
+        return SimpleNamespace(
+            values={
+                "mass_all": [alpha, alpha],
+                "concept_words": [alpha, alpha],
+                "kl": [alpha * k / 20],
+                "degenerate": [0.0],
+            }
+        )
+
+
+def test_the_sweep_chooses_an_alpha_for_each_k():
+    scores = HeadScores(np.arange(16.0).reshape(2, 8), {}, {}, "somp", {}, np.zeros(0, np.int64))
+    chosen, rows = sweep_alpha(SweepEvaluator(), scores, iter([2, 8, 16]), (2.0, 3.0, 5.0, 8.0))
+    # k=2: KL 0.8 at alpha 8 is too much, 5 the strongest within 0.5; k=8: alpha 2 (KL 0.8
+    # at 2 already too much: the gentlest); k=16: none within, the gentlest.
+    assert chosen == {2: 5.0, 8: 2.0, 16: 2.0}
+    assert [(r["k"], r["alpha"]) for r in rows][:4] == [(2, 2.0), (2, 3.0), (2, 5.0), (2, 8.0)]
+    assert len(rows) == 12
