@@ -155,7 +155,7 @@ def register_experiment(subparsers) -> None:
         parser,
         None,
         "factor the selected heads are scaled by (default: -1 to suppress; amplification "
-        "experiments choose it by a sweep over 2..8 on the validation split)",
+        "experiments choose it for each k by a sweep over 2..8 on the validation split)",
     )
     parser.add_argument(
         "--random",
