@@ -174,7 +174,7 @@ class Evaluator:
             self.tokenizer,
             list(prompts),
             max_new_tokens=self.task.max_new_tokens,
-            chat_template=True,
+            chat_template=None,  # as the export: the tokenizer's template where it has one
             batch_size=self.batch_size,
         )
 

@@ -1,7 +1,8 @@
 """The paper's protocol end to end on one model, returning results only (the report
 module turns them into tables):
 
-1. export each head's output averaged over the prompt's tokens for the train prompts;
+1. export each head's output for the train prompts (by default averaged over the prompt's
+   own tokens, the paper's rows; ``Settings.positions``);
 2. rank the heads for the concept: the chosen ranking (default
    :data:`somp_ref.ranking.DEFAULT_METHOD`), the paper's raw explained variance ("somp")
    and the Logit Lens baseline ("ll"), always all three;
@@ -138,7 +139,7 @@ def set_up(
         list(task.train),
         out / task.name / "train_store",
         positions=settings.positions,
-        chat_template=True,
+        chat_template=None,  # the tokenizer's template where it has one (a base model: raw)
         batch_size=settings.batch_size,
         overwrite=True,
         show_progress=show,

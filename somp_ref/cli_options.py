@@ -416,8 +416,9 @@ def add_intervene_positions(parser: argparse.ArgumentParser) -> None:
 
 def add_chat_template(parser: argparse.ArgumentParser) -> None:
     """``--chat-template/--no-chat-template``: whether prompts are wrapped in the model's
-    chat template; None (neither given) means: when the tokenizer has one, as
-    ``experiment`` and ``somp_ref.adapters.export`` do."""
+    chat template; None (neither given) means: when the tokenizer has one, the rule of
+    ``experiment``, ``export`` and ``generate`` in Python too
+    (``somp_ref.adapters.tokenization.resolve_chat_template``)."""
     parser.add_argument(
         "--chat-template",
         action=argparse.BooleanOptionalAction,

@@ -127,7 +127,8 @@ class NumpyEngine:
     ``E_h = D W_O[:, h]`` is made for a few heads at a time (l1: :data:`PRODUCT_COLUMNS`)
     or the whole layer (l2). "l1" pursues each head's (v, n) correlations with the lazy
     argmax; "l2" pursues in the head's d_head-dimensional sample space (no v x n product
-    at all). The pursuits run BLAS on one thread
+    at all) where the head has more samples than d_head, else on its correlations as l1.
+    The pursuits run BLAS on one thread
     (:func:`somp_ref.blas_threads.one_blas_thread`); with ``overlap`` the next heads' products
     (and layers' reads) are made meanwhile by a second thread, where that pays
     (:mod:`somp_ref.prefetch`: l1 only, whose pursuits are the longer, and within

@@ -1,9 +1,10 @@
 """The statistics the experiments report: bootstrap confidence intervals over prompts and
 the median and interquartile range of the random control.
 
-Every estimator of the experiments lives here, once: the figures of the report and of
-``somp-ref compare``, the alpha sweep's and the selection study's point figures all call
-:func:`estimate`, :func:`point` or :func:`nan_mean`.
+Every figure of the experiments and its interval is computed here, once: the report,
+``somp-ref compare``, the alpha sweep and the selection study all call :func:`estimate`,
+:func:`point`, :func:`nan_mean` or :func:`mean_ci` (the random control's median over its
+sets is a plain median).
 """
 
 from __future__ import annotations

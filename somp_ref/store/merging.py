@@ -1,10 +1,10 @@
 """One store from several: the shards of a data-parallel export, rows in shard order.
 
 Shards must be exports of the same model with the same rule: the same shapes and dtype,
-the same facts in meta.json (model, family, positions, ...), byte-identical unembedding
-files and equal weights in every layer. Rows are copied a chunk at a time through a
-:class:`~somp_ref.store.row_appending.RowWriter`, so memory holds one chunk whatever the
-size of the shards.
+the same facts in meta.json (model, family, positions, ...), equal unembeddings (compared
+by content, not by the files' bytes) and equal weights in every layer. Rows are copied a
+chunk at a time through a :class:`~somp_ref.store.row_appending.RowWriter`, so memory
+holds one chunk whatever the size of the shards.
 """
 
 from __future__ import annotations
