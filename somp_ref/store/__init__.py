@@ -12,7 +12,9 @@ A store is a directory::
 The store never loses or invents data:
 
 * Every file is written under a temporary name, flushed to disk and renamed into place
-  (:func:`somp_ref.files.write_atomically`), so a file either is complete or is absent.
+  (:func:`somp_ref.files.write_atomically`; rows appended batch by batch go to a ``.rows``
+  file that is renamed into place when finished), so a file either is complete or is
+  absent.
   ``meta.json`` says ``"complete": false`` until :meth:`~ActivationStore.close` has seen
   every part; :meth:`ActivationStore.open` refuses an incomplete store, a file whose size
   differs from the one recorded, and an unknown format version, naming the file.
@@ -52,7 +54,9 @@ Modules: :mod:`~somp_ref.store.layout` (format, file names, :class:`StoreError`)
 (what a writer hands in), :mod:`~somp_ref.store.locations`, :mod:`~somp_ref.store.locking`
 and :mod:`~somp_ref.store.replacing` (one writer, overwrite by swap), and
 :mod:`~somp_ref.store.activation_store` with its :mod:`~somp_ref.store.facts`,
-:mod:`~somp_ref.store.reading` and :mod:`~somp_ref.store.writing` halves.
+:mod:`~somp_ref.store.reading` and :mod:`~somp_ref.store.writing` halves;
+:mod:`~somp_ref.store.row_appending` (rows batch by batch, resumable) and
+:mod:`~somp_ref.store.merging` (one store from several).
 """
 
 from somp_ref.store.activation_store import ActivationStore
