@@ -26,7 +26,7 @@ from somp_ref.adapters.generation import generate
 from somp_ref.adapters.intervene import PositionRule, generated_from, scale_heads
 from somp_ref.adapters.offload import input_device
 from somp_ref.adapters.tasks import Split, Task
-from somp_ref.adapters.tokenization import real_positions, render
+from somp_ref.adapters.tokenization import real_positions, render, resolve_chat_template
 from somp_ref.head_scores import Head
 from somp_ref.metrics import (
     contains_answer,
@@ -54,7 +54,7 @@ class Forced:
 
 
 def forced_answers(
-    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool = True
+    tokenizer: Any, prompts: Sequence[str], answers: Sequence[str], *, chat_template: bool
 ) -> Forced:
     """Tokenise each prompt (as the model saw it) and the answer it gave."""
     ids, starts = [], []
@@ -155,16 +155,24 @@ class Evaluator:
         self.words = list(concept_words)
         self.ids = torch.tensor(sorted(set(int(i) for i in concept_ids)), dtype=torch.long)
         self.batch_size = batch_size
+        # One rule for the generations and the teacher-forced answers: the tokenizer's chat
+        # template where it has one (an instruction-tuned model), raw text otherwise.
+        self.chat_template = resolve_chat_template(tokenizer, None)
         self.generated = list(split.target[:n_generate]) if task.kind != "qa" else []
         self.neutral = list(split.neutral[:n_neutral])
         prompts = [r["prompt"] for r in split.target]
         neutral_prompts = [r["prompt"] for r in self.neutral]
         self.baseline_answers = self._generate(prompts) if task.kind != "qa" else []
         neutral_answers = self._generate(neutral_prompts)
+        template = {"chat_template": self.chat_template}
         self.target_forced = (
-            forced_answers(tokenizer, prompts, self.baseline_answers) if task.kind != "qa" else None
+            forced_answers(tokenizer, prompts, self.baseline_answers, **template)
+            if task.kind != "qa"
+            else None
         )
-        self.neutral_forced = forced_answers(tokenizer, neutral_prompts, neutral_answers)
+        self.neutral_forced = forced_answers(
+            tokenizer, neutral_prompts, neutral_answers, **template
+        )
         self.neutral_base = list(forced_log_probs(model, self.neutral_forced, batch_size))
         self.baseline = self.measure({})
 
@@ -174,7 +182,7 @@ class Evaluator:
             self.tokenizer,
             list(prompts),
             max_new_tokens=self.task.max_new_tokens,
-            chat_template=None,  # as the export: the tokenizer's template where it has one
+            chat_template=self.chat_template,
             batch_size=self.batch_size,
         )
 

@@ -384,3 +384,17 @@ def test_the_sweep_chooses_an_alpha_for_each_k():
     assert chosen == {2: 5.0, 8: 2.0, 16: 2.0}
     assert [(r["k"], r["alpha"]) for r in rows][:4] == [(2, 2.0), (2, 3.0), (2, 5.0), (2, 8.0)]
     assert len(rows) == 12
+
+
+def test_a_base_model_without_a_chat_template_runs_the_experiment_on_raw_text(tiny, tmp_path):
+    """The one chat-template rule: raw text for a tokenizer without a template, in the
+    export, the generations and the teacher-forced answers alike."""
+    import copy
+
+    model, tokenizer = tiny
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    result = run_task(model, base, tiny_task("colors"), TINY, tmp_path, show_progress=False)
+    store_meta = json.loads((tmp_path / "colors" / "train_store" / "meta.json").read_text())
+    assert store_meta["chat_template"] is False
+    assert np.isfinite(result["baseline"]["values"]["kl"]).all()
