@@ -232,7 +232,8 @@ def load_model(
             attn_implementation=attn_implementation,
             **pinned,
         )
-    except (OSError, ValueError) as err:  # transformers' and the hub's "cannot load"
+    except (OSError, ValueError, ImportError) as err:  # transformers' and the hub's "cannot
+        # load", and a backend it needs that is not installed (flash_attention_2, ...)
         raise ModelLoadError(f"could not load model {name_or_path!r}: {err}") from err
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -455,3 +455,19 @@ def test_a_record_the_store_cannot_keep_is_refused_before_the_model_runs(loaded,
     finally:
         handle.remove()
     assert calls == [] and not (tmp_path / "s").exists()
+
+
+def test_a_backend_the_model_needs_and_lacks_is_one_line(checkpoint, tmp_path, monkeypatch, capsys):
+    """transformers raises a plain ImportError for a missing backend (flash_attention_2,
+    sentencepiece, ...): a model that cannot be loaded, one line, not a traceback."""
+    import transformers
+
+    def lacking(*args, **kwargs):
+        raise ImportError("FlashAttention2 has been toggled on, but it cannot be used")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lacking)
+    args = ["export", "--model", str(checkpoint), "--prompts", "builtin:colors"]
+    assert main([*args, "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err
+    assert "could not load model" in err and "FlashAttention2" in err
+    assert len(err.strip().splitlines()) == 1, err

@@ -147,8 +147,10 @@ def test_a_port_that_exits_fails_its_cases_and_ctrl_c_stops_the_check():
         ("def f(:\n", r"port module {name} has a syntax error \(.*{name}.py, line 1\)"),
         ("raise RuntimeError('boom')\n", r"port module {name} failed while imported: Runtime"),
         ("raise SystemExit(0)\n", r"port module {name} failed while imported: SystemExit: 0"),
+        ("from os import no_such_name\n", r"port module {name} failed while imported: Import"),
+        ("import no_such_module_xyz\n", r"port module {name} failed while imported: ModuleNot"),
     ],
-    ids=["syntax-error", "raises", "exits"],
+    ids=["syntax-error", "raises", "exits", "bad-import", "missing-dependency"],
 )
 def test_a_port_module_that_fails_to_import_is_a_value_error(
     tmp_path, monkeypatch, source, message

@@ -56,20 +56,26 @@ def load_port(spec: str) -> Callable[..., Any]:
 
     Raises
     ------
-    ImportError
+    ModuleNotFoundError
         No such module.
     ValueError
         A malformed ``spec``; a module that fails while it is imported (a syntax error,
-        an exception, even ``SystemExit``), naming the module and the error; no such
-        attribute.
+        an exception, an import of its own that fails, even ``SystemExit``), naming the
+        module and the error; no such attribute.
     """
     module_name, sep, attribute = spec.partition(":")
     if not sep or not module_name or not attribute:
         raise ValueError(f"a port is 'package.module:function', got {spec!r}")
     try:
         module = importlib.import_module(module_name)
-    except (ImportError, KeyboardInterrupt):
+    except KeyboardInterrupt:
         raise
+    except ModuleNotFoundError as err:
+        if err.name == module_name or module_name.startswith(f"{err.name}."):
+            raise  # the port (or its package) is not there
+        raise ValueError(
+            f"port module {module_name} failed while imported: {_describe(err)}"
+        ) from None
     except SyntaxError as err:  # the module's own code: report it, it is not our bug
         where = f" ({err.filename}, line {err.lineno})" if err.filename else ""
         raise ValueError(
