@@ -261,7 +261,7 @@ def digits_dataset(n: int = 20, *, size: int = 64, seed: int = 0) -> list[dict[s
     ``size`` x ``size`` RGB in [0, 1], with their labels ("0".."9")."""
     try:
         from sklearn.datasets import load_digits
-    except ImportError as err:
+    except ModuleNotFoundError as err:
         raise MissingExtraError(
             "the digits data set needs scikit-learn: pip install scikit-learn"
         ) from err

@@ -241,7 +241,7 @@ def load_engine(name: str, device: str | None = None) -> Engine:
         raise ValueError(f"unknown engine {name!r}; installed: {', '.join(['numpy', *found])}")
     try:
         factory = found[name].load()
-    except ImportError as err:
+    except ModuleNotFoundError as err:  # not installed (a broken install keeps its traceback)
         raise MissingExtraError(
             f"engine {name!r} needs the hf extra: {HF_INSTALL} ({err})"
         ) from err

@@ -21,7 +21,7 @@ def _pyplot():
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as err:
+    except ModuleNotFoundError as err:  # not installed (a broken install keeps its traceback)
         raise MissingExtraError(INSTALL_HINT) from err
     return plt
 

@@ -229,7 +229,7 @@ def test_an_engine_that_cannot_import_says_how_to_install_it(monkeypatch):
         name = "gpu"
 
         def load(self):
-            raise ImportError("No module named 'torch'")
+            raise ModuleNotFoundError("No module named 'torch'")
 
     monkeypatch.setattr(engines, "entry_points", lambda group: [Broken()])
     with pytest.raises(ImportError, match="needs the hf extra") as caught:
