@@ -26,15 +26,12 @@ THREAD_VARIABLES = (
     "NUMEXPR_NUM_THREADS",
 )
 
-_CONTROLLER: list[ThreadpoolController] = []
-
 
 def _controller() -> ThreadpoolController:
-    """threadpoolctl's controller of this process's thread pools, made once (making it
-    looks up every loaded library)."""
-    if not _CONTROLLER:
-        _CONTROLLER.append(ThreadpoolController())
-    return _CONTROLLER[0]
+    """threadpoolctl's controller of this process's thread pools, made anew each time (a
+    quarter of a millisecond: a few times a head): one made once would not know a BLAS
+    library loaded after it (scipy's, say), and would leave that one unlimited."""
+    return ThreadpoolController()
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager:
