@@ -12,13 +12,11 @@ import errno
 import importlib.util
 import json
 import os
-import re
 from collections.abc import Callable
 from pathlib import Path
 
 from somp_ref.adapters.models import first_line
 from somp_ref.cli_options import check_layer_flags
-from somp_ref.cli_types import MAX_LAYERS
 from somp_ref.engines import HF_INSTALL
 from somp_ref.errors import MissingExtraError
 
@@ -38,81 +36,21 @@ def needs_torch(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.
     return wrapped
 
 
-#: The hidden copies an overwrite of a store makes beside it (``.NAME.new-PID-RANDOM``,
-#: ``.NAME.old-PID-RANDOM``): never a store to write.
-_HIDDEN_SIBLING = re.compile(r"\.(.+)\.(new|old)-[0-9]+-[0-9a-f]+")
-
-
 def check_store_target(out: str, overwrite: bool) -> None:
-    """Raise before the model loads if ``export`` could not create its store at ``out``.
-
-    :meth:`somp_ref.store.ActivationStore.create` has no dry run, so its rules are
-    repeated here: ``out`` is not a symbolic link; it is free, or (with ``overwrite``) an
-    empty directory or a store (a ``meta.json`` of the store format, a regular file)
-    holding nothing but a store's own files; nor is it one of the hidden copies an
-    overwrite makes. (The full meta.json schema is checked by ``create`` alone.)
-    """
+    """Raise before the model loads if ``export`` could not create its store at ``out``:
+    the store's own dry run (:func:`somp_ref.store.replacing.check_claim`, what
+    :meth:`~somp_ref.store.ActivationStore.create` checks, touching nothing), with the
+    command line's words for an ``out`` that exists without ``--overwrite``."""
     from somp_ref.files import check_output_dir
-    from somp_ref.store import StoreError
+    from somp_ref.store.locations import real_location, refuse_hidden_sibling, refuse_symlink
+    from somp_ref.store.replacing import check_claim
 
-    if os.path.islink(out):
-        raise StoreError(f"{out} is a symbolic link: refusing to write a store through it")
-    if _HIDDEN_SIBLING.fullmatch(Path(out).name):
-        raise StoreError(
-            f"{out} is a hidden copy an overwrite of a store makes, not a store to write"
-        )
+    refuse_symlink(out)
+    refuse_hidden_sibling(real_location(out))
     path = check_output_dir(out)
-    if not path.exists():
-        return
-    if not overwrite:
+    if path.exists() and not overwrite:
         raise FileExistsError(errno.EEXIST, "already exists (pass --overwrite to replace it)", out)
-    from somp_ref.store.replacing import is_own_entry  # the store's own rule, once
-
-    with os.scandir(path) as entries:
-        found = list(entries)
-    if not found:
-        return
-    n_layers = _store_layers(path, out)
-    foreign = sorted(entry.name for entry in found if not is_own_entry(entry, n_layers))
-    if foreign:
-        raise StoreError(
-            f"{out} holds {foreign[0]!r}, which is not part of a store: refusing to overwrite it"
-        )
-
-
-def _store_layers(path: Path, out: str) -> int:
-    """The layer count of the store at ``path``, from its meta.json (which says what files
-    it may hold); StoreError if it has none of the store format."""
-    from somp_ref.store import (
-        FORMAT,
-        FORMAT_VERSION,
-        META_FILE,
-        StoreError,
-    )
-    from somp_ref.user_files import read_user_text
-
-    def not_a_store(reason: str) -> StoreError:
-        return StoreError(f"{out} exists and is not a store: refusing to overwrite it ({reason})")
-
-    meta_path = path / META_FILE
-    if os.path.islink(meta_path):
-        raise not_a_store(f"{META_FILE} is a symbolic link")
-    if not meta_path.exists():
-        raise not_a_store(f"no {META_FILE}")
-    try:
-        meta = json.loads(read_user_text(meta_path, "store meta file"))
-    except OSError as err:
-        raise not_a_store(f"{META_FILE}: {err.strerror}") from None
-    except (ValueError, RecursionError) as err:
-        raise not_a_store(f"{META_FILE} unreadable: {str(err) or type(err).__name__}") from None
-    n_layers = meta.get("n_layers") if isinstance(meta, dict) else None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise not_a_store(f"{META_FILE} is not of the format {FORMAT!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise not_a_store(f"{META_FILE} has format version {meta.get('format_version')!r}")
-    if type(n_layers) is not int or not 1 <= n_layers <= MAX_LAYERS:
-        raise not_a_store(f"{META_FILE} has n_layers {n_layers!r}")
-    return n_layers
+    check_claim(real_location(out), overwrite)
 
 
 def check_device(device: str) -> None:

@@ -471,3 +471,27 @@ def test_a_backend_the_model_needs_and_lacks_is_one_line(checkpoint, tmp_path, m
     err = capsys.readouterr().err
     assert "could not load model" in err and "FlashAttention2" in err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_export_refuses_a_path_whose_only_copy_lies_beside_it_before_loading(
+    checkpoint, tmp_path, monkeypatch, capsys
+):
+    """The store's own dry run, before the model loads: a lone old copy beside a missing
+    --out may be the only copy of a store, so export refuses to write there."""
+    from stores import write_planted_store
+
+    from somp_ref.adapters import commands
+
+    old = write_planted_store(tmp_path / "s")
+    old.path.rename(tmp_path / ".s.old-1-0123abcd")  # as a swap killed between its renames
+
+    def tripwire(args):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(commands, "load", tripwire)
+    for flags in ([], ["--overwrite"]):
+        args = ["export", "--model", str(checkpoint), "--prompts", "builtin:colors", *flags]
+        assert main([*args, "--out", str(tmp_path / "s")]) == 2
+        err = capsys.readouterr().err
+        assert "refusing to write" in err and ".s.old-1-0123abcd" in err, err
+    assert not (tmp_path / "s").exists()

@@ -237,6 +237,31 @@ def _check_replaceable(target: Path) -> int | None:
     return n_layers
 
 
+def check_claim(target: Path, overwrite: bool) -> None:
+    """Raise what :func:`claim` would raise for ``target``, touching nothing: the dry run a
+    command makes before hours of work (``export`` checks its ``--out`` before the model
+    loads)."""
+    _checked_claim(target, overwrite)
+
+
+def _checked_claim(target: Path, overwrite: bool) -> tuple[int | None, bool]:
+    """:func:`claim`'s checks; returns the layer count of the store ``target`` holds (None:
+    missing or empty) and whether it is a complete store."""
+    if target.is_symlink():
+        raise StoreError(f"{target} is a symbolic link: refusing to write a store through it")
+    if not target.exists():
+        _refuse_only_copies(target, target_is_store=False)
+        return None, False
+    if not overwrite:
+        raise StoreError(f"{target} already exists (pass overwrite=True to replace it)")
+    if not target.is_dir():
+        raise StoreError(f"{target} exists and is not a directory: refusing to overwrite it")
+    replaces = _check_replaceable(target)
+    target_is_store = replaces is not None and _holds_complete_store(target)
+    _refuse_only_copies(target, target_is_store)
+    return replaces, target_is_store
+
+
 def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
     """Make the directory a new store at ``target`` is written in (the writer lock is held).
 
@@ -251,12 +276,11 @@ def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
     Raises
     ------
     StoreError
-        When ``target`` is a symlink, exists without ``overwrite``, or may not be replaced.
+        When ``target`` is a symlink, exists without ``overwrite``, or may not be replaced
+        (:func:`check_claim`).
     """
-    if target.is_symlink():
-        raise StoreError(f"{target} is a symbolic link: refusing to write a store through it")
+    replaces, target_is_store = _checked_claim(target, overwrite)
     if not target.exists():
-        _refuse_only_copies(target, target_is_store=False)
         orphans = siblings(target)
         if orphans:
             warnings.warn(
@@ -269,13 +293,6 @@ def claim(target: Path, overwrite: bool) -> tuple[Path, int | None]:
         target.mkdir()
         sync_directory(target.parent)  # the new store's name survives a power cut
         return target, None
-    if not overwrite:
-        raise StoreError(f"{target} already exists (pass overwrite=True to replace it)")
-    if not target.is_dir():
-        raise StoreError(f"{target} exists and is not a directory: refusing to overwrite it")
-    replaces = _check_replaceable(target)
-    target_is_store = replaces is not None and _holds_complete_store(target)
-    _refuse_only_copies(target, target_is_store)
     _remove_stale_siblings(target, target_is_store)
     if replaces is None:
         return target, None
