@@ -35,7 +35,8 @@ The store never loses or invents data:
   and a safetensors header (dtypes, shapes, contiguous in-bounds offsets) before its tensors
   are mapped; every file must be a regular file (no symlink, device or FIFO). Opening a
   store checks that its parts agree with meta.json exactly: each tensor's dtype and shape
-  (from the headers alone; no tensor data is read) and one sample record per row.
+  (from the headers alone; no tensor data is read); one sample record per row is checked
+  when the records are read, by ``verify`` and before a merge.
 * Each file's SHA-256 is checked against meta.json's record the first time a store object
   reads it (then mapped from the very file hashed), and a layer file must say it holds the
   layer asked for: a damaged, swapped or copied file, or a store replaced under a reader,

@@ -78,6 +78,8 @@ def merge_stores(
     if not overwrite and (Path(out).exists() or Path(out).is_symlink()):  # before any hashing
         raise StoreError(f"{out} already exists (pass overwrite=True to replace it)")
     opened = [ActivationStore.open(path) for path in shards]
+    for store in opened:  # before the merged store is made: a short shard fails here
+        store.check_record_count()
     first = opened[0]
     facts = {k: v for k, v in first.meta.items() if k not in _PER_SHARD}
     for store in opened[1:]:

@@ -5,9 +5,12 @@ size and SHA-256 meta.json recorded, the first time this store object reads it (
 
 When a store is opened, each part is checked against meta.json exactly, cheaply: every
 tensor's dtype and shape from its file's safetensors header (no tensor data is read, so a
-store of thousands of layers opens in milliseconds), and the sample records counted (one
-line each). A meta.json that says 39 rows, or float16, over files that hold 40 rows of
-float32 is refused, naming the file, instead of reporting facts the files contradict.
+store of thousands of layers opens in milliseconds). A meta.json that says 39 rows, or
+float16, over files that hold 40 rows of float32 is refused, naming the file, instead of
+reporting facts the files contradict. The sample records (one line each) are counted when
+they are read (:meth:`StoreReading.samples`) and by :meth:`StoreReading.verify`, not at
+open: with one record per token they can be gigabytes, and every ranking worker opens the
+store.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ class StoreReading(StoreFacts):
                     self._check_content(handle, path)
             except OSError as err:
                 raise StoreError(f"{path}: unreadable ({err})") from err
-        self._check_parts()
+        self._check_parts(count_records=True)
 
     def _check_content(self, handle, path) -> None:
         """Check an open store file against meta.json's record of it (once per file)."""
@@ -186,9 +189,10 @@ class StoreReading(StoreFacts):
             raise StoreError(f"{path}: no (vocab, {self.d_model}) 'unembed' tensor")
         return tensors, metadata
 
-    def _check_parts(self) -> None:
+    def _check_parts(self, *, count_records: bool = False) -> None:
         """Every recorded part agrees with meta.json exactly (see the module's notes): the
-        tensors' dtypes and shapes, from the headers alone, and one record per row.
+        tensors' dtypes and shapes, from the headers alone, and (``count_records``) one
+        sample record per row.
 
         Raises
         ------
@@ -208,7 +212,8 @@ class StoreReading(StoreFacts):
         for name in self._meta["files"]:
             path = self._dir / name
             if name == SAMPLES_FILE:
-                self._check_record_count(path)
+                if count_records:
+                    self.check_record_count()
                 continue
             expected, required = (
                 (unembed_tensors, ("unembed",))
@@ -240,8 +245,10 @@ class StoreReading(StoreFacts):
                     )
                     raise StoreError(f"{path}: {tensor} is {dtype}, {says}")
 
-    def _check_record_count(self, path) -> None:
-        """samples.jsonl holds one record (one line) per row, counted a chunk at a time."""
+    def check_record_count(self) -> None:
+        """Raise StoreError unless samples.jsonl holds one record (one line) per row,
+        counted a chunk at a time (nothing parsed: cheaper than :meth:`samples`)."""
+        path = self._dir / SAMPLES_FILE
         lines = 0
         try:
             with open_regular(path) as handle:
