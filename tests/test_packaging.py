@@ -5,6 +5,7 @@ from __future__ import annotations
 import ast
 import inspect
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -121,6 +122,20 @@ def _venv_python(folder: Path) -> Path:
     return folder / ("Scripts" if os.name == "nt" else "bin") / "python"
 
 
+def _core_dependencies() -> list[str]:
+    """The requirements of pyproject.toml's ``dependencies = [...]`` (tomllib is 3.11+)."""
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    block = re.search(r"^dependencies = \[(.*?)^\]", text, flags=re.S | re.M)[1]
+    return re.findall(r'^\s*"([^"]+)"', block, flags=re.M)
+
+
+def test_the_core_dependencies_are_read_from_pyproject():
+    found = _core_dependencies()
+    assert {"numpy", "scipy", "safetensors", "threadpoolctl"} <= {
+        re.split(r"[<>=!~ ]", requirement)[0] for requirement in found
+    }, found
+
+
 @pytest.mark.packaging
 def test_the_wheel_installs_beside_adapterhub_and_verify(tmp_path):
     """Our wheel and PyPI's ``adapters`` (AdapterHub) and ``verify`` share no import name."""
@@ -135,13 +150,13 @@ def test_the_wheel_installs_beside_adapterhub_and_verify(tmp_path):
     )
     python = str(_venv_python(tmp_path / "venv"))
     quiet = [python, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-    # torch first, pinned (the local CPU wheel); then ours without its dependencies (numpy,
-    # scipy and safetensors come with the others), then the two distributions we once
-    # collided with, with theirs (AdapterHub pins transformers 4.x).
+    # torch first, pinned (the local CPU wheel); then ours without its dependencies, then
+    # the two distributions we once collided with, with theirs (AdapterHub pins
+    # transformers 4.x), and our core dependencies as pyproject.toml lists them.
     subprocess.run([*quiet, "torch==2.13.0"], check=True)
     ours = next(wheels.glob("somp_ref-*.whl"))
     subprocess.run([*quiet, "--no-deps", str(ours)], check=True)
-    subprocess.run([*quiet, "adapters", "verify", "scipy", "safetensors", "tqdm"], check=True)
+    subprocess.run([*quiet, "adapters", "verify", *_core_dependencies()], check=True)
     probe = (
         "import adapters, verify, somp_ref.adapters, somp_ref.verify.ports\n"
         "import somp_ref.heads, somp_ref.store, somp_ref.cli\n"
