@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 
 from threadpoolctl import ThreadpoolController
@@ -27,11 +28,19 @@ THREAD_VARIABLES = (
 )
 
 
+#: The controller made last, and how many modules were imported then.
+_MADE: list[tuple[ThreadpoolController, int]] = []
+
+
 def _controller() -> ThreadpoolController:
-    """threadpoolctl's controller of this process's thread pools, made anew each time (a
-    quarter of a millisecond: a few times a head): one made once would not know a BLAS
-    library loaded after it (scipy's, say), and would leave that one unlimited."""
-    return ThreadpoolController()
+    """threadpoolctl's controller of this process's thread pools, made again whenever a
+    module was imported since the last one (a BLAS library loads with an extension module:
+    scipy's, say; a controller made before it would leave it unlimited). Making one looks
+    up every loaded library (a quarter of a millisecond), reusing it costs nothing."""
+    modules = len(sys.modules)
+    if not _MADE or _MADE[0][1] != modules:
+        _MADE[:] = [(ThreadpoolController(), modules)]
+    return _MADE[0][0]
 
 
 def one_blas_thread() -> contextlib.AbstractContextManager:

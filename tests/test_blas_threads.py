@@ -49,3 +49,23 @@ def test_a_worker_holds_its_blas_to_one_thread_for_good():
         [sys.executable, "-c", script], capture_output=True, text=True, env=environment
     )
     assert seen.stdout.strip() == "{1}", seen.stderr
+
+
+def test_a_blas_loaded_after_the_first_limit_is_limited_too():
+    """In a fresh process: limit once with numpy's BLAS alone, then load scipy's (its own
+    OpenBLAS in wheels) and limit again: every BLAS pool is held to one thread."""
+    script = (
+        "import numpy as np; from threadpoolctl import threadpool_info\n"
+        "from somp_ref.blas_threads import one_blas_thread\n"
+        "with one_blas_thread(): pass\n"
+        "import scipy.linalg\n"
+        "with one_blas_thread():\n"
+        "    pools = [p['num_threads'] for p in threadpool_info() if p['user_api'] == 'blas']\n"
+        "print(len(pools), set(pools))\n"
+    )
+    environment = {k: v for k, v in os.environ.items() if k not in THREAD_VARIABLES}
+    seen = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=environment
+    )
+    count, threads = seen.stdout.split(maxsplit=1)
+    assert threads.strip() == "{1}", seen.stdout + seen.stderr
