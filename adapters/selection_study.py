@@ -32,7 +32,7 @@ from somp_ref.adapters.experiment import Condition, Settings, measure_selection,
 from somp_ref.adapters.tasks import Task, build_task
 from somp_ref.ranking import METHODS
 from somp_ref.selection import top_heads
-from somp_ref.statistics import mean_ci, nan_mean
+from somp_ref.statistics import estimate, nan_mean
 
 #: The tasks and the k each experiment's target is stated at.
 STUDY_TASKS = {"colors": 8, "countries": 3}
@@ -120,12 +120,9 @@ def judge(study: dict) -> dict[str, dict[str, float]]:
 
 
 def _interval(values: list[float]) -> list[float]:
-    """The 95 % bootstrap interval [low, high] of the mean of the finite ``values``."""
-    finite = np.asarray(values, dtype=np.float64)
-    finite = finite[np.isfinite(finite)]
-    if finite.size == 0:
-        return [float("nan"), float("nan")]
-    found = mean_ci(finite)
+    """The 95 % bootstrap interval [low, high] of the mean of the finite ``values`` (NaN
+    where none is)."""
+    found = estimate(values, values, "mean")
     return [found.low, found.high]
 
 
